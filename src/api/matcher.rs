@@ -1,0 +1,188 @@
+//! `framematch.v1.Matcher`: the read path.
+//!
+//! `MatchVideo` follows tonic's bidirectional pattern: the handler spawns one task per stream that
+//! reads the inbound messages in order and sends answers into a small bounded channel, which the
+//! handler returns as the response stream. The bound gives backpressure: a client that stops
+//! reading stops the task. A failed send means the client left, so the task stops quietly. Each
+//! frame is answered before the next one is read, so answers come in the order frames were sent.
+
+use std::sync::Arc;
+
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::matching::{MatchParams, Session};
+use crate::pb;
+use crate::pb::matcher_server::Matcher;
+
+use super::convert::{self, FrameInput};
+use super::{AppState, BankFilter, Error};
+
+/// Answers in flight per stream before the task waits for the client to read.
+const RESPONSE_BUFFER: usize = 16;
+
+/// The Matcher service.
+#[derive(Clone)]
+pub struct MatcherService {
+    state: AppState,
+}
+
+impl MatcherService {
+    /// A service over the shared state.
+    pub fn new(state: AppState) -> Self {
+        Self { state }
+    }
+}
+
+type ResponseTx = mpsc::Sender<Result<pb::MatchResponse, Status>>;
+
+#[tonic::async_trait]
+impl Matcher for MatcherService {
+    type MatchVideoStream = ReceiverStream<Result<pb::MatchResponse, Status>>;
+
+    async fn match_video(
+        &self,
+        request: Request<Streaming<pb::MatchRequest>>,
+    ) -> Result<Response<Self::MatchVideoStream>, Status> {
+        self.state.ensure_ready()?;
+        let permit = Arc::clone(&self.state.streams)
+            .try_acquire_owned()
+            .map_err(|_| Error::Busy {
+                what: "concurrent MatchVideo streams",
+                limit: self.state.limits.max_concurrent_streams,
+            })?;
+        let mut inbound = request.into_inner();
+        let (tx, rx) = mpsc::channel(RESPONSE_BUFFER);
+        let state = self.state.clone();
+        tokio::spawn(async move {
+            // Held for the stream's life: counts towards max_concurrent_streams.
+            let _permit = permit;
+            if let Err(status) = run_stream(&state, &mut inbound, &tx).await {
+                // The client may be gone already; then there is nobody left to tell.
+                let _ = tx.send(Err(status)).await;
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn match_image(
+        &self,
+        request: Request<pb::MatchImageRequest>,
+    ) -> Result<Response<pb::MatchImageResponse>, Status> {
+        self.state.ensure_ready()?;
+        let pb::MatchImageRequest { options, frame } = request.into_inner();
+        let (params, banks) = convert::match_params(options, &self.state.match_defaults)?;
+        let filter = Arc::new(self.state.bank_filter(&banks)?);
+        let frame = frame.ok_or(Error::MissingField { field: "frame" })?;
+        let input = FrameInput::try_from_pb(frame, &self.state.limits)?;
+        let params = Arc::new(params);
+        let (query, hits) = self.state.match_frame(input, &params, &filter).await?;
+        let result = {
+            let catalog = self.state.catalog.read();
+            convert::frame_result_to_pb(&catalog, &query.signal, &hits, &params)
+        };
+        Ok(Response::new(pb::MatchImageResponse {
+            result: Some(result),
+        }))
+    }
+}
+
+/// Reads one upload's frames, answers each, then sends the verdicts and the summary.
+///
+/// Returns `Ok` when the stream ended normally or the client left; an error ends the stream with
+/// that status.
+async fn run_stream(
+    state: &AppState,
+    inbound: &mut Streaming<pb::MatchRequest>,
+    tx: &ResponseTx,
+) -> Result<(), Status> {
+    let mut stream: Option<(Session, Arc<MatchParams>, Arc<BankFilter>)> = None;
+    let mut received: u32 = 0;
+    while let Some(message) = inbound.message().await? {
+        received = received.saturating_add(1);
+        if received > state.limits.max_frames_per_stream {
+            return Err(Error::OverLimit {
+                what: "MatchVideo stream",
+                actual: u64::from(received),
+                limit: u64::from(state.limits.max_frames_per_stream),
+                unit: "frames",
+            }
+            .into());
+        }
+        let pb::MatchRequest { options, frame } = message;
+        let (session, params, filter) = match &mut stream {
+            Some(open) => {
+                if options.is_some() {
+                    return Err(Error::Protocol(
+                        "options are only read from the first message of a stream",
+                    )
+                    .into());
+                }
+                open
+            }
+            None => {
+                let (params, banks) = convert::match_params(options, &state.match_defaults)?;
+                let filter = state.bank_filter(&banks)?;
+                let params = Arc::new(params);
+                stream.insert((Session::new((*params).clone()), params, Arc::new(filter)))
+            }
+        };
+        let frame = frame.ok_or(Error::MissingField { field: "frame" })?;
+        let input = FrameInput::try_from_pb(frame, &state.limits)?;
+        let (query, hits) = state.match_frame(input, params, filter).await?;
+        session.record(&query.signal, &hits);
+        let result = {
+            let catalog = state.catalog.read();
+            convert::frame_result_to_pb(&catalog, &query.signal, &hits, params)
+        };
+        let response = pb::MatchResponse {
+            result: Some(pb::match_response::Result::Frame(result)),
+        };
+        if tx.send(Ok(response)).await.is_err() {
+            return Ok(());
+        }
+    }
+
+    let (session, params) = match stream {
+        Some((session, params, _)) => (session, params),
+        None => {
+            let params = Arc::new((*state.match_defaults).clone());
+            (Session::new((*params).clone()), params)
+        }
+    };
+    let verdicts = {
+        let index = state.index.read();
+        session.verdicts(&|reference| index.reference_frame_count(reference, params.min_quality))
+    };
+    let mut responses: Vec<pb::MatchResponse> = {
+        let catalog = state.catalog.read();
+        verdicts
+            .iter()
+            .map(|v| pb::MatchResponse {
+                result: Some(pb::match_response::Result::Verdict(convert::verdict_to_pb(
+                    &catalog,
+                    v,
+                    pb::VerdictStatus::Final,
+                ))),
+            })
+            .collect()
+    };
+    let summary = session.summary();
+    responses.push(pb::MatchResponse {
+        result: Some(pb::match_response::Result::Summary(pb::StreamSummary {
+            frames_received: summary.frames_received,
+            frames_low_quality: summary.frames_low_quality,
+            frames_matched: summary.frames_matched,
+            distinct_frames: summary.distinct_frames,
+            references_matched: u32::try_from(verdicts.iter().filter(|v| v.is_match).count())
+                .unwrap_or(u32::MAX),
+        })),
+    });
+    for response in responses {
+        if tx.send(Ok(response)).await.is_err() {
+            return Ok(());
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,312 @@
+//! The gRPC edge: shared state and the services built on it.
+//!
+//! - [`AppState`] is a cheap-to-clone handle on everything a request needs: the store (write path
+//!   only), the in-memory index, the bank catalogue and the hashing pool.
+//! - `matcher` serves `framematch.v1.Matcher`, `banks` serves `framematch.v1.Banks`.
+//! - `convert` turns wire messages into domain values (all validation happens there) and back;
+//!   `status` is the one place where errors become gRPC codes.
+//!
+//! Invariants: the store is never touched on the match path; no lock is held across an `.await`
+//! (the index and catalogue locks are `parking_lot` locks taken inside synchronous blocks); writes
+//! are durable in the store before they are applied to the index and acknowledged.
+
+pub mod banks;
+pub mod convert;
+pub mod matcher;
+pub mod status;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+use parking_lot::RwLock;
+use tokio::sync::Semaphore;
+
+use crate::config::{Limits, ServeConfig};
+use crate::hash::pdq::{self, PdqOutput};
+use crate::index::FrameIndex;
+use crate::matching::{self, FrameHit, MatchParams, QueryFrame};
+use crate::model::{Bank, BankId, FrameSignal, OrgId, Organisation};
+use crate::store::Store;
+use convert::{Content, FrameInput};
+
+pub use status::Error;
+
+/// Bank and organisation metadata kept in memory so match responses can say where content comes
+/// from without reading the store.
+#[derive(Debug, Default)]
+pub struct Catalog {
+    banks: HashMap<BankId, Bank>,
+    bank_ids: HashMap<String, BankId>,
+    orgs: HashMap<OrgId, String>,
+}
+
+impl Catalog {
+    /// A catalogue of the given banks and organisations.
+    pub fn new(banks: Vec<Bank>, orgs: Vec<Organisation>) -> Self {
+        let mut catalog = Self::default();
+        for org in orgs {
+            catalog.orgs.insert(org.id, org.name);
+        }
+        for bank in banks {
+            catalog.insert_bank(bank);
+        }
+        catalog
+    }
+
+    /// Adds or replaces a bank.
+    pub fn insert_bank(&mut self, bank: Bank) {
+        self.bank_ids.insert(bank.name.clone(), bank.id);
+        self.banks.insert(bank.id, bank);
+    }
+
+    /// Adds or renames an organisation.
+    pub fn insert_org(&mut self, org: Organisation) {
+        self.orgs.insert(org.id, org.name);
+    }
+
+    /// A bank by id.
+    pub fn bank(&self, id: BankId) -> Option<&Bank> {
+        self.banks.get(&id)
+    }
+
+    /// A bank id by name.
+    pub fn bank_id(&self, name: &str) -> Option<BankId> {
+        self.bank_ids.get(name).copied()
+    }
+
+    /// An organisation's name, or its number when unknown.
+    pub fn org_name(&self, id: OrgId) -> String {
+        self.orgs
+            .get(&id)
+            .cloned()
+            .unwrap_or_else(|| format!("org-{id}"))
+    }
+}
+
+/// Which banks a request searches.
+#[derive(Clone, Debug)]
+pub enum BankFilter {
+    /// Every bank.
+    All,
+    /// Only these.
+    Only(HashSet<BankId>),
+}
+
+impl BankFilter {
+    /// Whether frames of `bank` may be returned.
+    pub fn allows(&self, bank: BankId) -> bool {
+        match self {
+            BankFilter::All => true,
+            BankFilter::Only(set) => set.contains(&bank),
+        }
+    }
+}
+
+/// Shared server state. Cloning is cheap.
+#[derive(Clone)]
+pub struct AppState {
+    /// The durable store (write path and start-up only).
+    pub store: Store,
+    /// The in-memory frame index.
+    pub index: Arc<RwLock<FrameIndex>>,
+    /// Bank and organisation names.
+    pub catalog: Arc<RwLock<Catalog>>,
+    /// The organisation writes are attributed to until API keys arrive (issue #4).
+    pub default_org: OrgId,
+    /// Request limits.
+    pub limits: Arc<Limits>,
+    /// Defaults for unset match options.
+    pub match_defaults: Arc<MatchParams>,
+    workers: Arc<Semaphore>,
+    queued: Arc<AtomicUsize>,
+    streams: Arc<Semaphore>,
+    ready: Arc<AtomicBool>,
+}
+
+impl AppState {
+    /// State over an opened store and an (empty or loaded) index. Not ready until
+    /// [`AppState::set_ready`].
+    pub fn new(
+        store: Store,
+        index: FrameIndex,
+        catalog: Catalog,
+        default_org: OrgId,
+        config: &ServeConfig,
+    ) -> Self {
+        Self {
+            store,
+            index: Arc::new(RwLock::new(index)),
+            catalog: Arc::new(RwLock::new(catalog)),
+            default_org,
+            limits: Arc::new(config.limits.clone()),
+            match_defaults: Arc::new(config.match_defaults.clone()),
+            workers: Arc::new(Semaphore::new(config.hash_workers.max(1))),
+            queued: Arc::new(AtomicUsize::new(0)),
+            streams: Arc::new(Semaphore::new(config.limits.max_concurrent_streams)),
+            ready: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    /// Marks the index as loaded: requests are served from now on.
+    pub fn set_ready(&self) {
+        self.ready.store(true, Ordering::Release);
+    }
+
+    /// UNAVAILABLE until the index is loaded.
+    ///
+    /// # Errors
+    /// [`Error::NotReady`] while loading.
+    pub fn ensure_ready(&self) -> Result<(), Error> {
+        if self.ready.load(Ordering::Acquire) {
+            Ok(())
+        } else {
+            Err(Error::NotReady)
+        }
+    }
+
+    /// Number of MatchVideo streams open now.
+    pub fn open_streams(&self) -> usize {
+        self.limits
+            .max_concurrent_streams
+            .saturating_sub(self.streams.available_permits())
+    }
+
+    /// Resolves bank names to a filter.
+    ///
+    /// # Errors
+    /// [`Error::UnknownBank`] for a name the catalogue does not have.
+    pub fn bank_filter(&self, names: &[String]) -> Result<BankFilter, Error> {
+        if names.is_empty() {
+            return Ok(BankFilter::All);
+        }
+        let catalog = self.catalog.read();
+        names
+            .iter()
+            .map(|name| {
+                catalog
+                    .bank_id(name)
+                    .ok_or_else(|| Error::UnknownBank { name: name.clone() })
+            })
+            .collect::<Result<HashSet<_>, _>>()
+            .map(BankFilter::Only)
+    }
+
+    /// Runs `job` on the blocking pool, at most one job per hashing worker at a time, refusing
+    /// new work when too many jobs already wait (RESOURCE_EXHAUSTED rather than unbounded
+    /// memory).
+    async fn run_blocking<T: Send + 'static>(
+        &self,
+        job: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<T, Error> {
+        let limit = self.limits.max_queued_hashes;
+        let waiting = self.queued.fetch_add(1, Ordering::AcqRel);
+        let _queued = QueueSlot(&self.queued);
+        if waiting >= limit {
+            return Err(Error::Busy {
+                what: "hashing queue",
+                limit,
+            });
+        }
+        let _worker = self
+            .workers
+            .acquire()
+            .await
+            .map_err(|_| Error::ShuttingDown)?;
+        tokio::task::spawn_blocking(job)
+            .await
+            .map_err(|e| Error::Worker(e.to_string()))
+    }
+
+    /// Turns a frame into its PDQ signal, hashing it on the pool when it carries pixels. With
+    /// `dihedral`, also returns the 8 variants (only possible when the server hashed the pixels).
+    ///
+    /// # Errors
+    /// Hashing failures ([`Error::Hash`]) and pool errors.
+    pub async fn frame_signal(
+        &self,
+        input: FrameInput,
+        dihedral: bool,
+    ) -> Result<QueryFrame, Error> {
+        let FrameInput {
+            frame_index,
+            timestamp_ms,
+            content,
+        } = input;
+        let signal = |output: &PdqOutput| FrameSignal {
+            frame_index,
+            timestamp_ms,
+            hash: output.hash(),
+            quality: output.quality(),
+        };
+        match content {
+            Content::Pdq { hash, quality } => Ok(QueryFrame {
+                signal: FrameSignal {
+                    frame_index,
+                    timestamp_ms,
+                    hash,
+                    quality,
+                },
+                variants: None,
+            }),
+            Content::Image(bytes) => {
+                let limits = self.limits.decode_limits();
+                let output = self
+                    .run_blocking(move || pdq::hash_image_bytes(&bytes, &limits))
+                    .await??;
+                Ok(QueryFrame {
+                    signal: signal(&output),
+                    variants: dihedral.then(|| output.dihedral()),
+                })
+            }
+            Content::Rgb {
+                width,
+                height,
+                data,
+            } => {
+                let output = self
+                    .run_blocking(move || pdq::hash_rgb(width, height, &data))
+                    .await??;
+                Ok(QueryFrame {
+                    signal: signal(&output),
+                    variants: dihedral.then(|| output.dihedral()),
+                })
+            }
+        }
+    }
+
+    /// Hashes (if needed) and searches one upload frame.
+    ///
+    /// # Errors
+    /// As [`AppState::frame_signal`].
+    pub async fn match_frame(
+        &self,
+        input: FrameInput,
+        params: &Arc<MatchParams>,
+        filter: &Arc<BankFilter>,
+    ) -> Result<(QueryFrame, Vec<FrameHit>), Error> {
+        let query = self.frame_signal(input, params.dihedral).await?;
+        let index = Arc::clone(&self.index);
+        let params = Arc::clone(params);
+        let filter = Arc::clone(filter);
+        // The scan is CPU work of up to a millisecond per million frames: keep it off the async
+        // workers. The read lock lives only inside this closure.
+        self.run_blocking(move || {
+            let hits = {
+                let index = index.read();
+                matching::search_frame(&index, &query, &params, &|bank| filter.allows(bank))
+            };
+            (query, hits)
+        })
+        .await
+    }
+}
+
+/// Decrements the hashing-queue count when a job leaves, however it leaves.
+struct QueueSlot<'a>(&'a AtomicUsize);
+
+impl Drop for QueueSlot<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}

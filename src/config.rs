@@ -1,0 +1,271 @@
+//! Server configuration: command-line flags with `FRAMEMATCH_*` environment variables, validated
+//! once into typed values before anything starts (STYLE.md §1.3: bad config exits 64).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::Duration;
+
+use crate::hash::PDQ_BITS;
+use crate::hash::pdq::DecodeLimits;
+use crate::index::{EngineKind, HnswParams};
+use crate::matching::MatchParams;
+
+/// Hard caps on what one request or the whole server accepts (DESIGN.md §6).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// Largest encoded image, in bytes.
+    pub max_image_bytes: usize,
+    /// Largest picture, in pixels (width x height), encoded or raw.
+    pub max_pixels: u64,
+    /// Most frames in one MatchVideo or AddReference stream.
+    pub max_frames_per_stream: u32,
+    /// Most MatchVideo streams open at once.
+    pub max_concurrent_streams: usize,
+    /// Most hashing jobs waiting for a worker before new ones are refused.
+    pub max_queued_hashes: usize,
+}
+
+impl Limits {
+    /// Largest gRPC message tonic accepts: a frame at the image cap plus room for the other fields.
+    /// Above it tonic answers OUT_OF_RANGE itself; at or under it our own checks answer
+    /// RESOURCE_EXHAUSTED with the numbers.
+    pub fn max_message_bytes(&self) -> usize {
+        self.max_image_bytes.saturating_add(64 * 1024)
+    }
+
+    /// The decoder's limits.
+    pub fn decode_limits(&self) -> DecodeLimits {
+        DecodeLimits {
+            max_bytes: self.max_image_bytes,
+            max_pixels: self.max_pixels,
+        }
+    }
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_image_bytes: 16 * 1024 * 1024,
+            // 8K UHD is 33.2 MP; 50 MP leaves room for stills while keeping one decode under
+            // 150 MiB of RGB.
+            max_pixels: 50_000_000,
+            max_frames_per_stream: 200_000,
+            max_concurrent_streams: 1024,
+            max_queued_hashes: 4096,
+        }
+    }
+}
+
+/// `framematch serve` flags.
+#[derive(Clone, Debug, clap::Args)]
+pub struct ServeArgs {
+    /// Address to listen on for gRPC; port 0 picks a free port. The bound address is printed on
+    /// the first line of output.
+    #[arg(long, env = "FRAMEMATCH_LISTEN", default_value = "0.0.0.0:50051")]
+    pub listen: SocketAddr,
+    /// Directory of the embedded store (created if missing).
+    #[arg(long, env = "FRAMEMATCH_DATA_DIR", default_value = "./data")]
+    pub data_dir: PathBuf,
+    /// Index engine for PDQ frames: `exact` (linear scan, always correct) or `hnsw` (approximate).
+    #[arg(long, env = "FRAMEMATCH_INDEX_ENGINE", default_value = "exact")]
+    pub index_engine: String,
+    /// hnsw: neighbours per node (M).
+    #[arg(long, env = "FRAMEMATCH_HNSW_M", default_value_t = HnswParams::default().max_connections)]
+    pub hnsw_m: usize,
+    /// hnsw: candidate list size while building.
+    #[arg(long, env = "FRAMEMATCH_HNSW_EF_CONSTRUCTION", default_value_t = HnswParams::default().ef_construction)]
+    pub hnsw_ef_construction: usize,
+    /// hnsw: candidate list size while searching.
+    #[arg(long, env = "FRAMEMATCH_HNSW_EF_SEARCH", default_value_t = HnswParams::default().ef_search)]
+    pub hnsw_ef_search: usize,
+    /// hnsw: neighbours fetched per search before the radius filter.
+    #[arg(long, env = "FRAMEMATCH_HNSW_KNN", default_value_t = HnswParams::default().knn)]
+    pub hnsw_knn: usize,
+    /// Default largest Hamming distance (bits) counted as a match.
+    #[arg(long, env = "FRAMEMATCH_MAX_DISTANCE", default_value_t = crate::hash::DEFAULT_MAX_DISTANCE)]
+    pub max_distance: u32,
+    /// Default minimum PDQ quality (0-100) for a frame to match.
+    #[arg(long, env = "FRAMEMATCH_MIN_QUALITY", default_value_t = crate::hash::DEFAULT_MIN_QUALITY)]
+    pub min_quality: u8,
+    /// Largest encoded image accepted, in bytes.
+    #[arg(long, env = "FRAMEMATCH_MAX_IMAGE_BYTES", default_value_t = Limits::default().max_image_bytes)]
+    pub max_image_bytes: usize,
+    /// Largest picture accepted, in pixels.
+    #[arg(long, env = "FRAMEMATCH_MAX_PIXELS", default_value_t = Limits::default().max_pixels)]
+    pub max_pixels: u64,
+    /// Most frames in one stream.
+    #[arg(long, env = "FRAMEMATCH_MAX_FRAMES_PER_STREAM", default_value_t = Limits::default().max_frames_per_stream)]
+    pub max_frames_per_stream: u32,
+    /// Most MatchVideo streams open at once.
+    #[arg(long, env = "FRAMEMATCH_MAX_CONCURRENT_STREAMS", default_value_t = Limits::default().max_concurrent_streams)]
+    pub max_concurrent_streams: usize,
+    /// Threads hashing images; 0 means one per CPU core.
+    #[arg(long, env = "FRAMEMATCH_HASH_WORKERS", default_value_t = 0)]
+    pub hash_workers: usize,
+    /// Most hashing jobs waiting for a worker before requests are refused.
+    #[arg(long, env = "FRAMEMATCH_MAX_QUEUED_HASHES", default_value_t = Limits::default().max_queued_hashes)]
+    pub max_queued_hashes: usize,
+    /// How long open streams may run on after a shutdown signal, in milliseconds.
+    #[arg(long, env = "FRAMEMATCH_SHUTDOWN_GRACE_MS", default_value_t = 10_000)]
+    pub shutdown_grace_ms: u64,
+    /// Log format: `text` or `json`.
+    #[arg(long, env = "FRAMEMATCH_LOG_FORMAT", default_value = "text")]
+    pub log_format: String,
+}
+
+/// Log output format.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// A configuration value that is out of range or malformed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid --{flag}: {reason}")]
+pub struct Error {
+    /// The flag, without dashes.
+    pub flag: &'static str,
+    /// What is wrong and what is allowed.
+    pub reason: String,
+}
+
+fn invalid(flag: &'static str, reason: impl Into<String>) -> Error {
+    Error {
+        flag,
+        reason: reason.into(),
+    }
+}
+
+/// Validated server configuration.
+#[derive(Clone, Debug)]
+pub struct ServeConfig {
+    /// Where the embedded store lives.
+    pub data_dir: PathBuf,
+    /// Index engine.
+    pub engine: EngineKind,
+    /// hnsw parameters (used when `engine` is hnsw).
+    pub hnsw: HnswParams,
+    /// Defaults for requests that leave options unset.
+    pub match_defaults: MatchParams,
+    /// Request limits.
+    pub limits: Limits,
+    /// Hashing threads.
+    pub hash_workers: usize,
+    /// Grace period for open streams at shutdown.
+    pub shutdown_grace: Duration,
+    /// Log format.
+    pub log_format: LogFormat,
+}
+
+impl ServeConfig {
+    /// A configuration with every default and the given data directory (used by tests).
+    pub fn with_data_dir(data_dir: PathBuf) -> Self {
+        Self {
+            data_dir,
+            engine: EngineKind::default(),
+            hnsw: HnswParams::default(),
+            match_defaults: MatchParams::default(),
+            limits: Limits::default(),
+            hash_workers: default_workers(),
+            shutdown_grace: Duration::from_secs(10),
+            log_format: LogFormat::Text,
+        }
+    }
+}
+
+fn default_workers() -> usize {
+    std::thread::available_parallelism().map_or(2, std::num::NonZeroUsize::get)
+}
+
+impl TryFrom<&ServeArgs> for ServeConfig {
+    type Error = Error;
+
+    fn try_from(args: &ServeArgs) -> Result<Self, Error> {
+        let engine = EngineKind::from_str(&args.index_engine).map_err(|_| {
+            invalid(
+                "index-engine",
+                format!("{:?}; expected exact or hnsw", args.index_engine),
+            )
+        })?;
+        if args.max_distance > PDQ_BITS / 2 {
+            return Err(invalid(
+                "max-distance",
+                format!(
+                    "{} bits; at most {} (half the hash)",
+                    args.max_distance,
+                    PDQ_BITS / 2
+                ),
+            ));
+        }
+        if args.min_quality > 100 {
+            return Err(invalid(
+                "min-quality",
+                format!("{}; at most 100", args.min_quality),
+            ));
+        }
+        for (flag, value) in [
+            ("max-image-bytes", args.max_image_bytes as u64),
+            ("max-pixels", args.max_pixels),
+            (
+                "max-frames-per-stream",
+                u64::from(args.max_frames_per_stream),
+            ),
+            ("max-concurrent-streams", args.max_concurrent_streams as u64),
+            ("max-queued-hashes", args.max_queued_hashes as u64),
+            ("hnsw-m", args.hnsw_m as u64),
+            ("hnsw-ef-construction", args.hnsw_ef_construction as u64),
+            ("hnsw-ef-search", args.hnsw_ef_search as u64),
+            ("hnsw-knn", args.hnsw_knn as u64),
+        ] {
+            if value == 0 {
+                return Err(invalid(flag, "must be at least 1"));
+            }
+        }
+        if args.max_image_bytes > 1 << 30 {
+            return Err(invalid("max-image-bytes", "at most 1 GiB"));
+        }
+        let log_format = match args.log_format.as_str() {
+            "text" => LogFormat::Text,
+            "json" => LogFormat::Json,
+            other => {
+                return Err(invalid(
+                    "log-format",
+                    format!("{other:?}; expected text or json"),
+                ));
+            }
+        };
+        Ok(Self {
+            data_dir: args.data_dir.clone(),
+            engine,
+            hnsw: HnswParams {
+                max_connections: args.hnsw_m,
+                ef_construction: args.hnsw_ef_construction,
+                ef_search: args.hnsw_ef_search,
+                knn: args.hnsw_knn,
+            },
+            match_defaults: MatchParams {
+                max_distance: args.max_distance,
+                min_quality: args.min_quality,
+                ..MatchParams::default()
+            },
+            limits: Limits {
+                max_image_bytes: args.max_image_bytes,
+                max_pixels: args.max_pixels,
+                max_frames_per_stream: args.max_frames_per_stream,
+                max_concurrent_streams: args.max_concurrent_streams,
+                max_queued_hashes: args.max_queued_hashes,
+            },
+            hash_workers: if args.hash_workers == 0 {
+                default_workers()
+            } else {
+                args.hash_workers
+            },
+            shutdown_grace: Duration::from_millis(args.shutdown_grace_ms),
+            log_format,
+        })
+    }
+}

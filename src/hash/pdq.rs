@@ -1,0 +1,1392 @@
+//! PDQ hashing of pictures and video frames, bit-compatible with Meta's reference (shared/PDQ.md §1).
+//!
+//! This module owns the path from pixels to a [`PdqOutput`]: decoding (`image` crate, with size
+//! limits checked before any pixel buffer exists), the float32 luminance plane, the two-pass
+//! Jarosz box blur, the 64x64 decimation, the quality metric, the 16x16 DCT block and the
+//! median threshold. The DCT block is kept so the eight dihedral variants (§1.8) cost a sign flip
+//! and a median each, with no second pass over the pixels.
+//!
+//! Bit-exactness invariants (§1.10), which every optimisation here must keep:
+//! * all sample arithmetic is `f32`; only the DCT matrix and the decimation indices use `f64`;
+//! * each box-filter line keeps one running sum, updated add-then-subtract in line order, and
+//!   every output is that sum divided by the current window count (§1.3);
+//! * every DCT sum runs over k = 0..64 in increasing order, with no fused multiply-add (Rust never
+//!   contracts `a * b + c` on its own);
+//! * the median is the 128th smallest coefficient and bits use a strict `>` (§1.6).
+//!
+//! Speed comes from the data layout, not from changing the arithmetic. A box pass is sequential
+//! along its own line but independent across lines, so each pass walks the *line index* and
+//! updates every line's running sum at once, in contiguous memory the compiler vectorises. That
+//! needs the lines interleaved, so the luma plane is written transposed and each full-size pass
+//! writes its output transposed for the next one. The second pass pair only computes the 64 rows
+//! and columns the decimation samples, so it does almost no divisions.
+
+use std::f64::consts::PI;
+use std::fmt;
+use std::io::Cursor;
+use std::sync::OnceLock;
+
+use image::{DynamicImage, ImageDecoder, ImageError, ImageFormat, ImageReader, Limits};
+
+use super::PdqHash;
+
+/// Pictures with a side shorter than this hash to all zeros with quality 0 (§1.1 step 2).
+const MIN_HASHABLE_DIM: u32 = 5;
+/// Side of the decimated buffer.
+const DOWNSAMPLED: usize = 64;
+/// Side of the kept DCT block.
+const DCT_SIDE: usize = 16;
+/// Number of DCT coefficients, and of hash bits.
+const COEFFICIENTS: usize = DCT_SIDE * DCT_SIDE;
+
+/// Luma weights. The reference declares them `const float x = 0.299;`, a double literal rounded to
+/// float, so they are written the same way here (§1.2).
+const LUMA_R: f32 = 0.299_f64 as f32;
+const LUMA_G: f32 = 0.587_f64 as f32;
+const LUMA_B: f32 = 0.114_f64 as f32;
+
+/// Largest decoded pixel our enabled decoders produce (RGBA, 16 bits per channel), used to size
+/// the `image` crate's allocation limit.
+const MAX_DECODED_BYTES_PER_PIXEL: u64 = 8;
+/// Room for decoders' own working buffers on top of the output image.
+const DECODER_SCRATCH_BYTES: u64 = 64 * 1024 * 1024;
+
+/// Number of lines a transposing writer gathers before it scatters them (see [`Transposer`]).
+const TRANSPOSE_BLOCK: usize = 8;
+
+// === impl Dihedral ===
+
+/// The eight rotations and flips of a picture (shared/PDQ.md §1.8), in the reference's order.
+///
+/// Variants are derived from the original picture's DCT block, not by re-hashing transformed
+/// pixels, so they match the hash of a really transformed file only approximately (0–8 bits on
+/// the reference's test pictures). Query with all eight to catch rotated or mirrored uploads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Dihedral {
+    /// The picture as given.
+    Original,
+    /// Turned 90° anticlockwise.
+    Rot90,
+    /// Turned 180°.
+    Rot180,
+    /// Turned 90° clockwise.
+    Rot270,
+    /// Upside down (rows reversed).
+    FlipX,
+    /// Mirrored left to right (columns reversed).
+    FlipY,
+    /// Transposed about the main diagonal.
+    FlipPlus1,
+    /// Transposed about the anti-diagonal.
+    FlipMinus1,
+}
+
+impl Dihedral {
+    /// All eight, in index order 0..8 (the order of [`PdqOutput::dihedral`]).
+    pub const ALL: [Dihedral; 8] = [
+        Dihedral::Original,
+        Dihedral::Rot90,
+        Dihedral::Rot180,
+        Dihedral::Rot270,
+        Dihedral::FlipX,
+        Dihedral::FlipY,
+        Dihedral::FlipPlus1,
+        Dihedral::FlipMinus1,
+    ];
+
+    /// The reference's lowercase name: `"original"`, `"rot90"`, … `"flipminus1"`.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Dihedral::Original => "original",
+            Dihedral::Rot90 => "rot90",
+            Dihedral::Rot180 => "rot180",
+            Dihedral::Rot270 => "rot270",
+            Dihedral::FlipX => "flipx",
+            Dihedral::FlipY => "flipy",
+            Dihedral::FlipPlus1 => "flipplus1",
+            Dihedral::FlipMinus1 => "flipminus1",
+        }
+    }
+
+    /// Position in [`Dihedral::ALL`].
+    pub const fn index(self) -> usize {
+        self as usize
+    }
+
+    /// Applies this transform to a 16x16 DCT block (row i = vertical frequency, column j =
+    /// horizontal): the coefficient rules of §1.8. Negation is exact, so this is bit-exact.
+    fn transform(self, block: &[f32; COEFFICIENTS]) -> [f32; COEFFICIENTS] {
+        let mut out = [0.0_f32; COEFFICIENTS];
+        for (k, &value) in block.iter().enumerate() {
+            let (i, j) = (k / DCT_SIDE, k % DCT_SIDE);
+            let (transpose, negate) = match self {
+                Dihedral::Original => (false, false),
+                Dihedral::Rot90 => (true, j % 2 == 0),
+                Dihedral::Rot180 => (false, (i + j) % 2 == 1),
+                Dihedral::Rot270 => (true, i % 2 == 0),
+                Dihedral::FlipX => (false, i % 2 == 0),
+                Dihedral::FlipY => (false, j % 2 == 0),
+                Dihedral::FlipPlus1 => (true, false),
+                Dihedral::FlipMinus1 => (true, (i + j) % 2 == 1),
+            };
+            let target = if transpose { j * DCT_SIDE + i } else { k };
+            if let Some(slot) = out.get_mut(target) {
+                *slot = if negate { -value } else { value };
+            }
+        }
+        out
+    }
+}
+
+impl fmt::Display for Dihedral {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+// === impl PdqOutput ===
+
+/// The result of hashing one picture: its quality and its 16x16 DCT block, from which the hash
+/// and its dihedral variants are thresholded on demand.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PdqOutput {
+    /// DCT coefficients, k = 16·i + j (i vertical frequency, j horizontal), as in §1.7.
+    coefficients: [f32; COEFFICIENTS],
+    quality: u8,
+}
+
+impl PdqOutput {
+    /// The hash of a picture too small to hash (§1.1 step 2): all zeros, quality 0.
+    fn unhashable() -> Self {
+        Self {
+            coefficients: [0.0; COEFFICIENTS],
+            quality: 0,
+        }
+    }
+
+    /// The PDQ hash of the picture as given.
+    pub fn hash(&self) -> PdqHash {
+        threshold(&self.coefficients)
+    }
+
+    /// Quality, 0..=100: how many significant edges the picture has (§1.4). Below 50 the hash
+    /// is not worth matching (§1.9).
+    pub fn quality(&self) -> u8 {
+        self.quality
+    }
+
+    /// The hash of the picture transformed by `d`, derived from the DCT block (§1.8).
+    pub fn variant(&self, d: Dihedral) -> PdqHash {
+        match d {
+            Dihedral::Original => self.hash(),
+            _ => threshold(&d.transform(&self.coefficients)),
+        }
+    }
+
+    /// All eight variant hashes, in [`Dihedral::ALL`] order (index 0 is [`PdqOutput::hash`]).
+    pub fn dihedral(&self) -> [PdqHash; 8] {
+        Dihedral::ALL.map(|d| self.variant(d))
+    }
+}
+
+/// One bit per coefficient: set when it is strictly greater than the 128th smallest (§1.6).
+fn threshold(block: &[f32; COEFFICIENTS]) -> PdqHash {
+    let mut sorted = *block;
+    // `total_cmp` never panics, even on NaN from a caller's luma plane. It orders -0.0 before
+    // +0.0, which cannot change a strict `>` against the median.
+    let (_, median, _) = sorted.select_nth_unstable_by(COEFFICIENTS / 2 - 1, f32::total_cmp);
+    let median = *median;
+    PdqHash::from_bit_fn(|k| block.get(k).is_some_and(|&value| value > median))
+}
+
+// === impl DecodeLimits ===
+
+/// Limits on an encoded picture, checked before any pixel buffer is allocated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DecodeLimits {
+    /// Largest accepted encoded size in bytes.
+    pub max_bytes: usize,
+    /// Largest accepted width × height.
+    pub max_pixels: u64,
+}
+
+impl Default for DecodeLimits {
+    /// 32 MiB and 50,000,000 pixels.
+    ///
+    /// 50 megapixels admits 48 MP phone-camera photos and 8K UHD frames (33 MP) while bounding
+    /// memory: hashing needs the decoded image (3–4 bytes a pixel for 8-bit pictures) and then two
+    /// f32 planes (8 bytes a pixel), so peak use stays near 8 bytes a pixel, about 400 MB at the
+    /// limit, per picture in flight. 32 MiB holds a high-quality JPEG of that size or a large PNG
+    /// screenshot, and stops a small header from making us read an oversized body.
+    fn default() -> Self {
+        Self {
+            max_bytes: 32 * 1024 * 1024,
+            max_pixels: 50_000_000,
+        }
+    }
+}
+
+// === impl Error ===
+
+/// Why a picture could not be hashed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// No bytes at all.
+    #[error("image is empty")]
+    Empty,
+    /// The encoded picture is larger than [`DecodeLimits::max_bytes`].
+    #[error("image is {bytes} bytes, limit is {limit} bytes")]
+    TooManyBytes {
+        /// Size of the encoded picture.
+        bytes: usize,
+        /// The limit it exceeds.
+        limit: usize,
+    },
+    /// The picture's header declares more than [`DecodeLimits::max_pixels`] pixels.
+    #[error("image is {width}x{height} pixels, limit is {limit} pixels")]
+    TooManyPixels {
+        /// Declared width.
+        width: u32,
+        /// Declared height.
+        height: u32,
+        /// The limit width × height exceeds.
+        limit: u64,
+    },
+    /// The bytes are not a JPEG, PNG, WebP, GIF or BMP picture.
+    #[error("image format not recognised, expected jpeg, png, webp, gif or bmp")]
+    UnknownFormat,
+    /// The decoder rejected the picture (corrupt data, unsupported variant, or its own
+    /// allocation limit).
+    #[error("image could not be decoded")]
+    Decode {
+        /// The decoder's error.
+        #[source]
+        source: ImageError,
+    },
+    /// A packed RGB buffer whose length is not width × height × 3.
+    #[error("rgb buffer for {width}x{height} pixels must be {expected} bytes, got {actual}")]
+    RgbLength {
+        /// Stated width.
+        width: u32,
+        /// Stated height.
+        height: u32,
+        /// width × height × 3, saturating at `u64::MAX`.
+        expected: u64,
+        /// Actual buffer length.
+        actual: usize,
+    },
+    /// A luminance plane whose length is not width × height.
+    #[error("luma plane for {width}x{height} pixels must be {expected} samples, got {actual}")]
+    LumaLength {
+        /// Stated width.
+        width: u32,
+        /// Stated height.
+        height: u32,
+        /// width × height.
+        expected: u64,
+        /// Actual number of samples.
+        actual: usize,
+    },
+    /// A raw picture with a zero width or height.
+    #[error("image is {width}x{height} pixels, both sides must be at least 1")]
+    ZeroSize {
+        /// Stated width.
+        width: u32,
+        /// Stated height.
+        height: u32,
+    },
+}
+
+impl From<ImageError> for Error {
+    fn from(source: ImageError) -> Self {
+        Error::Decode { source }
+    }
+}
+
+// === public entry points ===
+
+/// Decodes a JPEG, PNG, WebP, GIF (first frame) or BMP picture and hashes it at full resolution.
+///
+/// Grey pictures (8- or 16-bit, with or without alpha) use the grey sample as luma; everything
+/// else is converted to 8-bit RGB first. Alpha is ignored, not composited, and EXIF orientation is
+/// not applied, exactly as the reference does (§1.2, §1.10).
+///
+/// # Errors
+/// [`Error::Empty`], [`Error::TooManyBytes`], [`Error::UnknownFormat`], [`Error::TooManyPixels`]
+/// (from the header, before decoding) and [`Error::Decode`] for anything the decoder rejects.
+pub fn hash_image_bytes(bytes: &[u8], limits: &DecodeLimits) -> Result<PdqOutput, Error> {
+    if bytes.is_empty() {
+        return Err(Error::Empty);
+    }
+    if bytes.len() > limits.max_bytes {
+        return Err(Error::TooManyBytes {
+            bytes: bytes.len(),
+            limit: limits.max_bytes,
+        });
+    }
+    let mut reader = ImageReader::new(Cursor::new(bytes))
+        .with_guessed_format()
+        .map_err(ImageError::IoError)?;
+    match reader.format() {
+        Some(
+            ImageFormat::Jpeg
+            | ImageFormat::Png
+            | ImageFormat::WebP
+            | ImageFormat::Gif
+            | ImageFormat::Bmp,
+        ) => {}
+        _ => return Err(Error::UnknownFormat),
+    }
+    // Second guard, after our own pixel check below: the decoders' allocation limit.
+    let mut decoder_limits = Limits::default();
+    decoder_limits.max_alloc = Some(
+        limits
+            .max_pixels
+            .saturating_mul(MAX_DECODED_BYTES_PER_PIXEL)
+            .saturating_add(DECODER_SCRATCH_BYTES),
+    );
+    reader.limits(decoder_limits.clone());
+    // Building the decoder reads only the header.
+    let mut decoder = reader.into_decoder()?;
+    let (width, height) = decoder.dimensions();
+    if u64::from(width) * u64::from(height) > limits.max_pixels {
+        return Err(Error::TooManyPixels {
+            width,
+            height,
+            limit: limits.max_pixels,
+        });
+    }
+    // As `ImageReader::decode` does: the output buffer counts against the allocation limit.
+    decoder_limits.reserve(decoder.total_bytes())?;
+    decoder.set_limits(decoder_limits)?;
+    let picture = DynamicImage::from_decoder(decoder)?;
+    Ok(hash_decoded(picture))
+}
+
+/// Hashes packed 8-bit RGB (`rgb[3·(y·width + x)..][..3]` = R, G, B), e.g. an RGB24 video frame.
+///
+/// # Errors
+/// [`Error::ZeroSize`] when a side is 0, [`Error::RgbLength`] when `rgb.len()` is not
+/// width × height × 3. Sides of 1 to 4 give the all-zero hash with quality 0, not an error.
+pub fn hash_rgb(width: u32, height: u32, rgb: &[u8]) -> Result<PdqOutput, Error> {
+    if width == 0 || height == 0 {
+        return Err(Error::ZeroSize { width, height });
+    }
+    let expected = u64::from(width)
+        .saturating_mul(u64::from(height))
+        .saturating_mul(3);
+    if u64::try_from(rgb.len()) != Ok(expected) {
+        return Err(Error::RgbLength {
+            width,
+            height,
+            expected,
+            actual: rgb.len(),
+        });
+    }
+    Ok(hash_samples(width, height, rgb, Samples::Rgb3))
+}
+
+/// Hashes a luminance plane computed elsewhere, row-major (`luma[y·width + x]`), on the 0..255
+/// scale of §1.2.
+///
+/// Non-finite samples give an unspecified hash, never a panic.
+///
+/// # Errors
+/// [`Error::ZeroSize`] when a side is 0, [`Error::LumaLength`] when `luma.len()` is not
+/// width × height. Sides of 1 to 4 give the all-zero hash with quality 0.
+pub fn hash_luma(width: u32, height: u32, luma: &[f32]) -> Result<PdqOutput, Error> {
+    if width == 0 || height == 0 {
+        return Err(Error::ZeroSize { width, height });
+    }
+    let expected = u64::from(width) * u64::from(height);
+    if u64::try_from(luma.len()) != Ok(expected) {
+        return Err(Error::LumaLength {
+            width,
+            height,
+            expected,
+            actual: luma.len(),
+        });
+    }
+    if width < MIN_HASHABLE_DIM || height < MIN_HASHABLE_DIM {
+        return Ok(PdqOutput::unhashable());
+    }
+    let (w, h) = (width as usize, height as usize);
+    let mut plane = vec![0.0_f32; luma.len()];
+    fill_transposed::<f32, 1>(&mut plane, luma, w, h, |sample| {
+        sample.first().copied().unwrap_or(0.0)
+    });
+    Ok(hash_transposed_plane(plane, w, h))
+}
+
+// === decoding to luma ===
+
+/// How 8-bit samples become luma.
+#[derive(Clone, Copy)]
+enum Samples {
+    /// One grey byte a pixel (L8), used directly as luma (§1.2).
+    Grey1,
+    /// Grey then alpha (LA8); alpha ignored.
+    Grey2,
+    /// R, G, B (RGB8): the float32 luma formula.
+    Rgb3,
+    /// R, G, B, alpha (RGBA8); alpha ignored.
+    Rgb4,
+}
+
+/// Hashes a decoded picture, keeping at most one pixel copy besides the float planes.
+fn hash_decoded(picture: DynamicImage) -> PdqOutput {
+    let (width, height) = (picture.width(), picture.height());
+    match picture {
+        DynamicImage::ImageLuma8(buffer) => {
+            hash_samples(width, height, buffer.as_raw(), Samples::Grey1)
+        }
+        DynamicImage::ImageLumaA8(buffer) => {
+            hash_samples(width, height, buffer.as_raw(), Samples::Grey2)
+        }
+        DynamicImage::ImageRgb8(buffer) => {
+            hash_samples(width, height, buffer.as_raw(), Samples::Rgb3)
+        }
+        DynamicImage::ImageRgba8(buffer) => {
+            hash_samples(width, height, buffer.as_raw(), Samples::Rgb4)
+        }
+        // 16-bit grey: reduced to 8 bits with the `image` crate's rounding, then used as grey.
+        grey @ (DynamicImage::ImageLuma16(_) | DynamicImage::ImageLumaA16(_)) => {
+            let buffer = grey.to_luma8();
+            drop(grey);
+            hash_samples(width, height, buffer.as_raw(), Samples::Grey1)
+        }
+        // Everything else (16-bit and float colour) via 8-bit RGB, alpha dropped.
+        other => {
+            let buffer = other.to_rgb8();
+            drop(other);
+            hash_samples(width, height, buffer.as_raw(), Samples::Rgb3)
+        }
+    }
+}
+
+/// Builds the transposed luma plane from 8-bit samples whose length the caller has checked.
+fn hash_samples(width: u32, height: u32, samples: &[u8], kind: Samples) -> PdqOutput {
+    if width < MIN_HASHABLE_DIM || height < MIN_HASHABLE_DIM {
+        return PdqOutput::unhashable();
+    }
+    let (w, h) = (width as usize, height as usize);
+    let mut plane = vec![0.0_f32; w * h];
+    let grey = |pixel: &[u8]| pixel.first().copied().map_or(0.0, f32::from);
+    match kind {
+        Samples::Grey1 => fill_transposed::<u8, 1>(&mut plane, samples, w, h, grey),
+        Samples::Grey2 => fill_transposed::<u8, 2>(&mut plane, samples, w, h, grey),
+        Samples::Rgb3 => fill_transposed::<u8, 3>(&mut plane, samples, w, h, rgb_luma),
+        Samples::Rgb4 => fill_transposed::<u8, 4>(&mut plane, samples, w, h, rgb_luma),
+    }
+    hash_transposed_plane(plane, w, h)
+}
+
+/// `(0.299f·R + 0.587f·G) + 0.114f·B` in float32, left to right (§1.2).
+#[inline(always)]
+fn rgb_luma(pixel: &[u8]) -> f32 {
+    match *pixel {
+        [r, g, b, ..] => (LUMA_R * f32::from(r) + LUMA_G * f32::from(g)) + LUMA_B * f32::from(b),
+        _ => 0.0,
+    }
+}
+
+/// Writes `luma(pixel)` for a row-major `width` × `height` picture of `STRIDE` samples a pixel
+/// into `plane` transposed: `plane[x·height + y]`.
+///
+/// Works in strips of [`TRANSPOSE_BLOCK`] rows so each plane write is a short contiguous run.
+fn fill_transposed<T, const STRIDE: usize>(
+    plane: &mut [f32],
+    samples: &[T],
+    width: usize,
+    height: usize,
+    luma: impl Fn(&[T]) -> f32,
+) {
+    let row_len = width * STRIDE;
+    let mut rows: [&[T]; TRANSPOSE_BLOCK] = [&[]; TRANSPOSE_BLOCK];
+    for (strip_index, strip) in samples.chunks(row_len * TRANSPOSE_BLOCK).enumerate() {
+        let first_row = strip_index * TRANSPOSE_BLOCK;
+        let mut count = 0;
+        for (slot, row) in rows.iter_mut().zip(strip.chunks_exact(row_len)) {
+            *slot = row;
+            count += 1;
+        }
+        let rows = &rows[..count];
+        for (x, column) in plane.chunks_exact_mut(height).enumerate() {
+            let Some(out) = column.get_mut(first_row..first_row + count) else {
+                return;
+            };
+            for (value, row) in out.iter_mut().zip(rows) {
+                *value = row.get(x * STRIDE..x * STRIDE + STRIDE).map_or(0.0, &luma);
+            }
+        }
+    }
+}
+
+// === the hashing pipeline ===
+
+/// Hashes a luma plane stored transposed (`plane[x·height + y]`), both sides at least 5.
+fn hash_transposed_plane(mut plane: Vec<f32>, width: usize, height: usize) -> PdqOutput {
+    let mut buffer = [[0.0_f32; DOWNSAMPLED]; DOWNSAMPLED];
+    if width == DOWNSAMPLED && height == DOWNSAMPLED {
+        // The reference copies a 64x64 input straight through, unblurred (pdqFloat256FromFloatLuma).
+        for (x, column) in plane.chunks_exact(DOWNSAMPLED).enumerate() {
+            for (row, &value) in buffer.iter_mut().zip(column) {
+                if let Some(slot) = row.get_mut(x) {
+                    *slot = value;
+                }
+            }
+        }
+    } else {
+        blur_and_decimate(&mut plane, width, height, &mut buffer);
+    }
+    PdqOutput {
+        quality: quality(&buffer),
+        coefficients: dct(&buffer),
+    }
+}
+
+/// The Jarosz filter (two passes of a row box then a column box, §1.3) followed by centre-sample
+/// decimation to 64x64. `plane` holds the luma transposed on entry and is used as scratch.
+fn blur_and_decimate(
+    plane: &mut [f32],
+    width: usize,
+    height: usize,
+    out: &mut [[f32; DOWNSAMPLED]; DOWNSAMPLED],
+) {
+    // Window along a row comes from the width, down a column from the height: ceil(dim / 128).
+    let row_window = width.div_ceil(2 * DOWNSAMPLED);
+    let column_window = height.div_ceil(2 * DOWNSAMPLED);
+    let sampled_x = sample_positions(width);
+    let sampled_y = sample_positions(height);
+    // Running sums for the longest line any pass uses (the last pass's lines are 64 long).
+    let mut sums = vec![0.0_f32; width.max(height).max(DOWNSAMPLED)];
+
+    // Pass 1, rows: the plane's lines are picture columns; walking them x = 0..width advances
+    // every row's running sum at once. Output goes to `rows` in row-major order.
+    let mut rows = vec![0.0_f32; width * height];
+    {
+        let mut writer = Transposer::new(&mut rows, width, height);
+        box_filter_lines(
+            plane,
+            height,
+            row_window,
+            &mut sums,
+            |_| true,
+            |x, sums, count| {
+                writer.push(x, sums, count);
+            },
+        );
+        writer.finish();
+    }
+    // Pass 1, columns: lines are picture rows, walking y = 0..height. Output back to `plane`,
+    // transposed again.
+    {
+        let mut writer = Transposer::new(plane, height, width);
+        box_filter_lines(
+            &rows,
+            width,
+            column_window,
+            &mut sums,
+            |_| true,
+            |y, sums, count| {
+                writer.push(y, sums, count);
+            },
+        );
+        writer.finish();
+    }
+    drop(rows);
+    // Pass 2, rows: only the 64 sampled columns are ever read again, so only those are divided
+    // and kept, as `picked[y·64 + j]`.
+    let mut picked = vec![0.0_f32; height * DOWNSAMPLED];
+    let wanted_x = membership(&sampled_x, width);
+    box_filter_lines(
+        plane,
+        height,
+        row_window,
+        &mut sums,
+        |x| wanted_x.get(x).copied().unwrap_or(false),
+        |x, sums, count| {
+            for (j, _) in sampled_x.iter().enumerate().filter(|&(_, &sx)| sx == x) {
+                for (slot, &sum) in picked.iter_mut().skip(j).step_by(DOWNSAMPLED).zip(sums) {
+                    *slot = sum / count;
+                }
+            }
+        },
+    );
+    // Pass 2, columns: over the 64 kept columns, dividing only the 64 sampled rows.
+    let wanted_y = membership(&sampled_y, height);
+    box_filter_lines(
+        &picked,
+        DOWNSAMPLED,
+        column_window,
+        &mut sums,
+        |y| wanted_y.get(y).copied().unwrap_or(false),
+        |y, sums, count| {
+            for (i, _) in sampled_y.iter().enumerate().filter(|&(_, &sy)| sy == y) {
+                if let Some(row) = out.get_mut(i) {
+                    for (slot, &sum) in row.iter_mut().zip(sums) {
+                        *slot = sum / count;
+                    }
+                }
+            }
+        },
+    );
+}
+
+/// Centre sampling (§1.3): source index `(int)(((i + 0.5) · dim) / 64)`, computed in f64.
+fn sample_positions(dim: usize) -> [usize; DOWNSAMPLED] {
+    std::array::from_fn(|i| (((i as f64 + 0.5) * dim as f64) / DOWNSAMPLED as f64) as usize)
+}
+
+/// `mask[p]` is true when `p` is one of `positions`.
+fn membership(positions: &[usize; DOWNSAMPLED], len: usize) -> Vec<bool> {
+    let mut mask = vec![false; len];
+    for &p in positions {
+        if let Some(slot) = mask.get_mut(p) {
+            *slot = true;
+        }
+    }
+    mask
+}
+
+/// One 1-D box pass of window `window` along the line axis of `src`, which holds lines of `len`
+/// samples back to back. Every position within a line is an independent filter, so all `len`
+/// running sums advance together, one whole line per step.
+///
+/// The arithmetic is the reference's, per position (§1.3): add the first `half − 1` lines; then
+/// add a line and emit while the window grows; then add the incoming line, subtract the outgoing
+/// one, and emit; then only subtract and emit while it shrinks. Output line `o` is offered to
+/// `emit(o, sums, count)` when `wanted(o)`; the caller divides each sum by `count` (float32).
+fn box_filter_lines(
+    src: &[f32],
+    len: usize,
+    window: usize,
+    sums: &mut [f32],
+    wanted: impl Fn(usize) -> bool,
+    mut emit: impl FnMut(usize, &[f32], f32),
+) {
+    let Some(sums) = sums.get_mut(..len) else {
+        return;
+    };
+    sums.fill(0.0);
+    let lines = src.len() / len;
+    let half = (window + 2) / 2;
+    let line = |i: usize| src.get(i * len..(i + 1) * len).unwrap_or(&[]);
+    let (mut incoming, mut outgoing, mut written, mut count) = (0, 0, 0, 0_usize);
+    for _ in 1..half {
+        add_line(sums, line(incoming));
+        incoming += 1;
+        count += 1;
+    }
+    for _ in 0..=(window - half) {
+        add_line(sums, line(incoming));
+        incoming += 1;
+        count += 1;
+        if wanted(written) {
+            emit(written, sums, count as f32);
+        }
+        written += 1;
+    }
+    for _ in 0..lines.saturating_sub(window) {
+        slide_line(sums, line(incoming), line(outgoing));
+        incoming += 1;
+        outgoing += 1;
+        if wanted(written) {
+            emit(written, sums, count as f32);
+        }
+        written += 1;
+    }
+    for _ in 1..half {
+        subtract_line(sums, line(outgoing));
+        outgoing += 1;
+        count -= 1;
+        if wanted(written) {
+            emit(written, sums, count as f32);
+        }
+        written += 1;
+    }
+}
+
+#[inline]
+fn add_line(sums: &mut [f32], add: &[f32]) {
+    for (sum, &a) in sums.iter_mut().zip(add) {
+        *sum += a;
+    }
+}
+
+#[inline]
+fn subtract_line(sums: &mut [f32], sub: &[f32]) {
+    for (sum, &s) in sums.iter_mut().zip(sub) {
+        *sum -= s;
+    }
+}
+
+/// Add then subtract, two roundings, in the reference's order.
+#[inline]
+fn slide_line(sums: &mut [f32], add: &[f32], sub: &[f32]) {
+    for ((sum, &a), &s) in sums.iter_mut().zip(add).zip(sub) {
+        *sum += a;
+        *sum -= s;
+    }
+}
+
+/// Receives a box pass's output lines in order and stores them transposed: line `o` becomes
+/// column `o` of `dst`, which has `dst_row_len` columns (one per line). Lines are gathered
+/// [`TRANSPOSE_BLOCK`] at a time so each destination row gets a short contiguous run.
+struct Transposer<'a> {
+    dst: &'a mut [f32],
+    dst_row_len: usize,
+    line_len: usize,
+    block: Vec<f32>,
+    first: usize,
+    filled: usize,
+}
+
+impl<'a> Transposer<'a> {
+    fn new(dst: &'a mut [f32], dst_row_len: usize, line_len: usize) -> Self {
+        Self {
+            dst,
+            dst_row_len,
+            line_len,
+            block: vec![0.0; TRANSPOSE_BLOCK * line_len],
+            first: 0,
+            filled: 0,
+        }
+    }
+
+    /// Stores line `sums / count`, which must be the next line in order.
+    fn push(&mut self, _line: usize, sums: &[f32], count: f32) {
+        let start = self.filled * self.line_len;
+        if let Some(slot) = self.block.get_mut(start..start + self.line_len) {
+            for (value, &sum) in slot.iter_mut().zip(sums) {
+                *value = sum / count;
+            }
+        }
+        self.filled += 1;
+        if self.filled == TRANSPOSE_BLOCK {
+            self.flush();
+        }
+    }
+
+    fn flush(&mut self) {
+        let (first, filled, line_len) = (self.first, self.filled, self.line_len);
+        for (r, row) in self.dst.chunks_exact_mut(self.dst_row_len).enumerate() {
+            let Some(run) = row.get_mut(first..first + filled) else {
+                return;
+            };
+            for (l, value) in run.iter_mut().enumerate() {
+                *value = self.block.get(l * line_len + r).copied().unwrap_or(0.0);
+            }
+        }
+        self.first += filled;
+        self.filled = 0;
+    }
+
+    fn finish(mut self) {
+        if self.filled > 0 {
+            self.flush();
+        }
+    }
+}
+
+/// Quality (§1.4): sum of `|(int)(((u − v) · 100) / 255)|` over vertical then horizontal
+/// neighbours of the 64x64 buffer, float32 arithmetic, divided by 90 and capped at 100.
+fn quality(buffer: &[[f32; DOWNSAMPLED]; DOWNSAMPLED]) -> u8 {
+    let step = |u: f32, v: f32| (((u - v) * 100.0) / 255.0) as i32;
+    let mut gradient_sum: i32 = 0;
+    for pair in buffer.windows(2) {
+        if let [upper, lower] = pair {
+            for (&u, &v) in upper.iter().zip(lower) {
+                gradient_sum += step(u, v).abs();
+            }
+        }
+    }
+    for row in buffer {
+        for pair in row.windows(2) {
+            if let [u, v] = *pair {
+                gradient_sum += step(u, v).abs();
+            }
+        }
+    }
+    // At most 8064 · 100 / 90, so the cap also makes the cast lossless.
+    (gradient_sum / 90).clamp(0, 100) as u8
+}
+
+/// The 16x64 DCT matrix (§1.5): `D[i][k] = float(sqrt(2/64)) · cos((π/2/64) · (i+1) · (2k+1))`,
+/// each entry computed in f64 and stored as f32, and its 64x16 transpose.
+fn dct_matrices() -> &'static (
+    [[f32; DOWNSAMPLED]; DCT_SIDE],
+    [[f32; DCT_SIDE]; DOWNSAMPLED],
+) {
+    static MATRICES: OnceLock<(
+        [[f32; DOWNSAMPLED]; DCT_SIDE],
+        [[f32; DCT_SIDE]; DOWNSAMPLED],
+    )> = OnceLock::new();
+    MATRICES.get_or_init(|| {
+        let scale = f64::from((2.0_f64 / DOWNSAMPLED as f64).sqrt() as f32);
+        let mut d = [[0.0_f32; DOWNSAMPLED]; DCT_SIDE];
+        let mut d_transposed = [[0.0_f32; DCT_SIDE]; DOWNSAMPLED];
+        for (i, row) in d.iter_mut().enumerate() {
+            for (k, entry) in row.iter_mut().enumerate() {
+                let angle = (PI / 2.0 / DOWNSAMPLED as f64) * (i + 1) as f64 * (2 * k + 1) as f64;
+                *entry = (scale * angle.cos()) as f32;
+                if let Some(slot) = d_transposed.get_mut(k).and_then(|r| r.get_mut(i)) {
+                    *slot = *entry;
+                }
+            }
+        }
+        (d, d_transposed)
+    })
+}
+
+/// `B = D · A · Dᵀ` (§1.5). Each element is a float32 sum over k = 0..64 in increasing k; the
+/// loops are arranged so that sum is accumulated across a whole row at once.
+fn dct(a: &[[f32; DOWNSAMPLED]; DOWNSAMPLED]) -> [f32; COEFFICIENTS] {
+    let (d, d_transposed) = dct_matrices();
+    // T = D · A, 16x64: T[i][j] = Σ_k D[i][k] · A[k][j].
+    let mut t = [[0.0_f32; DOWNSAMPLED]; DCT_SIDE];
+    for (t_row, d_row) in t.iter_mut().zip(d) {
+        for (&d_ik, a_row) in d_row.iter().zip(a) {
+            for (sum, &a_kj) in t_row.iter_mut().zip(a_row) {
+                *sum += d_ik * a_kj;
+            }
+        }
+    }
+    // B = T · Dᵀ, 16x16: B[i][j] = Σ_k T[i][k] · D[j][k].
+    let mut b = [0.0_f32; COEFFICIENTS];
+    for (b_row, t_row) in b.chunks_exact_mut(DCT_SIDE).zip(&t) {
+        for (&t_ik, dt_row) in t_row.iter().zip(d_transposed) {
+            for (sum, &d_jk) in b_row.iter_mut().zip(dt_row) {
+                *sum += t_ik * d_jk;
+            }
+        }
+    }
+    b
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A small deterministic generator for test pictures (64-bit LCG, top bits).
+    struct Lcg(u64);
+
+    impl Lcg {
+        fn next_u8(&mut self) -> u8 {
+            self.0 = self
+                .0
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (self.0 >> 56) as u8
+        }
+    }
+
+    fn noise_rgb(width: u32, height: u32, seed: u64) -> Vec<u8> {
+        let mut rng = Lcg(seed);
+        (0..width * height * 3).map(|_| rng.next_u8()).collect()
+    }
+
+    /// Smooth content with some noise, so hashes are not dominated by ties.
+    fn scene_rgb(width: u32, height: u32, seed: u64) -> Vec<u8> {
+        let mut rng = Lcg(seed);
+        let mut out = Vec::with_capacity((width * height * 3) as usize);
+        for y in 0..height {
+            for x in 0..width {
+                let fx = x as f32 / width as f32;
+                let fy = y as f32 / height as f32;
+                let base = 128.0 + 100.0 * (7.0 * fx + 3.0 * fy * fy).sin() * (5.0 * fy).cos();
+                for c in 0..3u8 {
+                    let v = base + f32::from(c) * 10.0 + f32::from(rng.next_u8() % 16);
+                    out.push(v.clamp(0.0, 255.0) as u8);
+                }
+            }
+        }
+        out
+    }
+
+    /// The reference algorithm transcribed literally from shared/PDQ.md §1: row-major buffers,
+    /// one line at a time, full 2-pass filter, then decimation. Used as an oracle for the
+    /// restructured pipeline, compared on exact f32 bits.
+    fn literal_reference(width: usize, height: usize, luma: &[f32]) -> ([f32; COEFFICIENTS], u8) {
+        fn box_1d(
+            input: &[f32],
+            output: &mut [f32],
+            start: usize,
+            n: usize,
+            stride: usize,
+            w: usize,
+        ) {
+            let half = (w + 2) / 2;
+            let (mut li, mut ri, mut oi) = (start, start, start);
+            let mut sum = 0.0_f32;
+            let mut size = 0;
+            for _ in 0..half - 1 {
+                sum += input[ri];
+                size += 1;
+                ri += stride;
+            }
+            for _ in 0..w - half + 1 {
+                sum += input[ri];
+                size += 1;
+                output[oi] = sum / size as f32;
+                ri += stride;
+                oi += stride;
+            }
+            for _ in 0..n - w {
+                sum += input[ri];
+                sum -= input[li];
+                output[oi] = sum / size as f32;
+                li += stride;
+                ri += stride;
+                oi += stride;
+            }
+            for _ in 0..half - 1 {
+                sum -= input[li];
+                size -= 1;
+                output[oi] = sum / size as f32;
+                li += stride;
+                oi += stride;
+            }
+        }
+        let mut a = [[0.0_f32; 64]; 64];
+        if width == 64 && height == 64 {
+            for i in 0..64 {
+                for j in 0..64 {
+                    a[i][j] = luma[i * 64 + j];
+                }
+            }
+        } else {
+            let wx = (width + 127) / 128;
+            let wy = (height + 127) / 128;
+            let mut b1 = luma.to_vec();
+            let mut b2 = vec![0.0_f32; luma.len()];
+            for _ in 0..2 {
+                for r in 0..height {
+                    box_1d(&b1, &mut b2, r * width, width, 1, wx);
+                }
+                for c in 0..width {
+                    box_1d(&b2, &mut b1, c, height, width, wy);
+                }
+            }
+            for i in 0..64 {
+                let y = (((i as f64 + 0.5) * height as f64) / 64.0) as usize;
+                for j in 0..64 {
+                    let x = (((j as f64 + 0.5) * width as f64) / 64.0) as usize;
+                    a[i][j] = b1[y * width + x];
+                }
+            }
+        }
+        let mut gradient = 0;
+        for i in 0..63 {
+            for j in 0..64 {
+                gradient += ((((a[i][j] - a[i + 1][j]) * 100.0) / 255.0) as i32).abs();
+            }
+        }
+        for i in 0..64 {
+            for j in 0..63 {
+                gradient += ((((a[i][j] - a[i][j + 1]) * 100.0) / 255.0) as i32).abs();
+            }
+        }
+        let quality = (gradient / 90).min(100) as u8;
+        let scale = (2.0_f64 / 64.0).sqrt() as f32;
+        let mut d = [[0.0_f32; 64]; 16];
+        for i in 0..16 {
+            for k in 0..64 {
+                d[i][k] = (f64::from(scale)
+                    * ((PI / 2.0 / 64.0) * (i + 1) as f64 * (2 * k + 1) as f64).cos())
+                    as f32;
+            }
+        }
+        let mut t = [[0.0_f32; 64]; 16];
+        for i in 0..16 {
+            for j in 0..64 {
+                let mut sum = 0.0_f32;
+                for k in 0..64 {
+                    sum += d[i][k] * a[k][j];
+                }
+                t[i][j] = sum;
+            }
+        }
+        let mut b = [0.0_f32; 256];
+        for i in 0..16 {
+            for j in 0..16 {
+                let mut sum = 0.0_f32;
+                for k in 0..64 {
+                    sum += t[i][k] * d[j][k];
+                }
+                b[i * 16 + j] = sum;
+            }
+        }
+        (b, quality)
+    }
+
+    fn luma_of(rgb: &[u8]) -> Vec<f32> {
+        rgb.chunks_exact(3).map(rgb_luma).collect()
+    }
+
+    fn bits(block: &[f32; COEFFICIENTS]) -> Vec<u32> {
+        block.iter().map(|v| v.to_bits()).collect()
+    }
+
+    #[test]
+    fn pipeline_matches_the_literal_reference_bit_for_bit() {
+        let sizes = [
+            (5, 5),
+            (5, 9),
+            (6, 200),
+            (200, 6),
+            (33, 41),
+            (63, 64),
+            (64, 64),
+            (64, 65),
+            (127, 129),
+            (128, 128),
+            (129, 130),
+            (255, 257),
+            (300, 129),
+            (400, 225),
+            (1000, 7),
+        ];
+        for (n, &(width, height)) in sizes.iter().enumerate() {
+            for rgb in [
+                noise_rgb(width, height, n as u64),
+                scene_rgb(width, height, n as u64),
+            ] {
+                let out = hash_rgb(width, height, &rgb).expect("valid buffer");
+                let (block, quality) =
+                    literal_reference(width as usize, height as usize, &luma_of(&rgb));
+                assert_eq!(bits(&out.coefficients), bits(&block), "{width}x{height}");
+                assert_eq!(out.quality, quality, "{width}x{height}");
+            }
+        }
+    }
+
+    #[test]
+    fn luma_weights_are_the_rounded_double_literals() {
+        // Rounding 0.299 straight to f32 happens to agree for these weights; this pins it.
+        assert_eq!(LUMA_R, 0.299_f32);
+        assert_eq!(LUMA_G, 0.587_f32);
+        assert_eq!(LUMA_B, 0.114_f32);
+    }
+
+    #[test]
+    fn hash_luma_equals_hash_rgb_on_the_same_luma() {
+        let (width, height) = (150, 97);
+        let rgb = scene_rgb(width, height, 7);
+        let from_rgb = hash_rgb(width, height, &rgb).expect("valid buffer");
+        let from_luma = hash_luma(width, height, &luma_of(&rgb)).expect("valid plane");
+        assert_eq!(from_rgb, from_luma);
+    }
+
+    #[test]
+    fn dihedral_order_and_names_follow_the_reference() {
+        let names: Vec<&str> = Dihedral::ALL.iter().map(|d| d.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "original",
+                "rot90",
+                "rot180",
+                "rot270",
+                "flipx",
+                "flipy",
+                "flipplus1",
+                "flipminus1"
+            ]
+        );
+        for (index, d) in Dihedral::ALL.iter().enumerate() {
+            assert_eq!(d.index(), index);
+            assert_eq!(d.to_string(), d.as_str());
+        }
+    }
+
+    #[test]
+    fn variants_of_transformed_pixels_land_near_the_transformed_picture() {
+        // Rotating the pixels themselves and hashing should give (nearly) the variant hash.
+        let (width, height) = (192_u32, 128_u32);
+        let rgb = scene_rgb(width, height, 3);
+        let pixel = |x: u32, y: u32| {
+            let at = ((y * width + x) * 3) as usize;
+            [rgb[at], rgb[at + 1], rgb[at + 2]]
+        };
+        // 90° anticlockwise: new (x', y') = (y, width − 1 − x), new size height × width.
+        let mut rotated = Vec::with_capacity(rgb.len());
+        for y2 in 0..width {
+            for x2 in 0..height {
+                rotated.extend(pixel(width - 1 - y2, x2));
+            }
+        }
+        let original = hash_rgb(width, height, &rgb).expect("valid buffer");
+        let turned = hash_rgb(height, width, &rotated).expect("valid buffer");
+        let distances: Vec<u32> = original
+            .dihedral()
+            .iter()
+            .map(|h| h.distance(&turned.hash()))
+            .collect();
+        let best = distances
+            .iter()
+            .enumerate()
+            .min_by_key(|&(_, d)| d)
+            .map(|(i, _)| i);
+        assert_eq!(best, Some(Dihedral::Rot90.index()), "{distances:?}");
+    }
+
+    #[test]
+    fn variant_original_is_the_hash_and_the_table_has_eight() {
+        let out = hash_rgb(80, 60, &scene_rgb(80, 60, 1)).expect("valid buffer");
+        assert_eq!(out.variant(Dihedral::Original), out.hash());
+        let all = out.dihedral();
+        assert_eq!(all[0], out.hash());
+        for d in Dihedral::ALL {
+            assert_eq!(all[d.index()], out.variant(d));
+            assert_eq!(out.variant(d).popcount(), 128, "{d}");
+        }
+        // Flips are involutions on the block, so flipping twice gives the original back.
+        let twice = Dihedral::FlipX.transform(&Dihedral::FlipX.transform(&out.coefficients));
+        assert_eq!(threshold(&twice), out.hash());
+    }
+
+    #[test]
+    fn pictures_under_five_pixels_hash_to_zero_with_quality_zero() {
+        for (width, height) in [(4, 100), (100, 4), (1, 1), (4, 4)] {
+            let out = hash_rgb(width, height, &noise_rgb(width, height, 1)).expect("valid buffer");
+            assert_eq!(out.hash(), PdqHash::default());
+            assert_eq!(out.quality(), 0);
+            assert!(out.dihedral().iter().all(|h| *h == PdqHash::default()));
+        }
+        let out = hash_luma(3, 3, &[1.0; 9]).expect("valid plane");
+        assert_eq!(out.hash(), PdqHash::default());
+    }
+
+    #[test]
+    fn wrong_buffer_lengths_and_zero_sides_are_errors() {
+        assert!(matches!(
+            hash_rgb(10, 10, &[0; 299]),
+            Err(Error::RgbLength {
+                width: 10,
+                height: 10,
+                expected: 300,
+                actual: 299
+            })
+        ));
+        assert!(matches!(
+            hash_luma(10, 10, &[0.0; 101]),
+            Err(Error::LumaLength {
+                expected: 100,
+                actual: 101,
+                ..
+            })
+        ));
+        assert!(matches!(
+            hash_rgb(0, 10, &[]),
+            Err(Error::ZeroSize {
+                width: 0,
+                height: 10
+            })
+        ));
+        assert!(matches!(hash_luma(10, 0, &[]), Err(Error::ZeroSize { .. })));
+        let message = hash_rgb(10, 10, &[0; 299])
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert_eq!(
+            message,
+            "rgb buffer for 10x10 pixels must be 300 bytes, got 299"
+        );
+    }
+
+    #[test]
+    fn flat_and_smooth_pictures_have_low_quality() {
+        let flat = hash_rgb(100, 80, &vec![128; 100 * 80 * 3]).expect("valid buffer");
+        assert_eq!(flat.quality(), 0);
+        let gradient: Vec<f32> = (0..200 * 150).map(|i| ((i % 200) as f32) * 0.2).collect();
+        let smooth = hash_luma(200, 150, &gradient).expect("valid plane");
+        assert!(smooth.quality() < 50, "quality {}", smooth.quality());
+        let busy = hash_rgb(200, 150, &noise_rgb(200, 150, 9)).expect("valid buffer");
+        assert_eq!(busy.quality(), 100);
+    }
+
+    #[test]
+    fn a_two_dimensional_gradient_hash_has_half_its_bits_set() {
+        let (width, height) = (320_u32, 240_u32);
+        // Not separable (x·y term), so every DCT coefficient is distinct.
+        let luma: Vec<f32> = (0..height)
+            .flat_map(|y| {
+                (0..width).map(move |x| 0.5 * x as f32 + 0.3 * y as f32 + (x * y) as f32 / 400.0)
+            })
+            .collect();
+        let out = hash_luma(width, height, &luma).expect("valid plane");
+        assert_eq!(out.hash().popcount(), 128);
+        assert_ne!(out.hash(), PdqHash::default());
+    }
+
+    #[test]
+    fn grey_pixels_use_the_sample_directly() {
+        let (width, height) = (90_u32, 70_u32);
+        let grey: Vec<u8> = noise_rgb(width, height, 4).into_iter().step_by(3).collect();
+        let out = hash_samples(width, height, &grey, Samples::Grey1);
+        let plane: Vec<f32> = grey.iter().map(|&g| f32::from(g)).collect();
+        assert_eq!(out, hash_luma(width, height, &plane).expect("valid plane"));
+    }
+
+    fn encode(picture: &DynamicImage, format: ImageFormat) -> Vec<u8> {
+        let mut bytes = Cursor::new(Vec::new());
+        picture.write_to(&mut bytes, format).expect("encodes");
+        bytes.into_inner()
+    }
+
+    #[test]
+    fn decoded_png_hashes_like_its_raw_pixels_and_alpha_is_ignored() {
+        let (width, height) = (120_u32, 90_u32);
+        let rgb = scene_rgb(width, height, 11);
+        let raw = hash_rgb(width, height, &rgb).expect("valid buffer");
+        let picture = DynamicImage::ImageRgb8(
+            image::RgbImage::from_raw(width, height, rgb.clone()).expect("sized"),
+        );
+        let png = encode(&picture, ImageFormat::Png);
+        let decoded = hash_image_bytes(&png, &DecodeLimits::default()).expect("decodes");
+        assert_eq!(decoded, raw);
+        // Same colours with a varying alpha channel: alpha is dropped, not composited.
+        let mut rgba = picture.to_rgba8();
+        for (i, pixel) in rgba.pixels_mut().enumerate() {
+            pixel.0[3] = (i % 256) as u8;
+        }
+        let png = encode(&DynamicImage::ImageRgba8(rgba), ImageFormat::Png);
+        let decoded = hash_image_bytes(&png, &DecodeLimits::default()).expect("decodes");
+        assert_eq!(decoded, raw);
+        // BMP and lossless WebP decode to the same pixels too.
+        for format in [ImageFormat::Bmp, ImageFormat::WebP] {
+            let bytes = encode(&picture, format);
+            let decoded = hash_image_bytes(&bytes, &DecodeLimits::default()).expect("decodes");
+            assert_eq!(decoded, raw, "{format:?}");
+        }
+    }
+
+    #[test]
+    fn sixteen_bit_grey_is_reduced_like_to_luma8() {
+        let (width, height) = (40_u32, 30_u32);
+        let samples: Vec<u16> = (0..width * height).map(|i| (i * 53) as u16).collect();
+        let picture = DynamicImage::ImageLuma16(
+            image::ImageBuffer::from_raw(width, height, samples).expect("sized"),
+        );
+        let expected = hash_samples(width, height, picture.to_luma8().as_raw(), Samples::Grey1);
+        let png = encode(&picture, ImageFormat::Png);
+        let decoded = hash_image_bytes(&png, &DecodeLimits::default()).expect("decodes");
+        assert_eq!(decoded, expected);
+    }
+
+    /// CRC-32 (IEEE), for patching PNG chunks in tests.
+    fn crc32(bytes: &[u8]) -> u32 {
+        let mut crc = !0_u32;
+        for &byte in bytes {
+            crc ^= u32::from(byte);
+            for _ in 0..8 {
+                crc = if crc & 1 == 1 {
+                    (crc >> 1) ^ 0xEDB8_8320
+                } else {
+                    crc >> 1
+                };
+            }
+        }
+        !crc
+    }
+
+    #[test]
+    fn huge_png_header_is_rejected_before_decoding() {
+        let picture = DynamicImage::ImageRgb8(image::RgbImage::new(8, 8));
+        let mut png = encode(&picture, ImageFormat::Png);
+        // IHDR data starts at byte 16 (8 signature + 4 length + 4 type); its CRC follows 13 bytes.
+        png[16..20].copy_from_slice(&50_000_u32.to_be_bytes());
+        png[20..24].copy_from_slice(&50_000_u32.to_be_bytes());
+        let crc = crc32(&png[12..29]);
+        png[29..33].copy_from_slice(&crc.to_be_bytes());
+        let started = std::time::Instant::now();
+        let result = hash_image_bytes(&png, &DecodeLimits::default());
+        assert!(
+            matches!(
+                result,
+                Err(Error::TooManyPixels {
+                    width: 50_000,
+                    height: 50_000,
+                    limit: 50_000_000
+                })
+            ),
+            "{result:?}"
+        );
+        assert!(started.elapsed().as_secs() < 5);
+    }
+
+    #[test]
+    fn pixel_limit_admits_exactly_the_limit() {
+        let png = encode(
+            &DynamicImage::ImageRgb8(image::RgbImage::new(8, 8)),
+            ImageFormat::Png,
+        );
+        let at = |max_pixels| DecodeLimits {
+            max_pixels,
+            ..DecodeLimits::default()
+        };
+        assert!(hash_image_bytes(&png, &at(64)).is_ok());
+        assert!(matches!(
+            hash_image_bytes(&png, &at(63)),
+            Err(Error::TooManyPixels {
+                width: 8,
+                height: 8,
+                limit: 63
+            })
+        ));
+    }
+
+    #[test]
+    fn byte_limit_empty_and_garbage_inputs_are_errors() {
+        let limits = DecodeLimits {
+            max_bytes: 10,
+            ..DecodeLimits::default()
+        };
+        assert!(matches!(
+            hash_image_bytes(&[0; 11], &limits),
+            Err(Error::TooManyBytes {
+                bytes: 11,
+                limit: 10
+            })
+        ));
+        assert!(matches!(hash_image_bytes(&[], &limits), Err(Error::Empty)));
+        assert!(matches!(
+            hash_image_bytes(b"definitely not a picture", &DecodeLimits::default()),
+            Err(Error::UnknownFormat)
+        ));
+        // A recognised signature with a broken body is a decode error, never a panic.
+        let mut truncated = encode(
+            &DynamicImage::ImageRgb8(image::RgbImage::new(30, 30)),
+            ImageFormat::Png,
+        );
+        truncated.truncate(40);
+        assert!(matches!(
+            hash_image_bytes(&truncated, &DecodeLimits::default()),
+            Err(Error::Decode { .. })
+        ));
+        let mut jpeg_head = vec![0xFF, 0xD8, 0xFF, 0xE0];
+        jpeg_head.extend_from_slice(&[0x55; 64]);
+        assert!(matches!(
+            hash_image_bytes(&jpeg_head, &DecodeLimits::default()),
+            Err(Error::Decode { .. })
+        ));
+    }
+
+    /// Rough timing for a 720p RGB frame: `cargo test --release --lib -- --ignored --nocapture`.
+    #[test]
+    #[ignore = "timing, run by hand in a release build"]
+    fn time_a_720p_rgb_frame() {
+        let (width, height) = (1280_u32, 720_u32);
+        let rgb = scene_rgb(width, height, 5);
+        let runs = 50;
+        let started = std::time::Instant::now();
+        let mut quality_sum = 0_u32;
+        for _ in 0..runs {
+            let out = hash_rgb(width, height, &rgb).expect("valid buffer");
+            quality_sum += u32::from(out.quality());
+        }
+        let per_frame = started.elapsed() / runs;
+        eprintln!("1280x720 rgb: {per_frame:?} a frame (quality sum {quality_sum})");
+    }
+}

@@ -1,0 +1,793 @@
+//! The in-memory frame index: every live reference frame's PDQ hash, searchable by Hamming radius
+//! (shared/DESIGN.md §4-5). The match path reads it; the write path and start-up fill it.
+//!
+//! Layout:
+//! - [`FrameIndex`] owns the per-frame metadata, the per-reference table and the tombstones, and
+//!   assigns dense `u32` entry ids in insertion order.
+//! - An [`Engine`] maps a query to candidate entry ids within a radius. [`exact::ExactEngine`] is a
+//!   linear popcount scan: always correct, and the oracle every other engine is tested against.
+//!   [`hnsw::HnswEngine`] is approximate (hnsw_rs); no `hnsw_rs` type leaves this module
+//!   (STYLE.md §3.1).
+//!
+//! Invariants:
+//! - The frames of one reference occupy one contiguous run of entry ids (`first..first + count`),
+//!   because a reference is always inserted in one piece and rebuilds keep live entries in order.
+//!   That makes [`FrameIndex::withdraw`] O(frames of that reference) with no per-reference list.
+//! - Withdrawal is a tombstone: the entry stays in the engine and is filtered at search time,
+//!   since hnsw_rs cannot delete (DESIGN.md §8). When tombstones reach [`REBUILD_FRACTION`] of
+//!   the entries and at least [`REBUILD_MIN_TOMBSTONES`], `withdraw` rebuilds the engine from the
+//!   live entries and entry ids are remapped. Entry ids never leave this module.
+//! - A withdrawn reference id stays known, so re-inserting it is refused: withdrawn content is
+//!   never returned again, even if a replayed change adds it back.
+//! - Methods are infallible; [`FrameIndex`] holds no lock (the caller wraps it in one).
+
+use std::collections::HashMap;
+use std::fmt;
+use std::mem::size_of;
+use std::str::FromStr;
+
+use crate::hash::PdqHash;
+use crate::model::{BankId, FrameSignal, IndexedFrame, ReferenceId};
+
+pub mod exact;
+pub mod hnsw;
+
+/// A rebuild happens once tombstones are at least this share of all entries ...
+pub const REBUILD_FRACTION: f64 = 0.25;
+/// ... and at least this many, so that small indexes are not rebuilt on every withdrawal.
+pub const REBUILD_MIN_TOMBSTONES: usize = 1024;
+
+/// Which search engine a [`FrameIndex`] uses.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum EngineKind {
+    /// Linear popcount scan ([`exact::ExactEngine`]): exact, memory-bound.
+    #[default]
+    Exact,
+    /// Approximate graph search ([`hnsw::HnswEngine`]) with [`HnswParams`].
+    Hnsw,
+}
+
+impl EngineKind {
+    /// Every kind, in declaration order.
+    pub const ALL: [EngineKind; 2] = [EngineKind::Exact, EngineKind::Hnsw];
+
+    /// The stable text form used in config and on the command line.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            EngineKind::Exact => "exact",
+            EngineKind::Hnsw => "hnsw",
+        }
+    }
+}
+
+impl fmt::Display for EngineKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// An engine name that is not one of [`EngineKind::ALL`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown index engine {0:?}; expected one of exact, hnsw")]
+pub struct UnknownEngine(pub String);
+
+impl FromStr for EngineKind {
+    type Err = UnknownEngine;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        EngineKind::ALL
+            .into_iter()
+            .find(|k| k.as_str() == text)
+            .ok_or_else(|| UnknownEngine(text.to_string()))
+    }
+}
+
+/// Tuning of [`hnsw::HnswEngine`].
+///
+/// A radius search is a kNN search for `knn` neighbours with beam width `ef_search`, keeping those
+/// within the radius, so a query never gets more than `knn` hits from this engine.
+///
+/// The defaults were measured by `hnsw_recall_meets_minimum` (tests/it/index_conformance.rs):
+/// 20,000 seeded hashes (10,000 random, 10,000 near-duplicates in clusters of 10) and 300
+/// near-duplicate queries at radius 31 give recall 1.000 with these values; see
+/// `HNSW_MIN_RECALL` there. DESIGN.md §5 quotes M=32, ef=256 for 0.99 at 1M codes (faiss).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HnswParams {
+    /// Links per node and layer (HNSW's `M`; layer 0 keeps twice as many). At most 256.
+    pub max_connections: usize,
+    /// Beam width while inserting.
+    pub ef_construction: usize,
+    /// Beam width while searching (raised to `knn` when smaller).
+    pub ef_search: usize,
+    /// Neighbours asked for per query: the most hits one query can return.
+    pub knn: usize,
+}
+
+impl Default for HnswParams {
+    fn default() -> Self {
+        Self {
+            max_connections: 32,
+            ef_construction: 256,
+            ef_search: 256,
+            knn: 64,
+        }
+    }
+}
+
+/// One result: a reference frame within the radius.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Match {
+    /// The reference the frame belongs to.
+    pub reference: ReferenceId,
+    /// That reference's bank.
+    pub bank: BankId,
+    /// The matching reference frame.
+    pub frame: FrameSignal,
+    /// Hamming distance between the query and `frame.hash`, in bits.
+    pub distance: u32,
+}
+
+/// A search engine over PDQ hashes, addressed by dense `u32` entry ids that [`FrameIndex`]
+/// assigns. Engines know nothing of references or tombstones.
+pub trait Engine: Send + Sync {
+    /// Short stable name, as in [`EngineKind`]'s text form.
+    fn name(&self) -> &'static str;
+
+    /// Adds one hash under `entry`. Entries are added in increasing order starting at 0.
+    fn add(&mut self, entry: u32, hash: &PdqHash);
+
+    /// Adds `hashes` under entries `first`, `first + 1`, ...; engines may use several cores.
+    fn add_batch(&mut self, first: u32, hashes: &[PdqHash]) {
+        for (entry, hash) in (first..).zip(hashes) {
+            self.add(entry, hash);
+        }
+    }
+
+    /// Appends `(entry, distance)` for entries within `radius` bits of `query` to `out`, in no
+    /// particular order. An approximate engine may miss some; it never reports one outside.
+    fn search_radius(&self, query: &PdqHash, radius: u32, out: &mut Vec<(u32, u32)>);
+
+    /// Number of entries added.
+    fn len(&self) -> usize;
+
+    /// Whether no entry was added.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Approximate heap use in bytes.
+    fn memory_bytes(&self) -> usize;
+}
+
+/// Builds an empty engine, sized for `capacity` entries.
+fn new_engine(kind: EngineKind, params: HnswParams, capacity: usize) -> Box<dyn Engine> {
+    match kind {
+        EngineKind::Exact => Box::new(exact::ExactEngine::with_capacity(capacity)),
+        EngineKind::Hnsw => Box::new(hnsw::HnswEngine::new(params, capacity)),
+    }
+}
+
+/// Per-entry metadata: the frame itself plus the slot of its reference in `references`.
+/// 56 bytes; the hash is kept here too so that rebuilds need nothing from the engine.
+#[derive(Clone, Copy, Debug)]
+struct Entry {
+    frame: FrameSignal,
+    slot: u32,
+}
+
+/// One reference: its ids and its run of entries.
+#[derive(Clone, Copy, Debug)]
+struct RefEntry {
+    id: ReferenceId,
+    bank: BankId,
+    /// First entry id of the run.
+    first: u32,
+    /// Length of the run (0 once withdrawn and compacted away).
+    count: u32,
+    active: bool,
+}
+
+/// A set of entry ids, one bit each.
+#[derive(Clone, Debug, Default)]
+struct BitSet {
+    words: Vec<u64>,
+}
+
+impl BitSet {
+    fn grow_to(&mut self, bits: usize) {
+        self.words.resize(bits.div_ceil(64), 0);
+    }
+
+    fn set(&mut self, bit: u32) {
+        let bit = bit as usize;
+        self.grow_to((bit + 1).max(self.words.len() * 64));
+        if let Some(word) = self.words.get_mut(bit / 64) {
+            *word |= 1 << (bit % 64);
+        }
+    }
+
+    fn contains(&self, bit: u32) -> bool {
+        let bit = bit as usize;
+        self.words
+            .get(bit / 64)
+            .is_some_and(|word| (word >> (bit % 64)) & 1 == 1)
+    }
+
+    fn clear(&mut self) {
+        self.words.clear();
+    }
+}
+
+/// The index the service holds: reference frames by PDQ hash, with withdrawal by tombstone.
+///
+/// The service wraps it in an `Arc<parking_lot::RwLock<FrameIndex>>`: searches share the read
+/// lock, writes take the write lock. See the module docs for the invariants.
+pub struct FrameIndex {
+    kind: EngineKind,
+    params: HnswParams,
+    engine: Box<dyn Engine>,
+    /// Indexed by entry id; `entries.len() == engine.len()`.
+    entries: Vec<Entry>,
+    /// Entry ids of withdrawn frames still present in the engine.
+    tombstoned: BitSet,
+    tombstones: usize,
+    references: Vec<RefEntry>,
+    slots: HashMap<ReferenceId, u32>,
+    live_references: usize,
+    /// Tombstones that trigger a rebuild; [`REBUILD_MIN_TOMBSTONES`] outside tests.
+    rebuild_min_tombstones: usize,
+}
+
+impl fmt::Debug for FrameIndex {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("FrameIndex")
+            .field("engine", &self.engine_name())
+            .field("entries", &self.entries.len())
+            .field("tombstones", &self.tombstones)
+            .field("live_references", &self.live_references)
+            .finish_non_exhaustive()
+    }
+}
+
+impl FrameIndex {
+    /// An empty index using engine `kind`; `hnsw` is used only by [`EngineKind::Hnsw`].
+    pub fn new(kind: EngineKind, hnsw: HnswParams) -> Self {
+        Self {
+            kind,
+            params: hnsw,
+            engine: new_engine(kind, hnsw, 0),
+            entries: Vec::new(),
+            tombstoned: BitSet::default(),
+            tombstones: 0,
+            references: Vec::new(),
+            slots: HashMap::new(),
+            live_references: 0,
+            rebuild_min_tombstones: REBUILD_MIN_TOMBSTONES,
+        }
+    }
+
+    /// The engine's name (`"exact"` or `"hnsw"`).
+    pub fn engine_name(&self) -> &'static str {
+        self.engine.name()
+    }
+
+    /// Adds all frames of one reference. Idempotent per reference: a second call for the same id
+    /// (or a call for a withdrawn id) changes nothing and returns false. A reference with no
+    /// frames is recorded (and counts as live) but can never match.
+    pub fn insert_reference(
+        &mut self,
+        reference: ReferenceId,
+        bank: BankId,
+        frames: &[FrameSignal],
+    ) -> bool {
+        if self.slots.contains_key(&reference) {
+            return false;
+        }
+        let first = self.entries.len();
+        self.push_reference(reference, bank, frames.iter().copied());
+        let hashes: Vec<PdqHash> = frames.iter().map(|f| f.hash).collect();
+        self.engine.add_batch(entry_id(first), &hashes);
+        true
+    }
+
+    /// Bulk load at start-up, with the same semantics as calling
+    /// [`insert_reference`](Self::insert_reference) once per reference in `frames` (a reference's
+    /// bank is that of its first frame). The hnsw engine inserts on all cores.
+    pub fn load(&mut self, mut frames: Vec<IndexedFrame>) {
+        // Group each reference's frames together (stable: frame order within a reference is kept),
+        // so each reference gets one contiguous run of entries.
+        frames.sort_by_key(|f| f.reference);
+        let first = self.entries.len();
+        if first == 0 {
+            // Size the engine for the load: hnsw_rs pre-allocates its layers from this hint.
+            self.engine = new_engine(self.kind, self.params, frames.len());
+        }
+        let mut rest = frames.as_slice();
+        while let Some(head) = rest.first() {
+            let run = rest
+                .iter()
+                .position(|f| f.reference != head.reference)
+                .unwrap_or(rest.len());
+            let (group, tail) = rest.split_at(run);
+            if !self.slots.contains_key(&head.reference) {
+                self.push_reference(head.reference, head.bank, group.iter().map(|f| f.frame));
+            }
+            rest = tail;
+        }
+        let hashes: Vec<PdqHash> = self.entries[first..].iter().map(|e| e.frame.hash).collect();
+        self.engine.add_batch(entry_id(first), &hashes);
+    }
+
+    /// Records a reference and its entries' metadata; the caller adds the hashes to the engine.
+    fn push_reference(
+        &mut self,
+        reference: ReferenceId,
+        bank: BankId,
+        frames: impl ExactSizeIterator<Item = FrameSignal>,
+    ) {
+        let slot = entry_id(self.references.len());
+        let first = entry_id(self.entries.len());
+        let count = entry_id(frames.len());
+        self.entries
+            .extend(frames.map(|frame| Entry { frame, slot }));
+        self.references.push(RefEntry {
+            id: reference,
+            bank,
+            first,
+            count,
+            active: true,
+        });
+        self.slots.insert(reference, slot);
+        self.live_references += 1;
+    }
+
+    /// Tombstones every frame of the reference: none is returned again, and the id cannot be
+    /// inserted again. Returns whether it was present and active. An unknown id is remembered as
+    /// withdrawn too, so that a late insert of it is refused.
+    ///
+    /// When tombstones reach [`REBUILD_FRACTION`] of the entries (and at least
+    /// [`REBUILD_MIN_TOMBSTONES`]), this call rebuilds the engine from the live entries before
+    /// returning. That costs a full re-insert: about a second per 10^6 frames for `exact`, far
+    /// more for `hnsw` (parallel, minutes at 10^6), under the caller's write lock.
+    pub fn withdraw(&mut self, reference: ReferenceId) -> bool {
+        let Some(&slot) = self.slots.get(&reference) else {
+            let slot = entry_id(self.references.len());
+            self.references.push(RefEntry {
+                id: reference,
+                bank: BankId(0),
+                first: 0,
+                count: 0,
+                active: false,
+            });
+            self.slots.insert(reference, slot);
+            return false;
+        };
+        let Some(entry) = self.references.get_mut(slot as usize) else {
+            return false;
+        };
+        if !entry.active {
+            return false;
+        }
+        entry.active = false;
+        let (first, count) = (entry.first, entry.count);
+        self.live_references -= 1;
+        for id in first..first + count {
+            self.tombstoned.set(id);
+        }
+        self.tombstones += count as usize;
+        if self.tombstones >= self.rebuild_min_tombstones
+            && self.tombstones as f64 >= REBUILD_FRACTION * self.entries.len() as f64
+        {
+            self.rebuild();
+        }
+        true
+    }
+
+    /// Drops tombstoned entries and rebuilds the engine from the live ones, in order, so that
+    /// every reference keeps a contiguous run. Entry ids are remapped.
+    fn rebuild(&mut self) {
+        let mut entries = Vec::with_capacity(self.entries.len() - self.tombstones);
+        for reference in &mut self.references {
+            let (first, count) = (reference.first as usize, reference.count as usize);
+            reference.first = entry_id(entries.len());
+            if !reference.active {
+                reference.count = 0;
+                continue;
+            }
+            if let Some(run) = self.entries.get(first..first + count) {
+                entries.extend_from_slice(run);
+            }
+        }
+        self.entries = entries;
+        self.tombstoned.clear();
+        self.tombstones = 0;
+        self.engine = new_engine(self.kind, self.params, self.entries.len());
+        let hashes: Vec<PdqHash> = self.entries.iter().map(|e| e.frame.hash).collect();
+        self.engine.add_batch(0, &hashes);
+    }
+
+    /// Every live frame within `max_distance` bits of `query` whose bank passes `bank_filter`,
+    /// written to `out` (cleared first), sorted by (distance, reference, frame index).
+    ///
+    /// Reference frames are not filtered by quality here: the caller sees `frame.quality`.
+    /// With the hnsw engine at most [`HnswParams::knn`] hits come back, and tombstoned entries
+    /// still take up some of those slots until the next rebuild.
+    pub fn search(
+        &self,
+        query: &PdqHash,
+        max_distance: u32,
+        bank_filter: &dyn Fn(BankId) -> bool,
+        out: &mut Vec<Match>,
+    ) {
+        out.clear();
+        let mut hits = Vec::new();
+        self.engine.search_radius(query, max_distance, &mut hits);
+        for (id, distance) in hits {
+            if self.tombstoned.contains(id) {
+                continue;
+            }
+            let Some(entry) = self.entries.get(id as usize) else {
+                continue;
+            };
+            let Some(reference) = self.references.get(entry.slot as usize) else {
+                continue;
+            };
+            if !bank_filter(reference.bank) {
+                continue;
+            }
+            out.push(Match {
+                reference: reference.id,
+                bank: reference.bank,
+                frame: entry.frame,
+                distance,
+            });
+        }
+        out.sort_unstable_by_key(|m| {
+            (
+                m.distance,
+                m.reference,
+                m.frame.frame_index,
+                m.frame.timestamp_ms,
+            )
+        });
+    }
+
+    /// Number of live frames of `reference` with quality >= `min_quality` (the denominator of
+    /// "reference %" in video verdicts); `None` if the reference is unknown or withdrawn.
+    pub fn reference_frame_count(&self, reference: ReferenceId, min_quality: u8) -> Option<u32> {
+        let reference = self.references.get(*self.slots.get(&reference)? as usize)?;
+        if !reference.active {
+            return None;
+        }
+        let (first, count) = (reference.first as usize, reference.count as usize);
+        let run = self.entries.get(first..first + count)?;
+        Some(entry_id(
+            run.iter()
+                .filter(|e| e.frame.quality >= min_quality)
+                .count(),
+        ))
+    }
+
+    /// Frames not tombstoned.
+    pub fn live_frames(&self) -> usize {
+        self.entries.len() - self.tombstones
+    }
+
+    /// References inserted and not withdrawn (including any without frames).
+    pub fn live_references(&self) -> usize {
+        self.live_references
+    }
+
+    /// Withdrawn frames still held by the engine, awaiting the next rebuild.
+    pub fn tombstones(&self) -> usize {
+        self.tombstones
+    }
+
+    /// Approximate heap use in bytes: metadata, reference table and engine.
+    pub fn memory_bytes(&self) -> usize {
+        // A hashbrown bucket holds the pair plus one control byte.
+        let map = self.slots.capacity() * (size_of::<(ReferenceId, u32)>() + 1);
+        self.entries.capacity() * size_of::<Entry>()
+            + self.tombstoned.words.capacity() * size_of::<u64>()
+            + self.references.capacity() * size_of::<RefEntry>()
+            + map
+            + self.engine.memory_bytes()
+    }
+
+    /// Lowers the rebuild floor so tests can trigger rebuilds with few frames.
+    #[cfg(test)]
+    fn set_rebuild_min_tombstones(&mut self, min: usize) {
+        self.rebuild_min_tombstones = min;
+    }
+}
+
+/// An entry id, slot or count as `u32`. 2^32 frames would take over 200 GiB of metadata alone,
+/// far beyond one replica (DESIGN.md §9 shards at about 10^8 frames).
+fn entry_id(n: usize) -> u32 {
+    u32::try_from(n).expect("fewer than 2^32 frames in one index")
+}
+
+#[cfg(test)]
+mod tests {
+    use rand::rngs::StdRng;
+    use rand::{Rng, SeedableRng};
+
+    use super::*;
+
+    fn random_hash(rng: &mut StdRng) -> PdqHash {
+        PdqHash::from_words(rng.random())
+    }
+
+    /// `hash` with `bits` distinct random bits flipped.
+    fn flip(rng: &mut StdRng, hash: &PdqHash, bits: usize) -> PdqHash {
+        let mut words = hash.words();
+        let positions = rand::seq::index::sample(rng, 256, bits);
+        for k in positions {
+            words[k / 64] ^= 1 << (k % 64);
+        }
+        PdqHash::from_words(words)
+    }
+
+    fn frame(index: u32, hash: PdqHash, quality: u8) -> FrameSignal {
+        FrameSignal {
+            frame_index: index,
+            timestamp_ms: u64::from(index) * 1000,
+            hash,
+            quality,
+        }
+    }
+
+    /// A seeded set: `refs` references of 1..=8 frames, each frame a near-duplicate of one of a
+    /// few bases, so that queries near a base hit several references.
+    fn corpus(rng: &mut StdRng, refs: i64, bases: &[PdqHash]) -> Vec<IndexedFrame> {
+        let mut frames = Vec::new();
+        for r in 0..refs {
+            let n = rng.random_range(1..=8u32);
+            for i in 0..n {
+                let base = bases[rng.random_range(0..bases.len())];
+                let bits = rng.random_range(0..40);
+                frames.push(IndexedFrame {
+                    reference: ReferenceId(1000 + r),
+                    bank: BankId(r % 3),
+                    frame: frame(i, flip(rng, &base, bits), rng.random_range(0..=100)),
+                });
+            }
+        }
+        frames
+    }
+
+    /// Brute force over the live frames, with the result order `search` promises.
+    fn brute(
+        live: &[IndexedFrame],
+        query: &PdqHash,
+        radius: u32,
+        banks: &dyn Fn(BankId) -> bool,
+    ) -> Vec<Match> {
+        let mut out: Vec<Match> = live
+            .iter()
+            .filter(|f| banks(f.bank))
+            .map(|f| Match {
+                reference: f.reference,
+                bank: f.bank,
+                frame: f.frame,
+                distance: f.frame.hash.distance(query),
+            })
+            .filter(|m| m.distance <= radius)
+            .collect();
+        out.sort_by_key(|m| (m.distance, m.reference, m.frame.frame_index));
+        out
+    }
+
+    #[test]
+    fn engine_kind_text_round_trips() {
+        for kind in EngineKind::ALL {
+            assert_eq!(kind.to_string().parse::<EngineKind>(), Ok(kind));
+        }
+        assert_eq!(EngineKind::default(), EngineKind::Exact);
+        assert_eq!(
+            "mih".parse::<EngineKind>(),
+            Err(UnknownEngine("mih".to_string()))
+        );
+    }
+
+    #[test]
+    fn exact_index_matches_brute_force_with_bank_filter() {
+        let mut rng = StdRng::seed_from_u64(1);
+        let bases: Vec<PdqHash> = (0..5).map(|_| random_hash(&mut rng)).collect();
+        let frames = corpus(&mut rng, 200, &bases);
+        let mut index = FrameIndex::new(EngineKind::Exact, HnswParams::default());
+        index.load(frames.clone());
+        assert_eq!(index.live_frames(), frames.len());
+        assert_eq!(index.live_references(), 200);
+        let mut out = Vec::new();
+        for radius in [0, 15, 31, 256] {
+            for base in &bases {
+                let query = flip(&mut rng, base, 5);
+                let all = |_: BankId| true;
+                index.search(&query, radius, &all, &mut out);
+                assert_eq!(out, brute(&frames, &query, radius, &all));
+                let not_bank_1 = |b: BankId| b != BankId(1);
+                index.search(&query, radius, &not_bank_1, &mut out);
+                let expected = brute(&frames, &query, radius, &not_bank_1);
+                assert_eq!(out, expected);
+                assert!(out.iter().all(|m| m.bank != BankId(1)));
+            }
+        }
+        // Radius 256 returns everything in one query.
+        index.search(&bases[0], 256, &|_| true, &mut out);
+        assert_eq!(out.len(), frames.len());
+    }
+
+    #[test]
+    fn insert_reference_is_idempotent() {
+        let mut rng = StdRng::seed_from_u64(2);
+        let hash = random_hash(&mut rng);
+        let mut index = FrameIndex::new(EngineKind::Exact, HnswParams::default());
+        let frames = [frame(0, hash, 90), frame(1, flip(&mut rng, &hash, 3), 90)];
+        assert!(index.insert_reference(ReferenceId(7), BankId(1), &frames));
+        assert!(!index.insert_reference(ReferenceId(7), BankId(2), &frames[..1]));
+        // load() skips it too.
+        index.load(vec![IndexedFrame {
+            reference: ReferenceId(7),
+            bank: BankId(3),
+            frame: frame(9, hash, 90),
+        }]);
+        assert_eq!(index.live_frames(), 2);
+        assert_eq!(index.live_references(), 1);
+        let mut out = Vec::new();
+        index.search(&hash, 31, &|_| true, &mut out);
+        assert_eq!(out.len(), 2);
+        assert!(out.iter().all(|m| m.bank == BankId(1)));
+        assert_eq!(out[0].distance, 0);
+        assert_eq!(out[1].distance, 3);
+    }
+
+    #[test]
+    fn withdrawn_frames_are_never_returned() {
+        let mut rng = StdRng::seed_from_u64(3);
+        let hash = random_hash(&mut rng);
+        let mut index = FrameIndex::new(EngineKind::Exact, HnswParams::default());
+        for r in 0..4 {
+            let frames = [frame(0, flip(&mut rng, &hash, r), 80)];
+            assert!(index.insert_reference(ReferenceId(r as i64), BankId(0), &frames));
+        }
+        assert!(index.withdraw(ReferenceId(1)));
+        assert!(
+            !index.withdraw(ReferenceId(1)),
+            "second withdraw is a no-op"
+        );
+        assert!(!index.withdraw(ReferenceId(99)), "unknown reference");
+        assert!(
+            !index.insert_reference(ReferenceId(1), BankId(0), &[frame(0, hash, 80)]),
+            "a withdrawn id cannot come back"
+        );
+        assert!(
+            !index.insert_reference(ReferenceId(99), BankId(0), &[frame(0, hash, 80)]),
+            "an id withdrawn before it was known cannot come later"
+        );
+        assert_eq!(index.tombstones(), 1);
+        assert_eq!(index.live_frames(), 3);
+        assert_eq!(index.live_references(), 3);
+        assert_eq!(index.reference_frame_count(ReferenceId(1), 0), None);
+        let mut out = Vec::new();
+        index.search(&hash, 256, &|_| true, &mut out);
+        let refs: Vec<i64> = out.iter().map(|m| m.reference.0).collect();
+        assert_eq!(refs, [0, 2, 3]);
+    }
+
+    #[test]
+    fn reference_frame_count_applies_quality() {
+        let mut rng = StdRng::seed_from_u64(4);
+        let frames: Vec<FrameSignal> = [10, 49, 50, 51, 100]
+            .into_iter()
+            .enumerate()
+            .map(|(i, q)| frame(i as u32, random_hash(&mut rng), q))
+            .collect();
+        let mut index = FrameIndex::new(EngineKind::Exact, HnswParams::default());
+        assert!(index.insert_reference(ReferenceId(5), BankId(0), &frames));
+        assert!(index.insert_reference(ReferenceId(6), BankId(0), &[]));
+        assert_eq!(index.reference_frame_count(ReferenceId(5), 0), Some(5));
+        assert_eq!(index.reference_frame_count(ReferenceId(5), 50), Some(3));
+        assert_eq!(index.reference_frame_count(ReferenceId(5), 101), Some(0));
+        assert_eq!(index.reference_frame_count(ReferenceId(6), 50), Some(0));
+        assert_eq!(index.reference_frame_count(ReferenceId(8), 50), None);
+        assert_eq!(index.live_references(), 2);
+    }
+
+    /// Withdraws references one by one until several rebuilds have happened, checking every
+    /// step against brute force over the remaining frames.
+    fn rebuild_keeps_results(kind: EngineKind, refs: i64) {
+        let mut rng = StdRng::seed_from_u64(5);
+        let bases: Vec<PdqHash> = (0..4).map(|_| random_hash(&mut rng)).collect();
+        let mut live = corpus(&mut rng, refs, &bases);
+        // A beam as wide as the set, so hnsw must agree with brute force (see hnsw.rs tests).
+        let params = HnswParams {
+            ef_search: 512,
+            knn: 512,
+            ..HnswParams::default()
+        };
+        let mut index = FrameIndex::new(kind, params);
+        index.set_rebuild_min_tombstones(16);
+        // Half through load, half through insert_reference.
+        let loaded = live[..live.len() / 2].to_vec();
+        let mut pending = live[live.len() / 2..].to_vec();
+        index.load(loaded.clone());
+        while let Some(head) = pending.first().copied() {
+            let run = pending
+                .iter()
+                .position(|f| f.reference != head.reference)
+                .unwrap_or(pending.len());
+            let frames: Vec<FrameSignal> = pending.drain(..run).map(|f| f.frame).collect();
+            // A reference split across load and insert keeps only its loaded frames.
+            if !index.insert_reference(head.reference, head.bank, &frames) {
+                live.retain(|f| f.reference != head.reference || loaded.contains(f));
+            }
+        }
+        let mut ids: Vec<ReferenceId> = live.iter().map(|f| f.reference).collect();
+        ids.dedup();
+        let mut rebuilds = 0;
+        let mut out = Vec::new();
+        for (step, id) in ids.iter().enumerate().filter(|(i, _)| i % 3 != 0) {
+            let before = index.tombstones();
+            assert!(index.withdraw(*id));
+            live.retain(|f| f.reference != *id);
+            if index.tombstones() < before {
+                rebuilds += 1;
+                assert_eq!(index.tombstones(), 0);
+            }
+            assert_eq!(index.live_frames(), live.len());
+            if step % 7 == 1 {
+                for base in &bases {
+                    let query = flip(&mut rng, base, 4);
+                    index.search(&query, 31, &|_| true, &mut out);
+                    assert_eq!(out, brute(&live, &query, 31, &|_| true), "step {step}");
+                }
+            }
+            let frames = live.iter().filter(|f| f.reference == ids[0]).count();
+            assert_eq!(index.reference_frame_count(ids[0], 0), Some(frames as u32));
+        }
+        assert!(rebuilds >= 2, "only {rebuilds} rebuilds");
+        assert!(index.memory_bytes() > 0);
+    }
+
+    #[test]
+    fn rebuild_after_many_withdrawals_keeps_results_identical() {
+        rebuild_keeps_results(EngineKind::Exact, 400);
+    }
+
+    #[test]
+    fn hnsw_rebuild_after_many_withdrawals_keeps_results_identical() {
+        // Small: hnsw_rs is slow unoptimised.
+        rebuild_keeps_results(EngineKind::Hnsw, 60);
+    }
+
+    #[test]
+    fn search_order_is_distance_then_reference_then_frame() {
+        let mut rng = StdRng::seed_from_u64(6);
+        let hash = random_hash(&mut rng);
+        let near = flip(&mut rng, &hash, 2);
+        let mut index = FrameIndex::new(EngineKind::Exact, HnswParams::default());
+        index.insert_reference(
+            ReferenceId(9),
+            BankId(0),
+            &[frame(3, near, 90), frame(1, hash, 90)],
+        );
+        index.insert_reference(
+            ReferenceId(2),
+            BankId(0),
+            &[frame(5, hash, 90), frame(4, hash, 90)],
+        );
+        let mut out = vec![Match {
+            reference: ReferenceId(0),
+            bank: BankId(0),
+            frame: frame(0, hash, 0),
+            distance: 0,
+        }];
+        index.search(&hash, 31, &|_| true, &mut out);
+        let got: Vec<(u32, i64, u32)> = out
+            .iter()
+            .map(|m| (m.distance, m.reference.0, m.frame.frame_index))
+            .collect();
+        assert_eq!(got, [(0, 2, 4), (0, 2, 5), (0, 9, 1), (2, 9, 3)]);
+    }
+}

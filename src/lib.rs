@@ -1,0 +1,43 @@
+//! framematch: a shared perceptual-hash matcher that keeps known violent videos (filmed suicides,
+//! attacks, executions) from being published again once one platform has found them.
+//!
+//! Upload services stream an upload's frames over gRPC and get an answer per frame, then a
+//! verdict per matched reference for the whole video. Platforms share hashes, never media.
+//!
+//! # Layout
+//! - [`hash`]: the `PdqHash` type and its distance; [`hash::pdq`] computes PDQ from pixels,
+//!   bit-compatible with Meta's reference (shared/PDQ.md §1).
+//! - [`index`]: the in-memory frame index, one trait over two engines: `exact` (linear popcount
+//!   scan, the oracle) and `hnsw` (hnsw_rs with our own bit distance). Tombstones for withdrawals.
+//! - [`matching`]: one frame against the index, and a stream's frames into vPDQ-style verdicts.
+//! - [`store`]: the durable reference store (embedded SQLite by default) with its change log.
+//! - [`model`]: the domain types of the data model (DESIGN.md §2).
+//! - [`api`]: the gRPC edge: state, conversions, status codes, the Matcher and Banks services.
+//! - [`server`]: `serve(listener, config, shutdown)`; health, reflection, index load.
+//! - [`config`]: flags and environment, validated once; [`cli`]: the command line.
+//! - [`pb`]: generated protobuf code, nothing else.
+//!
+//! # One frame's path
+//! 1. A client sends `pb::MatchRequest` on `MatchVideo`.
+//! 2. `api::matcher` opens a [`matching::Session`] and a task per stream, answering through a
+//!    small bounded channel (backpressure).
+//! 3. `api::convert` validates the frame; a malformed frame ends the stream with INVALID_ARGUMENT.
+//! 4. `hash::pdq` runs on the blocking pool behind a semaphore (skipped for precomputed hashes),
+//!    then the index is searched under a read lock never held across an `.await`.
+//! 5. `Session::record` tallies the hits; the answer goes back as a `pb::FrameResult`. When the
+//!    client closes its side, one verdict per matched reference and a summary follow.
+//!
+//! The store is never on this path: the index is loaded from it at start-up, and every write is
+//! committed to it before it is applied to the index and acknowledged.
+#![forbid(unsafe_code)]
+
+pub mod api;
+pub mod cli;
+pub mod config;
+pub mod hash;
+pub mod index;
+pub mod matching;
+pub mod model;
+pub mod pb;
+pub mod server;
+pub mod store;

@@ -1,0 +1,147 @@
+//! The `framematch` binary: parses the command line, validates configuration before any runtime
+//! starts (bad config exits 64), and dispatches to the server or a client command.
+
+#![allow(clippy::print_stdout)]
+
+use std::io::Write;
+use std::process::ExitCode;
+
+use clap::Parser;
+use framematch::cli::{self, Cli, Command, EXIT_CONFIG, EXIT_ERROR, EXIT_MATCHED};
+use framematch::config::{LogFormat, ServeArgs, ServeConfig};
+use tracing_subscriber::EnvFilter;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Serve(args) => serve(&args),
+        Command::Hash { files, dihedral } => cli::hash_files(&files, dihedral),
+        Command::Bank { command } => client(cli::bank(command, &cli.server)),
+        Command::Ref { command } => client(cli::reference(command, &cli.server)),
+        Command::Stats => client(cli::stats(&cli.server)),
+        Command::Match {
+            banks,
+            max_distance,
+            dihedral,
+            files,
+        } => {
+            let runtime = match runtime() {
+                Ok(rt) => rt,
+                Err(code) => return code,
+            };
+            match runtime.block_on(cli::match_files(
+                &files,
+                banks,
+                max_distance,
+                dihedral,
+                &cli.server,
+            )) {
+                Ok(true) => ExitCode::from(EXIT_MATCHED),
+                Ok(false) => ExitCode::SUCCESS,
+                Err(error) => {
+                    eprintln!("framematch: {error}");
+                    ExitCode::from(EXIT_ERROR)
+                }
+            }
+        }
+    }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|error| {
+            eprintln!("framematch: cannot start the async runtime: {error}");
+            ExitCode::from(EXIT_ERROR)
+        })
+}
+
+fn client(command: impl std::future::Future<Output = Result<(), cli::Error>>) -> ExitCode {
+    let runtime = match runtime() {
+        Ok(rt) => rt,
+        Err(code) => return code,
+    };
+    match runtime.block_on(command) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("framematch: {error}");
+            ExitCode::from(EXIT_ERROR)
+        }
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn serve(args: &ServeArgs) -> ExitCode {
+    let config = match ServeConfig::try_from(args) {
+        Ok(config) => config,
+        Err(error) => {
+            eprintln!("framematch: {error}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    init_logging(config.log_format);
+    let runtime = match runtime() {
+        Ok(rt) => rt,
+        Err(code) => return code,
+    };
+    let result: anyhow::Result<()> = runtime.block_on(async {
+        let listener = tokio::net::TcpListener::bind(args.listen)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", args.listen))?;
+        let address = listener.local_addr()?;
+        // The first line of output is the bound address (port 0 picks one): scripts and tests
+        // read it.
+        let mut stdout = std::io::stdout();
+        writeln!(stdout, "listening on {address}")?;
+        stdout.flush()?;
+        tracing::info!(%address, "listening");
+        framematch::server::serve(listener, config, shutdown_signal()).await?;
+        Ok(())
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("framematch: {error:#}");
+            ExitCode::from(EXIT_ERROR)
+        }
+    }
+}
+
+/// Completes on ctrl-c or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        if let Err(error) = tokio::signal::ctrl_c().await {
+            tracing::error!(%error, "cannot listen for ctrl-c");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(error) => {
+                tracing::error!(%error, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = terminate => {},
+    }
+}

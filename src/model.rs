@@ -1,0 +1,268 @@
+//! The data model of shared/DESIGN.md §2, as plain domain types shared by the store, the index,
+//! the matcher and the API layer.
+//!
+//! Ids are newtypes over the store's integer keys so that no raw `i64` crosses a module boundary.
+//! Nothing here knows about tonic or SQL.
+
+use std::fmt;
+use std::str::FromStr;
+
+use crate::hash::PdqHash;
+
+macro_rules! id_type {
+    ($(#[$doc:meta])* $name:ident) => {
+        $(#[$doc])*
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+        pub struct $name(pub i64);
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                self.0.fmt(f)
+            }
+        }
+    };
+}
+
+id_type!(
+    /// An organisation (a platform taking part).
+    OrgId
+);
+id_type!(
+    /// A bank of reference content.
+    BankId
+);
+id_type!(
+    /// One known video or image in a bank.
+    ReferenceId
+);
+
+/// Position of an entry in the append-only change log. Strictly increasing, starting at 1.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct ChangeSeq(pub i64);
+
+/// What kind of content a bank holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Category {
+    /// Filmed suicide or self-harm.
+    SuicideSelfHarm,
+    /// Graphic violence: attacks, executions.
+    GraphicViolence,
+    /// Terrorist and violent-extremist content.
+    Terrorism,
+    /// Anything else.
+    Other,
+}
+
+impl Category {
+    /// Every category, in declaration order.
+    pub const ALL: [Category; 4] = [
+        Category::SuicideSelfHarm,
+        Category::GraphicViolence,
+        Category::Terrorism,
+        Category::Other,
+    ];
+
+    /// The stable text form used in the store and on the command line.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Category::SuicideSelfHarm => "suicide_self_harm",
+            Category::GraphicViolence => "graphic_violence",
+            Category::Terrorism => "terrorism",
+            Category::Other => "other",
+        }
+    }
+}
+
+impl fmt::Display for Category {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A category name that is not one of [`Category::ALL`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "unknown category {0:?}; expected one of suicide_self_harm, graphic_violence, terrorism, other"
+)]
+pub struct UnknownCategory(pub String);
+
+impl FromStr for Category {
+    type Err = UnknownCategory;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        Category::ALL
+            .into_iter()
+            .find(|c| c.as_str() == text)
+            .ok_or_else(|| UnknownCategory(text.to_string()))
+    }
+}
+
+/// Who may match against a bank besides its owner.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Visibility {
+    /// Only the owning organisation.
+    Private,
+    /// The owner and the listed organisations.
+    SharedWith(Vec<OrgId>),
+    /// Every organisation.
+    Public,
+}
+
+/// An organisation taking part.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Organisation {
+    /// Its id.
+    pub id: OrgId,
+    /// Unique display name.
+    pub name: String,
+}
+
+/// A named collection of reference content.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Bank {
+    /// Its id.
+    pub id: BankId,
+    /// Unique name.
+    pub name: String,
+    /// What it holds.
+    pub category: Category,
+    /// The organisation that owns it.
+    pub owner: OrgId,
+    /// Who else may match against it.
+    pub visibility: Visibility,
+    /// Free text.
+    pub description: String,
+    /// Creation time, milliseconds since the Unix epoch.
+    pub created_ms: i64,
+}
+
+/// Lifecycle of a reference.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ReferenceState {
+    /// Matches.
+    Active,
+    /// Never matches again: how false positives are fixed.
+    Withdrawn {
+        /// Why it was withdrawn.
+        reason: String,
+        /// When, milliseconds since the Unix epoch.
+        at_ms: i64,
+    },
+}
+
+/// One frame of a reference (or of an upload): its position and its PDQ signal.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FrameSignal {
+    /// 0-based frame index in its video (0 for a still image).
+    pub frame_index: u32,
+    /// Presentation time in milliseconds.
+    pub timestamp_ms: u64,
+    /// The PDQ hash.
+    pub hash: PdqHash,
+    /// PDQ quality, 0..=100.
+    pub quality: u8,
+}
+
+/// One known video or image in a bank.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Reference {
+    /// Its id.
+    pub id: ReferenceId,
+    /// The bank it belongs to.
+    pub bank: BankId,
+    /// The contributor's own id for it (may be empty).
+    pub external_id: String,
+    /// Free text.
+    pub note: String,
+    /// The organisation that added it.
+    pub added_by: OrgId,
+    /// When it was added, milliseconds since the Unix epoch.
+    pub added_ms: i64,
+    /// Active or withdrawn.
+    pub state: ReferenceState,
+    /// Number of distinct frame signals stored for it (after exact-hash deduplication).
+    pub frame_count: u32,
+}
+
+/// What a new reference is made of, before the store gives it an id.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NewReference {
+    /// Target bank.
+    pub bank: BankId,
+    /// The contributor's own id for it.
+    pub external_id: String,
+    /// Free text.
+    pub note: String,
+    /// The organisation adding it.
+    pub added_by: OrgId,
+    /// Its frames, in any order; the store keeps the first frame of each distinct hash.
+    pub frames: Vec<FrameSignal>,
+}
+
+/// What happened, in one change-log entry.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ChangeKind {
+    /// An organisation was created.
+    OrgCreated(OrgId),
+    /// A bank was created.
+    BankCreated(BankId),
+    /// A reference and its frames were added.
+    ReferenceAdded {
+        /// The new reference.
+        reference: ReferenceId,
+        /// Its bank.
+        bank: BankId,
+    },
+    /// A reference was withdrawn.
+    ReferenceWithdrawn {
+        /// The reference.
+        reference: ReferenceId,
+        /// Its bank.
+        bank: BankId,
+    },
+}
+
+/// One entry of the append-only change log.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Change {
+    /// Its position in the log.
+    pub seq: ChangeSeq,
+    /// What happened.
+    pub kind: ChangeKind,
+    /// Who did it.
+    pub actor: OrgId,
+    /// When, milliseconds since the Unix epoch.
+    pub at_ms: i64,
+}
+
+/// A frame signal as the index needs it: the hash plus where it came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct IndexedFrame {
+    /// The reference it belongs to.
+    pub reference: ReferenceId,
+    /// The bank of that reference.
+    pub bank: BankId,
+    /// The frame.
+    pub frame: FrameSignal,
+}
+
+/// Milliseconds since the Unix epoch, now.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn category_text_round_trips() {
+        for c in Category::ALL {
+            assert_eq!(c.as_str().parse::<Category>(), Ok(c));
+        }
+        assert!("gore".parse::<Category>().is_err());
+    }
+}

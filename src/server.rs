@@ -1,0 +1,142 @@
+//! `serve(listener, config, shutdown)`: opens the store, starts answering at once (health
+//! NOT_SERVING while the index loads), loads every active frame into the index, then reports
+//! SERVING. The listener is bound by the caller, so tests bind 127.0.0.1:0 and never sleep; the
+//! shutdown signal is any future (ctrl-c and SIGTERM in `main`, a oneshot in tests).
+//!
+//! Shutdown: health flips to NOT_SERVING, the server stops accepting, open streams get
+//! `shutdown_grace` to finish, and what is left is dropped.
+
+use std::future::Future;
+use std::time::Instant;
+
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::Server;
+use tonic_health::server::HealthReporter;
+
+use crate::api::banks::BanksService;
+use crate::api::matcher::MatcherService;
+use crate::api::{AppState, Catalog};
+use crate::config::ServeConfig;
+use crate::index::FrameIndex;
+use crate::pb;
+use crate::store::{self, Store};
+
+/// Why the server could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The store could not be opened or read.
+    #[error("store: {0}")]
+    Store(#[from] store::Error),
+    /// gRPC reflection could not be built from the descriptor set (a build problem).
+    #[error("reflection: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+    /// The transport failed.
+    #[error("transport: {0}")]
+    Transport(#[from] tonic::transport::Error),
+}
+
+/// Fully qualified names of the services health reports on.
+const SERVICES: [&str; 2] = ["framematch.v1.Matcher", "framematch.v1.Banks"];
+
+async fn set_health(reporter: &HealthReporter, serving: bool) {
+    for service in SERVICES.into_iter().chain([""]) {
+        let status = if serving {
+            tonic_health::ServingStatus::Serving
+        } else {
+            tonic_health::ServingStatus::NotServing
+        };
+        reporter.set_service_status(service, status).await;
+    }
+}
+
+/// Runs the server on `listener` until `shutdown` completes.
+///
+/// # Errors
+/// [`Error::Store`] when the store cannot be opened, [`Error::Transport`] when serving fails.
+pub async fn serve(
+    listener: TcpListener,
+    config: ServeConfig,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), Error> {
+    let store = Store::open_embedded(&config.data_dir).await?;
+    tracing::info!(store = %store.describe(), engine = %config.engine, "store open");
+    let default_org = store.default_org().await?;
+    let catalog = Catalog::new(store.list_banks().await?, store.list_orgs().await?);
+    let index = FrameIndex::new(config.engine, config.hnsw.clone());
+    let state = AppState::new(store, index, catalog, default_org, &config);
+
+    let (reporter, health) = tonic_health::server::health_reporter();
+    set_health(&reporter, false).await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+
+    let max_message = config.limits.max_message_bytes();
+    let matcher = pb::matcher_server::MatcherServer::new(MatcherService::new(state.clone()))
+        .max_decoding_message_size(max_message);
+    let banks = pb::banks_server::BanksServer::new(BanksService::new(state.clone()))
+        .max_decoding_message_size(max_message);
+
+    let loader = tokio::spawn(load_index(state.clone(), reporter.clone()));
+
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = Server::builder()
+        .add_service(health)
+        .add_service(reflection)
+        .add_service(matcher)
+        .add_service(banks)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
+            // A dropped sender also means stop.
+            let _ = stop_rx.await;
+        });
+    tokio::pin!(server);
+
+    let result = tokio::select! {
+        result = &mut server => Some(result),
+        () = shutdown => None,
+    };
+    loader.abort();
+    if let Some(result) = result {
+        return result.map_err(Error::from);
+    }
+    tracing::info!(grace = ?config.shutdown_grace, "shutting down");
+    set_health(&reporter, false).await;
+    let _ = stop_tx.send(());
+    match tokio::time::timeout(config.shutdown_grace, server).await {
+        Ok(result) => result.map_err(Error::from),
+        Err(_) => {
+            tracing::warn!("shutdown grace period over; dropping open streams");
+            Ok(())
+        }
+    }
+}
+
+/// Loads every active frame from the store into the index, then marks the server ready.
+async fn load_index(state: AppState, reporter: HealthReporter) {
+    let started = Instant::now();
+    match state.store.load_active_frames().await {
+        Ok((frames, seq)) => {
+            let count = frames.len();
+            let index = std::sync::Arc::clone(&state.index);
+            // Building an index of millions of frames is CPU work: keep it off the async workers.
+            let built = tokio::task::spawn_blocking(move || index.write().load(frames)).await;
+            if let Err(error) = built {
+                tracing::error!(%error, "index load failed; staying NOT_SERVING");
+                return;
+            }
+            state.set_ready();
+            set_health(&reporter, true).await;
+            tracing::info!(
+                frames = count,
+                change_seq = seq.0,
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "index loaded; serving"
+            );
+        }
+        Err(error) => {
+            tracing::error!(%error, "reading frames from the store failed; staying NOT_SERVING");
+        }
+    }
+}

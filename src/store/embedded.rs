@@ -1,0 +1,1293 @@
+//! The embedded backend: one SQLite file, `<data_dir>/framematch.sqlite3`, for a single replica
+//! with nothing to install.
+//!
+//! Owns the schema (numbered migrations tracked in `PRAGMA user_version`), the SQL, and the
+//! mapping between rows and the domain types of [`crate::model`]. Input has already been
+//! validated by [`super::Store`]; this file only enforces what needs the database (existence,
+//! uniqueness).
+//!
+//! Durability (shared/DESIGN.md §3, "durable before acknowledged"):
+//! - `journal_mode=WAL` with `synchronous=FULL`: every commit fsyncs the write-ahead log before
+//!   `COMMIT` returns, so a write whose method returned `Ok` survives `kill -9` and power loss.
+//!   Both settings are read back at open and refused if they did not take.
+//! - Every write runs in one `BEGIN IMMEDIATE` transaction on the single writer connection and
+//!   appends exactly one row to `changes` inside it. SQLite has one writer at a time and
+//!   `changes.seq` is `AUTOINCREMENT`, so sequence numbers become visible strictly in order: a
+//!   reader never sees seq `n + 1` before `n`, and a tailer never misses an entry.
+//! - The data directory is fsynced after the database file is created, so the file's directory
+//!   entry is durable too (SQLite syncs the directory for its `-wal` file itself).
+//! - A write whose caller stops waiting (a cancelled future) still runs to completion on the
+//!   blocking pool: it may commit without being acknowledged, never the reverse.
+//!
+//! Concurrency: two connections, each behind a `parking_lot::Mutex` and used only inside
+//! `spawn_blocking`, so no lock is ever held across an `.await`. Writes use the writer; reads use
+//! a `query_only` reader, which thanks to WAL reads a consistent snapshot without blocking or
+//! being blocked by writes. A snapshot starts at the first read of a transaction, so a read that
+//! starts after a write returned sees that write.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use rusqlite::{Connection, OpenFlags, OptionalExtension, Row, Transaction, TransactionBehavior};
+
+use super::{DEFAULT_ORG_NAME, Error, NewBank, StoreStats};
+use crate::hash::PdqHash;
+use crate::model::{
+    Bank, BankId, Category, Change, ChangeKind, ChangeSeq, FrameSignal, IndexedFrame, NewReference,
+    OrgId, Organisation, Reference, ReferenceId, ReferenceState, Visibility, now_ms,
+};
+
+/// File name of the database inside the data directory.
+pub const FILE_NAME: &str = "framematch.sqlite3";
+
+/// How long a statement waits for a lock held by another connection before failing with
+/// `SQLITE_BUSY`. Only another process opening the same file can hold one for long.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Most rows `load_active_frames` pre-allocates for, whatever the stored counts claim, so a
+/// corrupt count cannot ask for an absurd allocation up front.
+const MAX_PREALLOCATED_FRAMES: usize = 1 << 27;
+
+/// Schema steps; step `i` (0-based) takes the schema from version `i` to `i + 1`. Append only:
+/// never edit a step that has shipped.
+const MIGRATIONS: &[&str] = &[
+    // 1: the whole data model of shared/DESIGN.md §2.
+    r"
+CREATE TABLE organisations (
+    id          INTEGER PRIMARY KEY,
+    name        TEXT    NOT NULL UNIQUE,
+    created_ms  INTEGER NOT NULL
+) STRICT;
+
+-- Used by the authentication issue: the secret is shown once and stored only as a hash.
+CREATE TABLE api_keys (
+    id          INTEGER PRIMARY KEY,
+    org_id      INTEGER NOT NULL REFERENCES organisations (id),
+    role        TEXT    NOT NULL CHECK (role IN ('matcher', 'contributor', 'admin')),
+    key_hash    BLOB    NOT NULL UNIQUE,
+    created_ms  INTEGER NOT NULL,
+    revoked_ms  INTEGER
+) STRICT;
+CREATE INDEX api_keys_by_org ON api_keys (org_id);
+
+CREATE TABLE banks (
+    id          INTEGER PRIMARY KEY,
+    name        TEXT    NOT NULL UNIQUE,
+    category    TEXT    NOT NULL,
+    owner_org   INTEGER NOT NULL REFERENCES organisations (id),
+    visibility  TEXT    NOT NULL CHECK (visibility IN ('private', 'shared', 'public')),
+    description TEXT    NOT NULL,
+    created_ms  INTEGER NOT NULL
+) STRICT;
+CREATE INDEX banks_by_owner ON banks (owner_org);
+
+-- The organisations a bank with visibility 'shared' is shared with.
+CREATE TABLE bank_shares (
+    bank_id     INTEGER NOT NULL REFERENCES banks (id),
+    org_id      INTEGER NOT NULL REFERENCES organisations (id),
+    PRIMARY KEY (bank_id, org_id)
+) STRICT, WITHOUT ROWID;
+CREATE INDEX bank_shares_by_org ON bank_shares (org_id);
+
+-- 'references' is an SQL keyword, hence 'refs'. Active while withdrawn_ms IS NULL.
+CREATE TABLE refs (
+    id               INTEGER PRIMARY KEY,
+    bank_id          INTEGER NOT NULL REFERENCES banks (id),
+    external_id      TEXT    NOT NULL,
+    note             TEXT    NOT NULL,
+    added_by         INTEGER NOT NULL REFERENCES organisations (id),
+    added_ms         INTEGER NOT NULL,
+    frame_count      INTEGER NOT NULL CHECK (frame_count >= 0),
+    withdrawn_ms     INTEGER,
+    withdrawn_reason TEXT,
+    CHECK ((withdrawn_ms IS NULL) = (withdrawn_reason IS NULL))
+) STRICT;
+CREATE INDEX refs_by_bank_state ON refs (bank_id, withdrawn_ms);
+
+-- Clustered by reference: one reference's frames are contiguous, which makes the start-up load a
+-- sequential read, and the primary key is the per-reference exact-hash deduplication.
+CREATE TABLE frames (
+    reference_id INTEGER NOT NULL REFERENCES refs (id),
+    hash         BLOB    NOT NULL CHECK (length(hash) = 32),
+    frame_index  INTEGER NOT NULL CHECK (frame_index BETWEEN 0 AND 4294967295),
+    timestamp_ms INTEGER NOT NULL CHECK (timestamp_ms >= 0),
+    quality      INTEGER NOT NULL CHECK (quality BETWEEN 0 AND 100),
+    PRIMARY KEY (reference_id, hash)
+) STRICT, WITHOUT ROWID;
+
+-- The append-only change log. AUTOINCREMENT: a sequence number is never reused.
+CREATE TABLE changes (
+    seq          INTEGER PRIMARY KEY AUTOINCREMENT,
+    kind         TEXT    NOT NULL CHECK (kind IN
+                     ('org_created', 'bank_created', 'reference_added', 'reference_withdrawn')),
+    org_id       INTEGER REFERENCES organisations (id),
+    bank_id      INTEGER REFERENCES banks (id),
+    reference_id INTEGER REFERENCES refs (id),
+    actor        INTEGER NOT NULL REFERENCES organisations (id),
+    at_ms        INTEGER NOT NULL
+) STRICT;
+",
+];
+
+/// The SQLite backend. Cheap to clone: every clone shares the same connections.
+#[derive(Clone)]
+pub struct EmbeddedStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    path: PathBuf,
+    /// The only connection that writes. Every write is one `BEGIN IMMEDIATE` transaction.
+    writer: Mutex<Connection>,
+    /// `query_only`: reads never wait for the writer's lock, nor it for theirs.
+    reader: Mutex<Connection>,
+    /// Created at first open and never renamed or deleted, so it is read once.
+    default_org: OrgId,
+}
+
+impl fmt::Debug for EmbeddedStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EmbeddedStore")
+            .field("path", &self.inner.path)
+            .field("default_org", &self.inner.default_org)
+            .finish_non_exhaustive()
+    }
+}
+
+// === impl EmbeddedStore ===
+
+impl EmbeddedStore {
+    /// See [`super::Store::open_embedded`].
+    pub(super) async fn open(data_dir: &Path) -> Result<Self, Error> {
+        let data_dir = data_dir.to_path_buf();
+        tokio::task::spawn_blocking(move || Self::open_blocking(&data_dir))
+            .await
+            .map_err(Error::TaskFailed)?
+    }
+
+    fn open_blocking(data_dir: &Path) -> Result<Self, Error> {
+        std::fs::create_dir_all(data_dir).map_err(|source| Error::Io {
+            path: data_dir.to_path_buf(),
+            source,
+        })?;
+        let path = data_dir.join(FILE_NAME);
+
+        let mut writer = Connection::open(&path)?;
+        configure(&writer)?;
+        migrate(&mut writer)?;
+        let default_org = ensure_default_org(&mut writer)?;
+        sync_dir(data_dir)?;
+
+        // Opened after the writer has made the file WAL and migrated it.
+        let reader = Connection::open_with_flags(
+            &path,
+            OpenFlags::SQLITE_OPEN_READ_WRITE
+                | OpenFlags::SQLITE_OPEN_NO_MUTEX
+                | OpenFlags::SQLITE_OPEN_URI,
+        )?;
+        configure(&reader)?;
+        reader.execute_batch("PRAGMA query_only = ON")?;
+
+        tracing::info!(path = %path.display(), schema_version = MIGRATIONS.len(), "store opened");
+        Ok(Self {
+            inner: Arc::new(Inner {
+                path,
+                writer: Mutex::new(writer),
+                reader: Mutex::new(reader),
+                default_org,
+            }),
+        })
+    }
+
+    /// `sqlite:<path>`.
+    pub(super) fn describe(&self) -> String {
+        format!("sqlite:{}", self.inner.path.display())
+    }
+
+    /// The default organisation's id, read at open.
+    pub(super) fn default_org(&self) -> OrgId {
+        self.inner.default_org
+    }
+
+    /// Runs `op` in one `BEGIN IMMEDIATE` transaction on the writer and commits it. Rolled back
+    /// (by drop) when `op` fails. Durable before acknowledged: with `synchronous=FULL` the WAL is
+    /// fsynced before `commit` returns, and only then does this return `Ok`.
+    async fn write<T, F>(&self, op: F) -> Result<T, Error>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Transaction<'_>) -> Result<T, Error> + Send + 'static,
+    {
+        let inner = Arc::clone(&self.inner);
+        tokio::task::spawn_blocking(move || {
+            let mut conn = inner.writer.lock();
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let value = op(&tx)?;
+            tx.commit()?;
+            Ok(value)
+        })
+        .await
+        .map_err(Error::TaskFailed)?
+    }
+
+    /// Runs `op` in one read transaction on the reader: every statement in it sees the same
+    /// snapshot.
+    async fn read<T, F>(&self, op: F) -> Result<T, Error>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Transaction<'_>) -> Result<T, Error> + Send + 'static,
+    {
+        let inner = Arc::clone(&self.inner);
+        tokio::task::spawn_blocking(move || {
+            let mut conn = inner.reader.lock();
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Deferred)?;
+            let value = op(&tx)?;
+            tx.commit()?;
+            Ok(value)
+        })
+        .await
+        .map_err(Error::TaskFailed)?
+    }
+
+    /// See [`super::Store::create_org`].
+    pub(super) async fn create_org(&self, name: String) -> Result<Organisation, Error> {
+        self.write(move |tx| insert_org(tx, name)).await
+    }
+
+    /// See [`super::Store::list_orgs`].
+    pub(super) async fn list_orgs(&self) -> Result<Vec<Organisation>, Error> {
+        self.read(|tx| {
+            let mut stmt = tx.prepare_cached("SELECT id, name FROM organisations ORDER BY id")?;
+            let orgs = stmt
+                .query_map([], |row| {
+                    Ok(Organisation {
+                        id: OrgId(row.get(0)?),
+                        name: row.get(1)?,
+                    })
+                })?
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(orgs)
+        })
+        .await
+    }
+
+    /// See [`super::Store::create_bank`]. `new` is validated and its share list normalised.
+    pub(super) async fn create_bank(&self, new: NewBank, actor: OrgId) -> Result<Bank, Error> {
+        self.write(move |tx| {
+            require_org(tx, new.owner)?;
+            require_org(tx, actor)?;
+            let shares: &[OrgId] = match &new.visibility {
+                Visibility::SharedWith(orgs) => orgs,
+                Visibility::Private | Visibility::Public => &[],
+            };
+            for &org in shares {
+                require_org(tx, org)?;
+            }
+            let created_ms = now_ms();
+            let inserted = tx
+                .prepare_cached(
+                    "INSERT INTO banks
+                         (name, category, owner_org, visibility, description, created_ms)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                )?
+                .execute((
+                    &new.name,
+                    new.category.as_str(),
+                    new.owner.0,
+                    visibility_text(&new.visibility),
+                    &new.description,
+                    created_ms,
+                ));
+            match inserted {
+                Ok(_) => {}
+                Err(err) if is_unique_violation(&err) => {
+                    return Err(Error::AlreadyExists {
+                        kind: "bank",
+                        key: new.name,
+                    });
+                }
+                Err(err) => return Err(err.into()),
+            }
+            let id = BankId(tx.last_insert_rowid());
+            {
+                let mut share =
+                    tx.prepare_cached("INSERT INTO bank_shares (bank_id, org_id) VALUES (?1, ?2)")?;
+                for &org in shares {
+                    share.execute((id.0, org.0))?;
+                }
+            }
+            append_change(tx, &ChangeKind::BankCreated(id), actor, created_ms)?;
+            Ok(Bank {
+                id,
+                name: new.name,
+                category: new.category,
+                owner: new.owner,
+                visibility: new.visibility,
+                description: new.description,
+                created_ms,
+            })
+        })
+        .await
+    }
+
+    /// See [`super::Store::list_banks`].
+    pub(super) async fn list_banks(&self) -> Result<Vec<Bank>, Error> {
+        self.read(|tx| {
+            let mut shares: std::collections::HashMap<i64, Vec<OrgId>> =
+                std::collections::HashMap::new();
+            {
+                let mut stmt = tx.prepare_cached(
+                    "SELECT bank_id, org_id FROM bank_shares ORDER BY bank_id, org_id",
+                )?;
+                let mut rows = stmt.query([])?;
+                while let Some(row) = rows.next()? {
+                    shares
+                        .entry(row.get(0)?)
+                        .or_default()
+                        .push(OrgId(row.get(1)?));
+                }
+            }
+            let mut stmt = tx.prepare_cached(&format!("{BANK_SELECT} ORDER BY id"))?;
+            let raw = stmt
+                .query_map([], BankRow::from_row)?
+                .collect::<Result<Vec<_>, _>>()?;
+            raw.into_iter()
+                .map(|bank| {
+                    let orgs = shares.remove(&bank.id).unwrap_or_default();
+                    bank.into_bank(orgs)
+                })
+                .collect()
+        })
+        .await
+    }
+
+    /// See [`super::Store::get_bank`].
+    pub(super) async fn get_bank(&self, id: BankId) -> Result<Bank, Error> {
+        self.read(move |tx| {
+            let raw = tx
+                .prepare_cached(&format!("{BANK_SELECT} WHERE id = ?1"))?
+                .query_row([id.0], BankRow::from_row)
+                .optional()?
+                .ok_or_else(|| Error::NotFound {
+                    kind: "bank",
+                    key: id.to_string(),
+                })?;
+            finish_bank(tx, raw)
+        })
+        .await
+    }
+
+    /// See [`super::Store::bank_by_name`].
+    pub(super) async fn bank_by_name(&self, name: String) -> Result<Bank, Error> {
+        self.read(move |tx| {
+            let raw = tx
+                .prepare_cached(&format!("{BANK_SELECT} WHERE name = ?1"))?
+                .query_row([&name], BankRow::from_row)
+                .optional()?
+                .ok_or(Error::NotFound {
+                    kind: "bank",
+                    key: name,
+                })?;
+            finish_bank(tx, raw)
+        })
+        .await
+    }
+
+    /// See [`super::Store::add_reference`]. `new.frames` is validated, non-empty and already
+    /// deduplicated.
+    pub(super) async fn add_reference(&self, new: NewReference) -> Result<Reference, Error> {
+        self.write(move |tx| {
+            let bank_exists = tx
+                .prepare_cached("SELECT 1 FROM banks WHERE id = ?1")?
+                .exists([new.bank.0])?;
+            if !bank_exists {
+                return Err(Error::NotFound {
+                    kind: "bank",
+                    key: new.bank.to_string(),
+                });
+            }
+            require_org(tx, new.added_by)?;
+            let frame_count = u32::try_from(new.frames.len()).map_err(|_| Error::InvalidInput {
+                field: "frames",
+                reason: format!("{} frames do not fit a u32 count", new.frames.len()),
+            })?;
+            let added_ms = now_ms();
+            tx.prepare_cached(
+                "INSERT INTO refs (bank_id, external_id, note, added_by, added_ms, frame_count)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            )?
+            .execute((
+                new.bank.0,
+                &new.external_id,
+                &new.note,
+                new.added_by.0,
+                added_ms,
+                frame_count,
+            ))?;
+            let id = ReferenceId(tx.last_insert_rowid());
+            {
+                let mut insert = tx.prepare_cached(
+                    "INSERT INTO frames (reference_id, hash, frame_index, timestamp_ms, quality)
+                     VALUES (?1, ?2, ?3, ?4, ?5)",
+                )?;
+                for frame in &new.frames {
+                    let timestamp_ms =
+                        i64::try_from(frame.timestamp_ms).map_err(|_| Error::InvalidInput {
+                            field: "frames.timestamp_ms",
+                            reason: format!("{} ms does not fit an i64", frame.timestamp_ms),
+                        })?;
+                    insert.execute((
+                        id.0,
+                        frame.hash.as_bytes().as_slice(),
+                        frame.frame_index,
+                        timestamp_ms,
+                        frame.quality,
+                    ))?;
+                }
+            }
+            append_change(
+                tx,
+                &ChangeKind::ReferenceAdded {
+                    reference: id,
+                    bank: new.bank,
+                },
+                new.added_by,
+                added_ms,
+            )?;
+            Ok(Reference {
+                id,
+                bank: new.bank,
+                external_id: new.external_id,
+                note: new.note,
+                added_by: new.added_by,
+                added_ms,
+                state: ReferenceState::Active,
+                frame_count,
+            })
+        })
+        .await
+    }
+
+    /// See [`super::Store::withdraw_reference`]. `reason` is validated.
+    pub(super) async fn withdraw_reference(
+        &self,
+        id: ReferenceId,
+        reason: String,
+        actor: OrgId,
+    ) -> Result<Reference, Error> {
+        self.write(move |tx| {
+            let (bank, withdrawn): (i64, bool) = tx
+                .prepare_cached("SELECT bank_id, withdrawn_ms IS NOT NULL FROM refs WHERE id = ?1")?
+                .query_row([id.0], |row| Ok((row.get(0)?, row.get(1)?)))
+                .optional()?
+                .ok_or_else(|| Error::NotFound {
+                    kind: "reference",
+                    key: id.to_string(),
+                })?;
+            if withdrawn {
+                return Err(Error::AlreadyWithdrawn { reference: id });
+            }
+            require_org(tx, actor)?;
+            let at_ms = now_ms();
+            tx.prepare_cached(
+                "UPDATE refs SET withdrawn_ms = ?2, withdrawn_reason = ?3 WHERE id = ?1",
+            )?
+            .execute((id.0, at_ms, &reason))?;
+            append_change(
+                tx,
+                &ChangeKind::ReferenceWithdrawn {
+                    reference: id,
+                    bank: BankId(bank),
+                },
+                actor,
+                at_ms,
+            )?;
+            read_reference(tx, id)
+        })
+        .await
+    }
+
+    /// See [`super::Store::get_reference`].
+    pub(super) async fn get_reference(&self, id: ReferenceId) -> Result<Reference, Error> {
+        self.read(move |tx| read_reference(tx, id)).await
+    }
+
+    /// See [`super::Store::reference_frames`].
+    pub(super) async fn reference_frames(
+        &self,
+        id: ReferenceId,
+    ) -> Result<Vec<FrameSignal>, Error> {
+        self.read(move |tx| {
+            let exists = tx
+                .prepare_cached("SELECT 1 FROM refs WHERE id = ?1")?
+                .exists([id.0])?;
+            if !exists {
+                return Err(Error::NotFound {
+                    kind: "reference",
+                    key: id.to_string(),
+                });
+            }
+            let mut stmt = tx.prepare_cached(
+                "SELECT frame_index, timestamp_ms, hash, quality FROM frames
+                 WHERE reference_id = ?1 ORDER BY frame_index",
+            )?;
+            let mut rows = stmt.query([id.0])?;
+            let mut frames = Vec::new();
+            while let Some(row) = rows.next()? {
+                frames.push(frame_from_row(row, 0, id)?);
+            }
+            Ok(frames)
+        })
+        .await
+    }
+
+    /// See [`super::Store::load_active_frames`]. One read transaction: the frames and the
+    /// sequence number come from the same snapshot. One prepared join, driven by `refs` (few
+    /// rows) into the `frames` primary key (each reference's frames contiguous), so the scan is
+    /// close to sequential; the only allocation is the result vector, sized up front.
+    pub(super) async fn load_active_frames(&self) -> Result<(Vec<IndexedFrame>, ChangeSeq), Error> {
+        self.read(|tx| {
+            let declared: i64 = tx.query_row(
+                "SELECT COALESCE(SUM(frame_count), 0) FROM refs WHERE withdrawn_ms IS NULL",
+                [],
+                |row| row.get(0),
+            )?;
+            let seq = last_seq(tx)?;
+            let declared = usize::try_from(declared).map_err(|_| Error::Corrupt {
+                detail: format!("active references declare {declared} frames"),
+            })?;
+            let mut frames = Vec::with_capacity(declared.min(MAX_PREALLOCATED_FRAMES));
+            // CROSS JOIN pins refs as the outer loop (SQLite never reorders a CROSS JOIN).
+            let mut stmt = tx.prepare(
+                "SELECT r.id, r.bank_id, f.frame_index, f.timestamp_ms, f.hash, f.quality
+                 FROM refs AS r CROSS JOIN frames AS f ON f.reference_id = r.id
+                 WHERE r.withdrawn_ms IS NULL",
+            )?;
+            let mut rows = stmt.query([])?;
+            while let Some(row) = rows.next()? {
+                let reference = ReferenceId(row.get(0)?);
+                frames.push(IndexedFrame {
+                    reference,
+                    bank: BankId(row.get(1)?),
+                    frame: frame_from_row(row, 2, reference)?,
+                });
+            }
+            if frames.len() != declared {
+                return Err(Error::Corrupt {
+                    detail: format!(
+                        "active references declare {declared} frames but {} are stored",
+                        frames.len()
+                    ),
+                });
+            }
+            Ok((frames, seq))
+        })
+        .await
+    }
+
+    /// See [`super::Store::changes_since`].
+    pub(super) async fn changes_since(
+        &self,
+        after: ChangeSeq,
+        limit: usize,
+    ) -> Result<Vec<Change>, Error> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.read(move |tx| {
+            let mut stmt = tx.prepare_cached(
+                "SELECT seq, kind, org_id, bank_id, reference_id, actor, at_ms FROM changes
+                 WHERE seq > ?1 ORDER BY seq LIMIT ?2",
+            )?;
+            let mut rows = stmt.query((after.0, limit))?;
+            let mut changes = Vec::new();
+            while let Some(row) = rows.next()? {
+                changes.push(change_from_row(row)?);
+            }
+            Ok(changes)
+        })
+        .await
+    }
+
+    /// See [`super::Store::last_seq`].
+    pub(super) async fn last_seq(&self) -> Result<ChangeSeq, Error> {
+        self.read(|tx| last_seq(tx)).await
+    }
+
+    /// See [`super::Store::stats`].
+    pub(super) async fn stats(&self) -> Result<StoreStats, Error> {
+        self.read(|tx| {
+            let counts: [i64; 6] = tx.query_row(
+                "SELECT (SELECT COUNT(*) FROM organisations),
+                        (SELECT COUNT(*) FROM banks),
+                        (SELECT COUNT(*) FROM refs WHERE withdrawn_ms IS NULL),
+                        (SELECT COUNT(*) FROM refs WHERE withdrawn_ms IS NOT NULL),
+                        (SELECT COALESCE(SUM(frame_count), 0) FROM refs),
+                        (SELECT COALESCE(MAX(seq), 0) FROM changes)",
+                [],
+                |row| {
+                    Ok([
+                        row.get(0)?,
+                        row.get(1)?,
+                        row.get(2)?,
+                        row.get(3)?,
+                        row.get(4)?,
+                        row.get(5)?,
+                    ])
+                },
+            )?;
+            let count = |value: i64| {
+                u64::try_from(value).map_err(|_| Error::Corrupt {
+                    detail: format!("negative count {value}"),
+                })
+            };
+            Ok(StoreStats {
+                organisations: count(counts[0])?,
+                banks: count(counts[1])?,
+                active_references: count(counts[2])?,
+                withdrawn_references: count(counts[3])?,
+                frames: count(counts[4])?,
+                last_seq: ChangeSeq(counts[5]),
+            })
+        })
+        .await
+    }
+}
+
+// === connection set-up ===
+
+/// Per-connection settings the durability guarantee depends on, each read back.
+fn configure(conn: &Connection) -> Result<(), Error> {
+    conn.busy_timeout(BUSY_TIMEOUT)?;
+    let mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |row| row.get(0))?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        return Err(Error::PragmaNotApplied {
+            pragma: "journal_mode",
+            expected: "wal",
+            actual: mode,
+        });
+    }
+    conn.execute_batch("PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON;")?;
+    // synchronous: 0 OFF, 1 NORMAL, 2 FULL, 3 EXTRA.
+    let synchronous: i64 = conn.pragma_query_value(None, "synchronous", |row| row.get(0))?;
+    if synchronous != 2 {
+        return Err(Error::PragmaNotApplied {
+            pragma: "synchronous",
+            expected: "2 (full)",
+            actual: synchronous.to_string(),
+        });
+    }
+    let foreign_keys: i64 = conn.pragma_query_value(None, "foreign_keys", |row| row.get(0))?;
+    if foreign_keys != 1 {
+        return Err(Error::PragmaNotApplied {
+            pragma: "foreign_keys",
+            expected: "1 (on)",
+            actual: foreign_keys.to_string(),
+        });
+    }
+    Ok(())
+}
+
+/// The schema version this binary creates and understands.
+fn supported_version() -> i64 {
+    i64::try_from(MIGRATIONS.len()).expect("the migration list is a handful of entries")
+}
+
+/// Applies the pending migrations in one transaction; a no-op when the schema is current.
+fn migrate(conn: &mut Connection) -> Result<(), Error> {
+    let supported = supported_version();
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let found: i64 = tx.pragma_query_value(None, "user_version", |row| row.get(0))?;
+    if found > supported {
+        return Err(Error::SchemaTooNew { found, supported });
+    }
+    let done = usize::try_from(found).map_err(|_| Error::Corrupt {
+        detail: format!("negative schema version {found}"),
+    })?;
+    if done == MIGRATIONS.len() {
+        return Ok(());
+    }
+    for (step, sql) in MIGRATIONS.iter().enumerate().skip(done) {
+        tracing::info!(from = step, to = step + 1, "applying store migration");
+        tx.execute_batch(sql)?;
+    }
+    // user_version lives in the database header, so it commits atomically with the steps.
+    tx.pragma_update(None, "user_version", supported)?;
+    tx.commit()?;
+    Ok(())
+}
+
+/// Finds or creates the organisation named [`DEFAULT_ORG_NAME`].
+fn ensure_default_org(conn: &mut Connection) -> Result<OrgId, Error> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let existing: Option<i64> = tx
+        .query_row(
+            "SELECT id FROM organisations WHERE name = ?1",
+            [DEFAULT_ORG_NAME],
+            |row| row.get(0),
+        )
+        .optional()?;
+    let id = match existing {
+        Some(id) => OrgId(id),
+        None => {
+            let org = insert_org(&tx, DEFAULT_ORG_NAME.to_string())?;
+            tracing::info!(org = %org.id, name = DEFAULT_ORG_NAME, "created default organisation");
+            org.id
+        }
+    };
+    tx.commit()?;
+    Ok(id)
+}
+
+/// Makes the database file's directory entry durable. SQLite syncs the directory for the `-wal`
+/// file it creates, not for the main file.
+#[cfg(unix)]
+fn sync_dir(dir: &Path) -> Result<(), Error> {
+    std::fs::File::open(dir)
+        .and_then(|file| file.sync_all())
+        .map_err(|source| Error::Io {
+            path: dir.to_path_buf(),
+            source,
+        })
+}
+
+/// Directories cannot be opened as files here; NTFS journals the directory entry itself.
+#[cfg(not(unix))]
+fn sync_dir(_dir: &Path) -> Result<(), Error> {
+    Ok(())
+}
+
+// === rows <-> domain ===
+
+fn is_unique_violation(err: &rusqlite::Error) -> bool {
+    err.sqlite_error()
+        .is_some_and(|e| e.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_UNIQUE)
+}
+
+/// Inserts an organisation and its change entry; the organisation is its own actor because the
+/// store API does not name the creator.
+fn insert_org(tx: &Transaction<'_>, name: String) -> Result<Organisation, Error> {
+    let created_ms = now_ms();
+    let inserted = tx
+        .prepare_cached("INSERT INTO organisations (name, created_ms) VALUES (?1, ?2)")?
+        .execute((&name, created_ms));
+    match inserted {
+        Ok(_) => {}
+        Err(err) if is_unique_violation(&err) => {
+            return Err(Error::AlreadyExists {
+                kind: "organisation",
+                key: name,
+            });
+        }
+        Err(err) => return Err(err.into()),
+    }
+    let id = OrgId(tx.last_insert_rowid());
+    append_change(tx, &ChangeKind::OrgCreated(id), id, created_ms)?;
+    Ok(Organisation { id, name })
+}
+
+fn require_org(conn: &Connection, id: OrgId) -> Result<(), Error> {
+    let exists = conn
+        .prepare_cached("SELECT 1 FROM organisations WHERE id = ?1")?
+        .exists([id.0])?;
+    if exists {
+        Ok(())
+    } else {
+        Err(Error::NotFound {
+            kind: "organisation",
+            key: id.to_string(),
+        })
+    }
+}
+
+/// Appends the one change entry of the current write transaction.
+fn append_change(
+    conn: &Connection,
+    kind: &ChangeKind,
+    actor: OrgId,
+    at_ms: i64,
+) -> Result<ChangeSeq, Error> {
+    let (text, org, bank, reference): (&str, Option<i64>, Option<i64>, Option<i64>) = match kind {
+        ChangeKind::OrgCreated(org) => ("org_created", Some(org.0), None, None),
+        ChangeKind::BankCreated(bank) => ("bank_created", None, Some(bank.0), None),
+        ChangeKind::ReferenceAdded { reference, bank } => {
+            ("reference_added", None, Some(bank.0), Some(reference.0))
+        }
+        ChangeKind::ReferenceWithdrawn { reference, bank } => {
+            ("reference_withdrawn", None, Some(bank.0), Some(reference.0))
+        }
+    };
+    conn.prepare_cached(
+        "INSERT INTO changes (kind, org_id, bank_id, reference_id, actor, at_ms)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+    )?
+    .execute((text, org, bank, reference, actor.0, at_ms))?;
+    Ok(ChangeSeq(conn.last_insert_rowid()))
+}
+
+fn last_seq(conn: &Connection) -> Result<ChangeSeq, Error> {
+    let seq = conn
+        .prepare_cached("SELECT COALESCE(MAX(seq), 0) FROM changes")?
+        .query_row([], |row| row.get(0))?;
+    Ok(ChangeSeq(seq))
+}
+
+fn change_from_row(row: &Row<'_>) -> Result<Change, Error> {
+    let seq = ChangeSeq(row.get(0)?);
+    let text: String = row.get(1)?;
+    let org: Option<i64> = row.get(2)?;
+    let bank: Option<i64> = row.get(3)?;
+    let reference: Option<i64> = row.get(4)?;
+    let kind = match (text.as_str(), org, bank, reference) {
+        ("org_created", Some(org), _, _) => ChangeKind::OrgCreated(OrgId(org)),
+        ("bank_created", _, Some(bank), _) => ChangeKind::BankCreated(BankId(bank)),
+        ("reference_added", _, Some(bank), Some(reference)) => ChangeKind::ReferenceAdded {
+            reference: ReferenceId(reference),
+            bank: BankId(bank),
+        },
+        ("reference_withdrawn", _, Some(bank), Some(reference)) => ChangeKind::ReferenceWithdrawn {
+            reference: ReferenceId(reference),
+            bank: BankId(bank),
+        },
+        _ => {
+            return Err(Error::Corrupt {
+                detail: format!(
+                    "change {} has kind {text:?} with org {org:?}, bank {bank:?}, reference {reference:?}",
+                    seq.0
+                ),
+            });
+        }
+    };
+    Ok(Change {
+        seq,
+        kind,
+        actor: OrgId(row.get(5)?),
+        at_ms: row.get(6)?,
+    })
+}
+
+fn visibility_text(visibility: &Visibility) -> &'static str {
+    match visibility {
+        Visibility::Private => "private",
+        Visibility::SharedWith(_) => "shared",
+        Visibility::Public => "public",
+    }
+}
+
+const BANK_SELECT: &str =
+    "SELECT id, name, category, owner_org, visibility, description, created_ms FROM banks";
+
+/// A `banks` row before its text columns are parsed and its shares attached.
+struct BankRow {
+    id: i64,
+    name: String,
+    category: String,
+    owner: i64,
+    visibility: String,
+    description: String,
+    created_ms: i64,
+}
+
+impl BankRow {
+    fn from_row(row: &Row<'_>) -> rusqlite::Result<Self> {
+        Ok(Self {
+            id: row.get(0)?,
+            name: row.get(1)?,
+            category: row.get(2)?,
+            owner: row.get(3)?,
+            visibility: row.get(4)?,
+            description: row.get(5)?,
+            created_ms: row.get(6)?,
+        })
+    }
+
+    fn into_bank(self, shares: Vec<OrgId>) -> Result<Bank, Error> {
+        let category: Category = self.category.parse().map_err(|_| Error::Corrupt {
+            detail: format!("bank {} has unknown category {:?}", self.id, self.category),
+        })?;
+        let visibility = match (self.visibility.as_str(), shares.is_empty()) {
+            ("private", true) => Visibility::Private,
+            ("public", true) => Visibility::Public,
+            ("shared", _) => Visibility::SharedWith(shares),
+            (other, _) => {
+                return Err(Error::Corrupt {
+                    detail: format!(
+                        "bank {} has visibility {other:?} with {} shares",
+                        self.id,
+                        shares.len()
+                    ),
+                });
+            }
+        };
+        Ok(Bank {
+            id: BankId(self.id),
+            name: self.name,
+            category,
+            owner: OrgId(self.owner),
+            visibility,
+            description: self.description,
+            created_ms: self.created_ms,
+        })
+    }
+}
+
+/// Attaches the shares of one bank.
+fn finish_bank(conn: &Connection, raw: BankRow) -> Result<Bank, Error> {
+    let shares = conn
+        .prepare_cached("SELECT org_id FROM bank_shares WHERE bank_id = ?1 ORDER BY org_id")?
+        .query_map([raw.id], |row| Ok(OrgId(row.get(0)?)))?
+        .collect::<Result<Vec<_>, _>>()?;
+    raw.into_bank(shares)
+}
+
+fn read_reference(conn: &Connection, id: ReferenceId) -> Result<Reference, Error> {
+    type RefRow = (
+        i64,
+        String,
+        String,
+        i64,
+        i64,
+        i64,
+        Option<i64>,
+        Option<String>,
+    );
+    let row: RefRow = conn
+        .prepare_cached(
+            "SELECT bank_id, external_id, note, added_by, added_ms, frame_count,
+                    withdrawn_ms, withdrawn_reason
+             FROM refs WHERE id = ?1",
+        )?
+        .query_row([id.0], |row| {
+            Ok((
+                row.get(0)?,
+                row.get(1)?,
+                row.get(2)?,
+                row.get(3)?,
+                row.get(4)?,
+                row.get(5)?,
+                row.get(6)?,
+                row.get(7)?,
+            ))
+        })
+        .optional()?
+        .ok_or_else(|| Error::NotFound {
+            kind: "reference",
+            key: id.to_string(),
+        })?;
+    let (bank, external_id, note, added_by, added_ms, frame_count, withdrawn_ms, reason) = row;
+    let state = match (withdrawn_ms, reason) {
+        (None, None) => ReferenceState::Active,
+        (Some(at_ms), Some(reason)) => ReferenceState::Withdrawn { reason, at_ms },
+        (at_ms, reason) => {
+            return Err(Error::Corrupt {
+                detail: format!(
+                    "reference {id} has withdrawal time {at_ms:?} but reason {reason:?}"
+                ),
+            });
+        }
+    };
+    let frame_count = u32::try_from(frame_count).map_err(|_| Error::Corrupt {
+        detail: format!("reference {id} has frame count {frame_count}"),
+    })?;
+    Ok(Reference {
+        id,
+        bank: BankId(bank),
+        external_id,
+        note,
+        added_by: OrgId(added_by),
+        added_ms,
+        state,
+        frame_count,
+    })
+}
+
+/// Reads `frame_index, timestamp_ms, hash, quality` starting at column `first`, checking every
+/// value against its domain type. The hash is borrowed from SQLite, not allocated.
+fn frame_from_row(
+    row: &Row<'_>,
+    first: usize,
+    reference: ReferenceId,
+) -> Result<FrameSignal, Error> {
+    let frame_index: i64 = row.get(first)?;
+    let timestamp_ms: i64 = row.get(first + 1)?;
+    let hash = row.get_ref(first + 2)?;
+    let quality: i64 = row.get(first + 3)?;
+    let corrupt = |what: String| Error::Corrupt {
+        detail: format!("reference {reference} frame {frame_index}: {what}"),
+    };
+    let hash = hash
+        .as_blob()
+        .map_err(|_| corrupt(format!("hash is stored as {}", hash.data_type())))
+        .and_then(|bytes| {
+            PdqHash::try_from_slice(bytes)
+                .map_err(|_| corrupt(format!("hash is {} bytes, expected 32", bytes.len())))
+        })?;
+    Ok(FrameSignal {
+        frame_index: u32::try_from(frame_index)
+            .map_err(|_| corrupt("frame index out of range".to_string()))?,
+        timestamp_ms: u64::try_from(timestamp_ms)
+            .map_err(|_| corrupt(format!("timestamp {timestamp_ms} ms is negative")))?,
+        hash,
+        quality: u8::try_from(quality)
+            .ok()
+            .filter(|q| *q <= super::MAX_QUALITY)
+            .ok_or_else(|| corrupt(format!("quality {quality} is not 0 to 100")))?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::Store;
+
+    type TestResult = Result<(), Box<dyn std::error::Error>>;
+
+    async fn open(dir: &Path) -> Result<EmbeddedStore, Error> {
+        EmbeddedStore::open(dir).await
+    }
+
+    fn frame(frame_index: u32, seed: u8) -> FrameSignal {
+        FrameSignal {
+            frame_index,
+            timestamp_ms: u64::from(frame_index) * 40,
+            hash: PdqHash::from_bytes([seed; 32]),
+            quality: 77,
+        }
+    }
+
+    async fn add_one_reference(store: &Store) -> Result<Reference, Error> {
+        let local = store.default_org().await?;
+        let bank = store
+            .create_bank(
+                super::super::NewBank {
+                    name: "bank".to_string(),
+                    category: Category::Other,
+                    owner: local,
+                    visibility: Visibility::Public,
+                    description: String::new(),
+                },
+                local,
+            )
+            .await?;
+        store
+            .add_reference(NewReference {
+                bank: bank.id,
+                external_id: String::new(),
+                note: String::new(),
+                added_by: local,
+                frames: vec![frame(0, 1), frame(1, 2)],
+            })
+            .await
+    }
+
+    #[tokio::test]
+    async fn wal_full_sync_and_foreign_keys_are_in_effect() -> TestResult {
+        let dir = tempfile::tempdir()?;
+        let store = open(dir.path()).await?;
+        for conn in [&store.inner.writer, &store.inner.reader] {
+            let conn = conn.lock();
+            let mode: String = conn.pragma_query_value(None, "journal_mode", |r| r.get(0))?;
+            assert_eq!(mode, "wal");
+            let sync: i64 = conn.pragma_query_value(None, "synchronous", |r| r.get(0))?;
+            assert_eq!(sync, 2, "synchronous=FULL");
+            let fk: i64 = conn.pragma_query_value(None, "foreign_keys", |r| r.get(0))?;
+            assert_eq!(fk, 1);
+            let busy: i64 = conn.pragma_query_value(None, "busy_timeout", |r| r.get(0))?;
+            assert_eq!(busy, 5000);
+        }
+        let query_only: i64 =
+            store
+                .inner
+                .reader
+                .lock()
+                .pragma_query_value(None, "query_only", |r| r.get(0))?;
+        assert_eq!(query_only, 1);
+        // Foreign keys are enforced, not just declared.
+        let orphan = store.inner.writer.lock().execute(
+            "INSERT INTO frames (reference_id, hash, frame_index, timestamp_ms, quality)
+             VALUES (999, zeroblob(32), 0, 0, 0)",
+            [],
+        );
+        assert!(orphan.is_err());
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn migrations_are_idempotent() -> TestResult {
+        let dir = tempfile::tempdir()?;
+        let schema = |store: &EmbeddedStore| -> rusqlite::Result<(i64, Vec<String>)> {
+            let conn = store.inner.writer.lock();
+            let version = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+            let mut stmt =
+                conn.prepare("SELECT sql FROM sqlite_schema WHERE sql IS NOT NULL ORDER BY name")?;
+            let sql = stmt
+                .query_map([], |r| r.get(0))?
+                .collect::<Result<Vec<String>, _>>()?;
+            Ok((version, sql))
+        };
+        let first = open(dir.path()).await?;
+        let default_org = first.default_org();
+        let before = schema(&first)?;
+        assert_eq!(before.0, supported_version());
+        drop(first);
+        for _ in 0..2 {
+            let again = open(dir.path()).await?;
+            assert_eq!(schema(&again)?, before);
+            assert_eq!(again.default_org(), default_org);
+            assert_eq!(again.list_orgs().await?.len(), 1);
+            assert_eq!(again.last_seq().await?, ChangeSeq(1));
+        }
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn newer_schema_version_is_refused() -> TestResult {
+        let dir = tempfile::tempdir()?;
+        drop(open(dir.path()).await?);
+        {
+            let conn = Connection::open(dir.path().join(FILE_NAME))?;
+            conn.pragma_update(None, "user_version", supported_version() + 1)?;
+        }
+        let err = open(dir.path()).await;
+        assert!(
+            matches!(err, Err(Error::SchemaTooNew { found, supported })
+                if found == supported_version() + 1 && supported == supported_version()),
+            "{err:?}"
+        );
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn a_file_that_is_not_a_database_is_an_error() -> TestResult {
+        let dir = tempfile::tempdir()?;
+        std::fs::write(dir.path().join(FILE_NAME), vec![0x42u8; 8192])?;
+        let err = open(dir.path()).await;
+        assert!(matches!(err, Err(Error::Sqlite(_))), "{err:?}");
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn a_data_dir_that_is_a_file_is_an_io_error() -> TestResult {
+        let dir = tempfile::tempdir()?;
+        let file = dir.path().join("not-a-dir");
+        std::fs::write(&file, b"x")?;
+        let err = open(&file.join("data")).await;
+        assert!(
+            matches!(err, Err(Error::Io { ref path, .. }) if path == &file.join("data")),
+            "{err:?}"
+        );
+        Ok(())
+    }
+
+    /// A committed write is in the database files the moment the call returns: a copy of the
+    /// files taken while the store is still open (what a crash leaves behind) holds it.
+    #[tokio::test]
+    async fn acknowledged_write_is_in_the_files_before_close() -> TestResult {
+        let dir = tempfile::tempdir()?;
+        let store = Store::open_embedded(dir.path()).await?;
+        let reference = add_one_reference(&store).await?;
+        let crash = tempfile::tempdir()?;
+        for suffix in ["", "-wal"] {
+            let name = format!("{FILE_NAME}{suffix}");
+            std::fs::copy(dir.path().join(&name), crash.path().join(&name))?;
+        }
+        let recovered = Store::open_embedded(crash.path()).await?;
+        assert_eq!(recovered.get_reference(reference.id).await?, reference);
+        assert_eq!(recovered.last_seq().await?, store.last_seq().await?);
+        drop(store);
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn bad_stored_hash_is_corrupt() -> TestResult {
+        let dir = tempfile::tempdir()?;
+        let store = Store::open_embedded(dir.path()).await?;
+        let reference = add_one_reference(&store).await?;
+        let Store::Embedded(embedded) = &store;
+        {
+            let conn = embedded.inner.writer.lock();
+            conn.execute_batch("PRAGMA ignore_check_constraints = ON")?;
+            conn.execute(
+                "UPDATE frames SET hash = zeroblob(31) WHERE reference_id = ?1 AND frame_index = 1",
+                [reference.id.0],
+            )?;
+            conn.execute_batch("PRAGMA ignore_check_constraints = OFF")?;
+        }
+        for err in [
+            store.load_active_frames().await.map(|_| ()),
+            store.reference_frames(reference.id).await.map(|_| ()),
+        ] {
+            assert!(
+                matches!(err, Err(Error::Corrupt { ref detail }) if detail.contains("31 bytes")),
+                "{err:?}"
+            );
+        }
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn unknown_stored_category_is_corrupt() -> TestResult {
+        let dir = tempfile::tempdir()?;
+        let store = Store::open_embedded(dir.path()).await?;
+        let reference = add_one_reference(&store).await?;
+        let Store::Embedded(embedded) = &store;
+        embedded
+            .inner
+            .writer
+            .lock()
+            .execute("UPDATE banks SET category = 'gore'", [])?;
+        let err = store.get_bank(reference.bank).await;
+        assert!(
+            matches!(err, Err(Error::Corrupt { ref detail }) if detail.contains("gore")),
+            "{err:?}"
+        );
+        assert!(matches!(
+            store.list_banks().await,
+            Err(Error::Corrupt { .. })
+        ));
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn start_up_load_is_driven_by_refs_through_the_frames_key() -> TestResult {
+        let dir = tempfile::tempdir()?;
+        let store = open(dir.path()).await?;
+        let conn = store.inner.reader.lock();
+        let mut stmt = conn.prepare(
+            "EXPLAIN QUERY PLAN
+             SELECT r.id, r.bank_id, f.frame_index, f.timestamp_ms, f.hash, f.quality
+             FROM refs AS r CROSS JOIN frames AS f ON f.reference_id = r.id
+             WHERE r.withdrawn_ms IS NULL",
+        )?;
+        let plan = stmt
+            .query_map([], |r| r.get::<_, String>(3))?
+            .collect::<Result<Vec<_>, _>>()?;
+        assert_eq!(plan.len(), 2, "{plan:?}");
+        assert!(plan[0].starts_with("SCAN r"), "{plan:?}");
+        assert!(
+            plan[1].starts_with("SEARCH f USING PRIMARY KEY (reference_id=?)"),
+            "{plan:?}"
+        );
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn concurrent_writes_get_distinct_ordered_sequence_numbers() -> TestResult {
+        let dir = tempfile::tempdir()?;
+        let store = Store::open_embedded(dir.path()).await?;
+        let mut tasks = Vec::new();
+        for i in 0..16 {
+            let store = store.clone();
+            tasks.push(tokio::spawn(async move {
+                store.create_org(&format!("org-{i}")).await
+            }));
+        }
+        for task in tasks {
+            task.await??;
+        }
+        let changes = store.changes_since(ChangeSeq(0), 1000).await?;
+        let seqs: Vec<i64> = changes.iter().map(|c| c.seq.0).collect();
+        assert_eq!(seqs, (1..=17).collect::<Vec<_>>());
+        Ok(())
+    }
+}

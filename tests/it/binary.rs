@@ -1,0 +1,278 @@
+//! The real `framematch` binary: durability across SIGKILL, and the command line.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+
+use framematch::hash::PdqHash;
+use framematch::pb;
+
+use crate::support;
+
+const BIN: &str = env!("CARGO_BIN_EXE_framematch");
+
+/// A `framematch serve` child process.
+struct Served {
+    child: Child,
+    url: String,
+}
+
+impl Served {
+    /// Starts the binary on 127.0.0.1:0 over `data_dir`, reads the bound address from its first
+    /// line of output, and waits for SERVING.
+    async fn start(data_dir: &Path) -> Self {
+        let mut child = Command::new(BIN)
+            .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(data_dir)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn framematch serve");
+        let stdout = child.stdout.take().expect("stdout");
+        let first_line = tokio::task::spawn_blocking(move || {
+            let mut line = String::new();
+            BufReader::new(stdout)
+                .read_line(&mut line)
+                .expect("read first line");
+            line
+        })
+        .await
+        .expect("reader");
+        let address = first_line
+            .trim()
+            .strip_prefix("listening on ")
+            .unwrap_or_else(|| panic!("first line names the address: {first_line:?}"))
+            .to_string();
+        let url = format!("http://{address}");
+        support::wait_serving(&url).await;
+        Self { child, url }
+    }
+
+    async fn banks(&self) -> pb::banks_client::BanksClient<tonic::transport::Channel> {
+        pb::banks_client::BanksClient::connect(self.url.clone())
+            .await
+            .expect("connect")
+    }
+
+    async fn matcher(&self) -> pb::matcher_client::MatcherClient<tonic::transport::Channel> {
+        pb::matcher_client::MatcherClient::connect(self.url.clone())
+            .await
+            .expect("connect")
+    }
+
+    /// SIGKILL: no shutdown code runs.
+    fn kill(mut self) {
+        self.child.kill().expect("SIGKILL");
+        self.child.wait().expect("reap");
+    }
+
+    /// SIGTERM, then wait for a clean exit.
+    fn terminate(mut self) -> std::process::ExitStatus {
+        let pid = self.child.id().to_string();
+        let status = Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .expect("kill -TERM");
+        assert!(status.success());
+        self.child.wait().expect("wait")
+    }
+}
+
+fn hash(seed: usize) -> PdqHash {
+    PdqHash::from_bit_fn(|k| (k * 7 + seed * 13) % 5 < 2)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acked_reference_survives_kill() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let served = Served::start(dir.path()).await;
+    let mut banks = served.banks().await;
+    banks
+        .create_bank(pb::CreateBankRequest {
+            name: "durable".into(),
+            category: pb::Category::SuicideSelfHarm as i32,
+            description: String::new(),
+        })
+        .await
+        .expect("create bank");
+    let frames: Vec<pb::Frame> = (0..5)
+        .map(|i| support::pdq_frame(i, u64::from(i) * 1000, &hash(i as usize), 100))
+        .collect();
+    let mut messages = vec![pb::AddReferenceRequest {
+        item: Some(pb::add_reference_request::Item::Header(
+            pb::ReferenceHeader {
+                bank: "durable".into(),
+                external_id: "case-1".into(),
+                note: String::new(),
+            },
+        )),
+    }];
+    messages.extend(frames.into_iter().map(|f| pb::AddReferenceRequest {
+        item: Some(pb::add_reference_request::Item::Frame(f)),
+    }));
+    let added = banks
+        .add_reference(tokio_stream::iter(messages))
+        .await
+        .expect("add")
+        .into_inner();
+    let id = added.reference.expect("reference").id;
+    // Acknowledged: now kill without any chance to flush.
+    served.kill();
+
+    let served = Served::start(dir.path()).await;
+    let reference = served
+        .banks()
+        .await
+        .get_reference(pb::GetReferenceRequest { reference_id: id })
+        .await
+        .expect("reference survives")
+        .into_inner();
+    assert_eq!(reference.external_id, "case-1");
+    assert_eq!(reference.frame_count, 5);
+    let result = served
+        .matcher()
+        .await
+        .match_image(pb::MatchImageRequest {
+            options: None,
+            frame: Some(support::pdq_frame(0, 0, &hash(3), 100)),
+        })
+        .await
+        .expect("match")
+        .into_inner()
+        .result
+        .expect("result");
+    let m = result.matches.first().expect("the reloaded index matches");
+    assert_eq!(m.source.as_ref().map(|s| s.reference_id), Some(id));
+    assert_eq!(m.reference_frame_index, 3);
+    assert_eq!(m.reference_timestamp_ms, 3000);
+    assert_eq!(m.distance, 0);
+    let status = served.terminate();
+    assert!(status.success(), "SIGTERM gives a clean exit: {status:?}");
+}
+
+fn run(args: &[&str]) -> (i32, String, String) {
+    let output = Command::new(BIN)
+        .args(args)
+        .output()
+        .expect("run framematch");
+    (
+        output.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn command_line_adds_matches_and_withdraws() {
+    let Some(conformance) = support::conformance_dir() else {
+        return;
+    };
+    let pdq = conformance.join("pdq");
+    let file = |name: &str| pdq.join(name).display().to_string();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let served = Served::start(dir.path()).await;
+    let url = served.url.clone();
+    let server = ["--server", url.as_str()];
+
+    let (code, out, err) = run(&[
+        &["bank", "create", "cli", "--category", "terrorism"][..],
+        &server[..],
+    ]
+    .concat());
+    assert_eq!(code, 0, "{err}");
+    assert!(out.ends_with("\tcli\n"), "{out:?}");
+    let (code, _, err) = run(&[
+        &["bank", "create", "bad", "--category", "gore"][..],
+        &server[..],
+    ]
+    .concat());
+    assert_eq!(code, 2, "an unknown category is a usage error: {err}");
+
+    let original = file("bridge-1-original.jpg");
+    let (code, out, err) =
+        run(&[&["ref", "add", "cli", original.as_str()][..], &server[..]].concat());
+    assert_eq!(code, 0, "{err}");
+    let (id, path) = out.trim_end().split_once('\t').expect("id<TAB>path");
+    assert_eq!(path, original);
+
+    let blurred = file("blur-a-lot.jpg");
+    let unrelated = file("pen-and-coaster.png");
+    let (code, out, err) = run(&[
+        &["match", blurred.as_str(), unrelated.as_str()][..],
+        &server[..],
+    ]
+    .concat());
+    assert_eq!(code, 1, "a match exits 1: {err}");
+    let fields: Vec<&str> = out.trim_end().split('\t').collect();
+    assert_eq!(fields[..3], [blurred.as_str(), id, "cli"], "{out:?}");
+    let distance: u32 = fields[3].parse().expect("distance");
+    assert!(distance <= 31);
+
+    let (code, out, _) = run(&[&["match", unrelated.as_str()][..], &server[..]].concat());
+    assert_eq!(
+        (code, out.as_str()),
+        (0, ""),
+        "no match exits 0 and prints nothing"
+    );
+
+    let (code, out, err) = run(&[
+        &["ref", "withdraw", id, "--reason", "test"][..],
+        &server[..],
+    ]
+    .concat());
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("withdrawn"));
+    let (code, _, _) = run(&[&["match", blurred.as_str()][..], &server[..]].concat());
+    assert_eq!(code, 0, "a withdrawn reference no longer matches");
+
+    let (code, out, _) = run(&[&["stats"][..], &server[..]].concat());
+    assert_eq!(code, 0);
+    assert!(out.contains("withdrawn_references\t1"), "{out}");
+
+    let (code, _, err) = run(&["match", blurred.as_str(), "--server", "http://127.0.0.1:1"]);
+    assert_eq!(code, 2, "an unreachable server exits 2");
+    assert!(err.contains("cannot connect"), "{err}");
+    let (code, _, err) = run(&[&["match", "/no/such/file.jpg"][..], &server[..]].concat());
+    assert_eq!(code, 2);
+    assert!(err.contains("/no/such/file.jpg"), "{err}");
+    served.terminate();
+}
+
+#[test]
+fn hash_command_prints_reference_hashes() {
+    let Some(conformance) = support::conformance_dir() else {
+        return;
+    };
+    let expected =
+        std::fs::read_to_string(conformance.join("pdq/expected.tsv")).expect("expected.tsv");
+    for name in ["pen-and-coaster.png", "bridge-1-original.jpg"] {
+        let line = expected
+            .lines()
+            .find(|l| l.starts_with(&format!("{name}\t")))
+            .expect("listed");
+        let fields: Vec<&str> = line.split('\t').collect();
+        let path = conformance.join("pdq").join(name).display().to_string();
+        let (code, out, err) = run(&["hash", path.as_str()]);
+        assert_eq!(code, 0, "{err}");
+        assert_eq!(out, format!("{},{},{path}\n", fields[1], fields[2]));
+    }
+    let path = conformance
+        .join("pdq/bridge-1-original.jpg")
+        .display()
+        .to_string();
+    let (code, out, _) = run(&["hash", "--dihedral", path.as_str()]);
+    assert_eq!(code, 0);
+    assert_eq!(out.trim_end().split(',').count(), 3 + 7);
+    let (code, _, err) = run(&["hash", "/no/such/file.png"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("/no/such/file.png"));
+}
+
+#[test]
+fn invalid_configuration_exits_64() {
+    let (code, _, err) = run(&["serve", "--index-engine", "magic"]);
+    assert_eq!(code, 64, "{err}");
+    assert!(err.contains("--index-engine"), "{err}");
+    let (code, _, _) = run(&["serve", "--max-distance", "200"]);
+    assert_eq!(code, 64);
+}

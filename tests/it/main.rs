@@ -1,0 +1,10 @@
+//! framematch's single integration-test binary (STYLE.md §3.6): one `mod` per area, all linked
+//! once. Tests start the real server on 127.0.0.1:0 and speak real gRPC, or run the real binary.
+
+mod support;
+
+mod binary;
+mod errors;
+mod index_conformance;
+mod matching;
+mod pdq_conformance;

@@ -1,0 +1,279 @@
+//! Shared test helpers: locating ../shared/conformance and starting real servers.
+
+#![allow(dead_code, unreachable_pub)]
+
+use std::path::PathBuf;
+
+/// The shared conformance folder beside the project (`../shared/conformance`).
+///
+/// Returns `None`, after saying so on stderr, when it is absent on a developer machine. Under CI
+/// (`CI` set) its absence is a failure: CI always has it beside the clone.
+pub fn conformance_dir() -> Option<PathBuf> {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/conformance");
+    if dir.is_dir() {
+        return Some(dir);
+    }
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "CI must have ../shared/conformance beside the clone, and {} is missing",
+        dir.display()
+    );
+    eprintln!(
+        "skipping: conformance data not found at {} (it lives in ../shared beside the clone)",
+        dir.display()
+    );
+    None
+}
+
+use std::net::SocketAddr;
+
+use framematch::config::ServeConfig;
+use framematch::pb;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tonic::transport::Channel;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+
+/// A real framematch server on a loopback port, in this test's runtime, with its own data dir.
+pub struct TestServer {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    /// Its data directory (dropped with the server).
+    pub dir: tempfile::TempDir,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<Result<(), framematch::server::Error>>>,
+}
+
+impl TestServer {
+    /// Starts a server with default settings and waits until it reports SERVING.
+    pub async fn start() -> Self {
+        Self::start_with(|_| {}).await
+    }
+
+    /// Starts a server with settings adjusted by `adjust`, and waits until it reports SERVING.
+    pub async fn start_with(adjust: impl FnOnce(&mut ServeConfig)) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        Self::start_in(dir, adjust).await
+    }
+
+    /// Starts a server over an existing data directory.
+    pub async fn start_in(dir: tempfile::TempDir, adjust: impl FnOnce(&mut ServeConfig)) -> Self {
+        let mut config = ServeConfig::with_data_dir(dir.path().to_path_buf());
+        adjust(&mut config);
+        // Bound before the server task starts, so clients can connect at once: no sleeps.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind loopback");
+        let addr = listener.local_addr().expect("local addr");
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(framematch::server::serve(listener, config, async {
+            let _ = stopped.await;
+        }));
+        let server = Self {
+            addr,
+            dir,
+            stop: Some(stop),
+            task: Some(task),
+        };
+        wait_serving(&server.url()).await;
+        server
+    }
+
+    /// `http://127.0.0.1:PORT`
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// A connected channel.
+    pub async fn channel(&self) -> Channel {
+        Channel::from_shared(self.url())
+            .expect("url")
+            .connect()
+            .await
+            .expect("connect")
+    }
+
+    /// A Matcher client.
+    pub async fn matcher(&self) -> pb::matcher_client::MatcherClient<Channel> {
+        pb::matcher_client::MatcherClient::new(self.channel().await)
+            .max_decoding_message_size(64 * 1024 * 1024)
+            .max_encoding_message_size(64 * 1024 * 1024)
+    }
+
+    /// A Banks client.
+    pub async fn banks(&self) -> pb::banks_client::BanksClient<Channel> {
+        pb::banks_client::BanksClient::new(self.channel().await)
+            .max_encoding_message_size(64 * 1024 * 1024)
+    }
+
+    /// Stops the server and joins its task, so a server panic fails the test. Returns the data
+    /// directory for a restart.
+    pub async fn stop(self) -> tempfile::TempDir {
+        let TestServer {
+            dir, stop, task, ..
+        } = self;
+        if let Some(stop) = stop {
+            let _ = stop.send(());
+        }
+        if let Some(task) = task {
+            task.await
+                .expect("server task panicked")
+                .expect("server returned an error");
+        }
+        dir
+    }
+}
+
+/// Waits, by watching gRPC health (no sleeping), until the server at `url` reports SERVING.
+pub async fn wait_serving(url: &str) {
+    let channel = Channel::from_shared(url.to_string())
+        .expect("url")
+        .connect()
+        .await
+        .expect("connect to health");
+    let mut health = HealthClient::new(channel);
+    let mut updates = health
+        .watch(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .expect("health watch")
+        .into_inner();
+    let deadline = std::time::Duration::from_secs(60);
+    tokio::time::timeout(deadline, async {
+        while let Some(update) = updates.message().await.expect("health stream") {
+            if update.status == ServingStatus::Serving as i32 {
+                return;
+            }
+        }
+        panic!("health stream ended before SERVING");
+    })
+    .await
+    .expect("server did not become SERVING within 60 s");
+}
+
+/// Reads a conformance file, or `None` to skip (see [`conformance_dir`]).
+pub fn conformance_file(relative: &str) -> Option<Vec<u8>> {
+    let dir = conformance_dir()?;
+    Some(std::fs::read(dir.join(relative)).unwrap_or_else(|e| panic!("reading {relative}: {e}")))
+}
+
+/// An image frame.
+pub fn image_frame(bytes: Vec<u8>) -> pb::Frame {
+    pb::Frame {
+        frame_index: 0,
+        timestamp_ms: 0,
+        signal: Some(pb::frame::Signal::Image(bytes)),
+    }
+}
+
+/// A precomputed-hash frame.
+pub fn pdq_frame(
+    frame_index: u32,
+    timestamp_ms: u64,
+    hash: &framematch::hash::PdqHash,
+    quality: u32,
+) -> pb::Frame {
+    pb::Frame {
+        frame_index,
+        timestamp_ms,
+        signal: Some(pb::frame::Signal::Pdq(pb::PdqSignal {
+            hash: hash.as_bytes().to_vec(),
+            quality,
+        })),
+    }
+}
+
+/// Creates a bank.
+pub async fn create_bank(server: &TestServer, name: &str) -> pb::Bank {
+    server
+        .banks()
+        .await
+        .create_bank(pb::CreateBankRequest {
+            name: name.into(),
+            category: pb::Category::GraphicViolence as i32,
+            description: String::new(),
+        })
+        .await
+        .expect("create bank")
+        .into_inner()
+}
+
+/// Adds a reference made of `frames` to `bank`.
+pub async fn add_reference(
+    server: &TestServer,
+    bank: &str,
+    frames: Vec<pb::Frame>,
+) -> Result<pb::AddReferenceResponse, tonic::Status> {
+    let mut messages = vec![pb::AddReferenceRequest {
+        item: Some(pb::add_reference_request::Item::Header(
+            pb::ReferenceHeader {
+                bank: bank.into(),
+                external_id: String::new(),
+                note: "test".into(),
+            },
+        )),
+    }];
+    messages.extend(frames.into_iter().map(|f| pb::AddReferenceRequest {
+        item: Some(pb::add_reference_request::Item::Frame(f)),
+    }));
+    server
+        .banks()
+        .await
+        .add_reference(tokio_stream::iter(messages))
+        .await
+        .map(tonic::Response::into_inner)
+}
+
+/// Matches one frame.
+pub async fn match_image(
+    server: &TestServer,
+    frame: pb::Frame,
+    options: Option<pb::MatchOptions>,
+) -> Result<pb::FrameResult, tonic::Status> {
+    server
+        .matcher()
+        .await
+        .match_image(pb::MatchImageRequest {
+            options,
+            frame: Some(frame),
+        })
+        .await
+        .map(|r| r.into_inner().result.expect("result"))
+}
+
+/// Sends a whole MatchVideo stream and collects every answer, or the status that ended it.
+pub async fn match_video(
+    server: &TestServer,
+    requests: Vec<pb::MatchRequest>,
+) -> Result<Vec<pb::MatchResponse>, tonic::Status> {
+    let mut responses = server
+        .matcher()
+        .await
+        .match_video(tokio_stream::iter(requests))
+        .await?
+        .into_inner();
+    let mut out = Vec::new();
+    while let Some(response) = responses.message().await? {
+        out.push(response);
+    }
+    Ok(out)
+}
+
+/// Parses a vPDQ reference file (`frame,quality,hex,timestamp` lines) into frames.
+pub fn vpdq_frames(text: &str) -> Vec<pb::Frame> {
+    text.lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|line| {
+            let fields: Vec<&str> = line.split(',').collect();
+            assert!(fields.len() >= 4, "vPDQ line has 4 fields: {line}");
+            let index: u32 = fields[0].parse().expect("frame number");
+            let quality: u32 = fields[1].parse().expect("quality");
+            let hash: framematch::hash::PdqHash = fields[2].parse().expect("hash");
+            let seconds: f64 = fields[3].parse().expect("timestamp");
+            pdq_frame(index, (seconds * 1000.0).round() as u64, &hash, quality)
+        })
+        .collect()
+}
