@@ -2,21 +2,33 @@
 //! running server over gRPC.
 //!
 //! Client commands print tab-separated lines meant for scripts, and report failures on stderr.
-//! Exit codes: 0 success (for `match`: nothing matched), 1 (`match` only) something matched,
-//! 2 an error, 64 invalid server configuration.
+//! Exit codes: 0 success (for `match`, `scan` and `vpdq-match`: nothing matched), 1 (those three
+//! only) something matched, 2 an error, 64 invalid server configuration.
+//!
+//! Videos (issue #3) are decoded by the real FFmpeg through [`crate::video`] and hashed locally as
+//! vPDQ does. A file is told apart by its first bytes: a JPEG, PNG, WebP, GIF or BMP signature is
+//! an image, valid UTF-8 text is a vPDQ hash file (reference text or HMA JSON, where a command
+//! takes those), and anything else is handed to ffprobe as a video. Progress bars appear on stderr
+//! only when it is a terminal, so scripts and logs see only the result lines.
 
 #![allow(clippy::print_stdout)]
 
+use std::collections::HashMap;
+use std::io::{IsTerminal, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
+use image::ImageFormat;
+use indicatif::{ProgressBar, ProgressStyle};
 use tonic::transport::Channel;
 
 use crate::config::ServeArgs;
 use crate::hash::pdq::{self, DecodeLimits, Dihedral};
+use crate::hash::vpdq::{self, MatchConfig, Semantics, Vpdq};
 use crate::model::Category;
 use crate::pb;
+use crate::video::{self, FrameReader, HashOptions, SamplingOptions, Tools};
 
 /// Exit code for errors.
 pub const EXIT_ERROR: u8 = 2;
@@ -48,16 +60,17 @@ pub struct Cli {
 pub enum Command {
     /// Run the gRPC service on the embedded store.
     Serve(ServeArgs),
-    /// Print the PDQ hash of image files: `pdq_hex,quality,path` per file.
-    Hash {
-        /// Also print the seven other dihedral variants (rot90, rot180, rot270, flipx, flipy,
-        /// flipplus1, flipminus1) after the path.
-        #[arg(long)]
-        dihedral: bool,
-        /// Image files (JPEG, PNG, WebP, GIF, BMP).
-        #[arg(required = true)]
-        files: Vec<PathBuf>,
-    },
+    /// Print the PDQ hash of image files (`pdq_hex,quality,path` per file) and the vPDQ hash of
+    /// videos (`frame,quality,pdq_hex,timestamp` per hashed frame, as Meta's vpdq-hash-video).
+    Hash(HashArgs),
+    /// Compare two vPDQ hashes (text or JSON files, or videos, hashed first) as
+    /// python-threatexchange does: prints `query_match_pct<TAB>compared_match_pct<TAB>is_match`;
+    /// exits 0 when they do not match, 1 when they do, 2 on error.
+    VpdqMatch(VpdqMatchArgs),
+    /// Decode videos with ffmpeg, stream their frames to the server and print one line per
+    /// reference verdict: `path<TAB>reference_id<TAB>bank<TAB>query_pct<TAB>reference_pct<TAB>
+    /// match|no-match`; exits 0 when nothing matched, 1 when something did, 2 on error.
+    Scan(ScanArgs),
     /// Manage banks.
     Bank {
         /// The bank command.
@@ -90,6 +103,109 @@ pub enum Command {
     Stats,
 }
 
+/// Which video frames are hashed (vPDQ's sampling, shared/PDQ.md §2.1).
+#[derive(Debug, Clone, Copy, Args)]
+pub struct SamplingArgs {
+    /// Hash one frame every this many seconds of video: every `(int)(S × fps)`-th frame, as
+    /// vPDQ does; 0 hashes every frame.
+    #[arg(long, value_name = "S", default_value_t = 1.0)]
+    pub seconds_per_hash: f64,
+    /// Hash every frame (vpdq-hash-video's default; same as --seconds-per-hash 0).
+    #[arg(long)]
+    pub every_frame: bool,
+}
+
+impl SamplingArgs {
+    /// As [`SamplingOptions`].
+    pub fn options(&self) -> SamplingOptions {
+        SamplingOptions {
+            seconds_per_hash: self.seconds_per_hash,
+            every_frame: self.every_frame,
+        }
+    }
+}
+
+/// `framematch hash …`
+#[derive(Debug, Args)]
+pub struct HashArgs {
+    /// Also print the seven other dihedral variants (rot90, rot180, rot270, flipx, flipy,
+    /// flipplus1, flipminus1): after the path for an image, after the timestamp for a video frame.
+    #[arg(long)]
+    pub dihedral: bool,
+    /// Which video frames to hash.
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
+    /// Print videos as HMA's JSON array of `"pdq_hex,quality,timestamp"` strings instead.
+    #[arg(long)]
+    pub json: bool,
+    /// Image files (JPEG, PNG, WebP, GIF, BMP) or videos (anything ffmpeg decodes). With several
+    /// files, each video's lines follow a `# path` line.
+    #[arg(required = true)]
+    pub files: Vec<PathBuf>,
+}
+
+/// `framematch vpdq-match …`
+#[derive(Debug, Args)]
+pub struct VpdqMatchArgs {
+    /// The query: a vPDQ file (reference text or HMA JSON) or a video.
+    pub query: PathBuf,
+    /// The video it is compared with: a vPDQ file or a video.
+    pub compared: PathBuf,
+    /// Match when at least this share of the query's frames match, in percent.
+    #[arg(long, default_value_t = vpdq::DEFAULT_QUERY_THRESHOLD_PCT)]
+    pub query_threshold: f64,
+    /// ... and at least this share of the compared video's frames match, in percent.
+    #[arg(long, default_value_t = vpdq::DEFAULT_COMPARED_THRESHOLD_PCT)]
+    pub compared_threshold: f64,
+    /// Frame distance tolerance in bits.
+    #[arg(long, default_value_t = crate::hash::DEFAULT_MAX_DISTANCE)]
+    pub max_distance: u32,
+    /// Frames of lower quality are left out.
+    #[arg(long, default_value_t = crate::hash::DEFAULT_MIN_QUALITY)]
+    pub min_quality: u8,
+    /// The C++ match-hashes-brute rules (no dedupe, distance strictly below --max-distance)
+    /// instead of python-threatexchange's.
+    #[arg(long)]
+    pub cpp: bool,
+    /// Which frames of a video argument are hashed.
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
+}
+
+/// `framematch scan …`
+#[derive(Debug, Args)]
+pub struct ScanArgs {
+    /// Only search these banks (repeatable); default: all.
+    #[arg(long = "bank")]
+    pub banks: Vec<String>,
+    /// Send each selected frame as a JPEG for the server to hash, instead of hashing locally.
+    #[arg(long)]
+    pub send_images: bool,
+    /// Also match rotated and mirrored versions of the frames.
+    #[arg(long)]
+    pub dihedral: bool,
+    /// Send one frame every this many seconds of video (vPDQ sampling).
+    #[arg(long, value_name = "S", default_value_t = 1.0)]
+    pub seconds_per_hash: f64,
+    /// Temporal rule: an in-order run of matching frames this long matches on its own, in
+    /// milliseconds; 0 turns it off (default: the server's).
+    #[arg(long, value_name = "N")]
+    pub min_run_ms: Option<u32>,
+    /// Percentage rule: share of the upload's frames that must match (default: the server's, 80).
+    #[arg(long, value_name = "P")]
+    pub query_threshold: Option<f64>,
+    /// Percentage rule: share of the reference's frames that must be matched (default: the
+    /// server's, 0).
+    #[arg(long, value_name = "P")]
+    pub reference_threshold: Option<f64>,
+    /// Largest Hamming distance counted as a frame match (default: the server's, normally 31).
+    #[arg(long)]
+    pub max_distance: Option<u32>,
+    /// Video files.
+    #[arg(required = true)]
+    pub videos: Vec<PathBuf>,
+}
+
 /// `framematch bank …`
 #[derive(Debug, Subcommand)]
 pub enum BankCommand {
@@ -111,13 +227,18 @@ pub enum BankCommand {
 /// `framematch ref …`
 #[derive(Debug, Subcommand)]
 pub enum RefCommand {
-    /// Add one reference per image file to a bank; prints `reference_id<TAB>path`.
+    /// Add one reference per file to a bank; prints `reference_id<TAB>path`. Images are sent as
+    /// they are; videos are hashed here (vPDQ) and sent as hashes; vPDQ files (reference text or
+    /// HMA JSON) are sent as they hash.
     Add {
         /// Target bank.
         bank: String,
-        /// Image files; each becomes its own reference.
+        /// Images, videos or vPDQ files; each becomes its own reference.
         #[arg(required = true)]
         files: Vec<PathBuf>,
+        /// Which video frames to hash.
+        #[command(flatten)]
+        sampling: SamplingArgs,
         /// Free text stored with every reference added.
         #[arg(long, default_value = "")]
         note: String,
@@ -191,6 +312,32 @@ pub enum Error {
     /// Flags that do not fit together.
     #[error("{0}")]
     Usage(String),
+    /// A video could not be decoded or hashed.
+    #[error(transparent)]
+    Video(#[from] video::Error),
+    /// A vPDQ file could not be read.
+    #[error("{path}: {source}")]
+    Vpdq {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: vpdq::Error,
+    },
+    /// A video frame could not be encoded as JPEG.
+    #[error("{path}: frame {frame_index} could not be encoded as jpeg: {source}")]
+    Encode {
+        /// The video.
+        path: PathBuf,
+        /// The frame.
+        frame_index: u64,
+        /// Why.
+        #[source]
+        source: image::ImageError,
+    },
+    /// A background task stopped unexpectedly (a bug).
+    #[error("internal error: {0}")]
+    Task(String),
 }
 
 fn rpc_error(context: impl Into<String>, status: tonic::Status) -> Error {
@@ -227,28 +374,142 @@ fn image_frame(bytes: Vec<u8>) -> pb::Frame {
     }
 }
 
-/// `framematch hash`: hashes each file locally, printing a line per file. A file that fails is
-/// reported on stderr and the rest go on; the exit code is 2 if any failed.
-pub fn hash_files(files: &[PathBuf], dihedral: bool) -> ExitCode {
+/// What a file holds, judged from its first bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum FileKind {
+    /// A JPEG, PNG, WebP, GIF or BMP picture (the `image` crate decodes it).
+    Image,
+    /// UTF-8 text: a vPDQ hash file, where one is accepted.
+    Text,
+    /// Anything else: left to ffprobe.
+    Media,
+}
+
+/// Bytes read to tell a file's kind.
+const SNIFF_BYTES: usize = 8192;
+
+fn sniff(path: &Path) -> Result<FileKind, Error> {
+    let read_error = |source| Error::Read {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut head = Vec::with_capacity(SNIFF_BYTES);
+    std::fs::File::open(path)
+        .map_err(read_error)?
+        .take(SNIFF_BYTES as u64)
+        .read_to_end(&mut head)
+        .map_err(read_error)?;
+    Ok(kind_of(&head))
+}
+
+fn kind_of(head: &[u8]) -> FileKind {
+    if let Ok(
+        ImageFormat::Jpeg
+        | ImageFormat::Png
+        | ImageFormat::WebP
+        | ImageFormat::Gif
+        | ImageFormat::Bmp,
+    ) = image::guess_format(head)
+    {
+        return FileKind::Image;
+    }
+    // Text: no NUL and valid UTF-8, except perhaps a character cut by the end of the sample.
+    let utf8 = match std::str::from_utf8(head) {
+        Ok(_) => true,
+        Err(error) => error.error_len().is_none(),
+    };
+    if !head.is_empty() && utf8 && !head.contains(&0) {
+        FileKind::Text
+    } else {
+        FileKind::Media
+    }
+}
+
+/// A progress bar on stderr when it is a terminal, hidden otherwise. `len` is the expected
+/// number of steps, when known.
+fn progress_bar(len: Option<u64>, label: &str) -> ProgressBar {
+    if !std::io::stderr().is_terminal() {
+        return ProgressBar::hidden();
+    }
+    let (bar, template) = match len {
+        Some(len) => (
+            ProgressBar::new(len),
+            "{prefix} [{bar:40}] {pos}/{len} frames {elapsed_precise} eta {eta}",
+        ),
+        None => (
+            ProgressBar::new_spinner(),
+            "{prefix} {spinner} {pos} frames {elapsed_precise}",
+        ),
+    };
+    if let Ok(style) = ProgressStyle::with_template(template) {
+        bar.set_style(style.progress_chars("=> "));
+    }
+    bar.set_prefix(label.to_string());
+    bar
+}
+
+/// Hashes a video with a progress bar over its decoded frames.
+fn hash_video_file(
+    path: &Path,
+    sampling: SamplingOptions,
+    dihedral: bool,
+) -> Result<video::HashedVideo, Error> {
+    let options = HashOptions {
+        sampling,
+        dihedral,
+        ..HashOptions::default()
+    };
+    // ffprobe runs again inside `hash_video`; it costs milliseconds and gives the bar a length.
+    let frames = video::probe(&options.tools, path)
+        .ok()
+        .and_then(|info| info.frame_count);
+    let bar = progress_bar(frames, &path.display().to_string());
+    let result = video::hash_video(path, &options, |decoded| bar.set_position(decoded));
+    bar.finish_and_clear();
+    Ok(result?)
+}
+
+/// Reads a vPDQ file, or hashes a video, into a vPDQ hash.
+fn load_vpdq(path: &Path, sampling: SamplingOptions) -> Result<Vpdq, Error> {
+    if sniff(path)? == FileKind::Text {
+        let text = std::fs::read_to_string(path).map_err(|source| Error::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        return Vpdq::parse(&text).map_err(|source| Error::Vpdq {
+            path: path.to_path_buf(),
+            source,
+        });
+    }
+    Ok(hash_video_file(path, sampling, false)?.to_vpdq())
+}
+
+/// `framematch hash`: hashes each file locally, printing a line per image and a vPDQ block per
+/// video. A file that fails is reported on stderr and the rest go on; the exit code is 2 if any
+/// failed.
+pub fn hash_files(args: &HashArgs) -> ExitCode {
     let limits = DecodeLimits::default();
+    let sampling = args.sampling.options();
+    let several = args.files.len() > 1;
     let mut failed = false;
-    for path in files {
-        let result = read_file(path).and_then(|bytes| {
-            pdq::hash_image_bytes(&bytes, &limits).map_err(|source| Error::Hash {
-                path: path.clone(),
-                source,
-            })
+    for path in &args.files {
+        let result = sniff(path).and_then(|kind| match kind {
+            FileKind::Image => hash_image_file(path, &limits, args.dihedral),
+            FileKind::Text | FileKind::Media => {
+                let hashed = hash_video_file(path, sampling, args.dihedral)?;
+                Ok(video_text(path, &hashed, args, several))
+            }
         });
         match result {
-            Ok(output) => {
-                let mut line = format!("{},{},{}", output.hash(), output.quality(), path.display());
-                if dihedral {
-                    for variant in Dihedral::ALL.into_iter().skip(1) {
-                        line.push(',');
-                        line.push_str(&output.variant(variant).to_hex());
-                    }
+            Ok(text) => {
+                let mut stdout = std::io::stdout().lock();
+                if let Err(error) = stdout
+                    .write_all(text.as_bytes())
+                    .and_then(|()| stdout.flush())
+                {
+                    eprintln!("framematch: writing the output: {error}");
+                    return ExitCode::from(EXIT_ERROR);
                 }
-                println!("{line}");
             }
             Err(error) => {
                 eprintln!("framematch: {error}");
@@ -261,6 +522,76 @@ pub fn hash_files(files: &[PathBuf], dihedral: bool) -> ExitCode {
     } else {
         ExitCode::SUCCESS
     }
+}
+
+fn hash_image_file(path: &Path, limits: &DecodeLimits, dihedral: bool) -> Result<String, Error> {
+    let bytes = read_file(path)?;
+    let output = pdq::hash_image_bytes(&bytes, limits).map_err(|source| Error::Hash {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let mut line = format!("{},{},{}", output.hash(), output.quality(), path.display());
+    if dihedral {
+        for variant in Dihedral::ALL.into_iter().skip(1) {
+            line.push(',');
+            line.push_str(&output.variant(variant).to_hex());
+        }
+    }
+    line.push('\n');
+    Ok(line)
+}
+
+/// A video's vPDQ lines (the reference text form, with the dihedral variants appended when asked:
+/// the reference reader ignores fields after the 4th), or its HMA JSON.
+fn video_text(path: &Path, hashed: &video::HashedVideo, args: &HashArgs, several: bool) -> String {
+    let mut out = String::new();
+    if several {
+        out.push_str(&format!("# {}\n", path.display()));
+    }
+    let vpdq = hashed.to_vpdq();
+    if args.json {
+        out.push_str(&vpdq.to_json());
+        out.push('\n');
+        return out;
+    }
+    for (feature, frame) in vpdq.features.iter().zip(&hashed.frames) {
+        out.push_str(&vpdq::text_line(feature));
+        if let Some(variants) = frame.variants.filter(|_| args.dihedral) {
+            for variant in variants.iter().skip(1) {
+                out.push(',');
+                out.push_str(&variant.to_hex());
+            }
+        }
+        out.push('\n');
+    }
+    out
+}
+
+/// `framematch vpdq-match`: returns whether the two match.
+///
+/// # Errors
+/// [`Error::Read`], [`Error::Vpdq`] for a malformed vPDQ file, [`Error::Video`] for a video that
+/// cannot be hashed.
+pub fn vpdq_match(args: &VpdqMatchArgs) -> Result<bool, Error> {
+    let sampling = args.sampling.options();
+    let query = load_vpdq(&args.query, sampling)?;
+    let compared = load_vpdq(&args.compared, sampling)?;
+    let config = MatchConfig {
+        quality_tolerance: args.min_quality,
+        distance_tolerance: args.max_distance,
+        semantics: if args.cpp {
+            Semantics::Cpp
+        } else {
+            Semantics::Pytx
+        },
+    };
+    let result = vpdq::match_brute(&query.features, &compared.features, &config);
+    let is_match = result.is_match(args.query_threshold, args.compared_threshold);
+    println!(
+        "{:.2}\t{:.2}\t{is_match}",
+        result.query_match_pct, result.compared_match_pct
+    );
+    Ok(is_match)
 }
 
 /// `framematch bank …`
@@ -321,6 +652,7 @@ pub async fn reference(command: RefCommand, server: &str) -> Result<(), Error> {
         RefCommand::Add {
             bank,
             files,
+            sampling,
             note,
             external_id,
         } => {
@@ -330,21 +662,19 @@ pub async fn reference(command: RefCommand, server: &str) -> Result<(), Error> {
                 ));
             }
             for path in files {
-                let bytes = read_file(&path)?;
-                let messages = vec![
-                    pb::AddReferenceRequest {
-                        item: Some(pb::add_reference_request::Item::Header(
-                            pb::ReferenceHeader {
-                                bank: bank.clone(),
-                                external_id: external_id.clone(),
-                                note: note.clone(),
-                            },
-                        )),
-                    },
-                    pb::AddReferenceRequest {
-                        item: Some(pb::add_reference_request::Item::Frame(image_frame(bytes))),
-                    },
-                ];
+                let frames = reference_frames(&path, sampling.options()).await?;
+                let mut messages = vec![pb::AddReferenceRequest {
+                    item: Some(pb::add_reference_request::Item::Header(
+                        pb::ReferenceHeader {
+                            bank: bank.clone(),
+                            external_id: external_id.clone(),
+                            note: note.clone(),
+                        },
+                    )),
+                }];
+                messages.extend(frames.into_iter().map(|frame| pb::AddReferenceRequest {
+                    item: Some(pb::add_reference_request::Item::Frame(frame)),
+                }));
                 let added = client
                     .add_reference(tokio_stream::iter(messages))
                     .await
@@ -394,6 +724,56 @@ pub async fn reference(command: RefCommand, server: &str) -> Result<(), Error> {
         }
     }
     Ok(())
+}
+
+/// The frames of one reference file: an image as its bytes, a vPDQ file's hashes, or a video
+/// hashed here (on the blocking pool) and sent as hashes with their index and time.
+async fn reference_frames(path: &Path, sampling: SamplingOptions) -> Result<Vec<pb::Frame>, Error> {
+    let vpdq = match sniff(path)? {
+        FileKind::Image => return Ok(vec![image_frame(read_file(path)?)]),
+        FileKind::Text => {
+            let text = std::fs::read_to_string(path).map_err(|source| Error::Read {
+                path: path.to_path_buf(),
+                source,
+            })?;
+            Vpdq::parse(&text).map_err(|source| Error::Vpdq {
+                path: path.to_path_buf(),
+                source,
+            })?
+        }
+        FileKind::Media => {
+            let owned = path.to_path_buf();
+            tokio::task::spawn_blocking(move || hash_video_file(&owned, sampling, false))
+                .await
+                .map_err(|e| Error::Task(e.to_string()))??
+                .to_vpdq()
+        }
+    };
+    Ok(vpdq
+        .features
+        .iter()
+        .map(|f| pb::Frame {
+            frame_index: u32::try_from(f.frame_number).unwrap_or(u32::MAX),
+            timestamp_ms: f.timestamp_ms(),
+            signal: Some(pb::frame::Signal::Pdq(pdq_signal(&f.hash, f.quality, None))),
+        })
+        .collect())
+}
+
+/// A precomputed hash, with the 7 other dihedral variants when given all 8.
+fn pdq_signal(
+    hash: &crate::hash::PdqHash,
+    quality: u8,
+    variants: Option<&[crate::hash::PdqHash; 8]>,
+) -> pb::PdqSignal {
+    pb::PdqSignal {
+        hash: hash.as_bytes().to_vec(),
+        quality: u32::from(quality),
+        // The proto's order, rot90 … flipminus1, is Dihedral::ALL without the original.
+        variants: variants.map_or_else(Vec::new, |all| {
+            all.iter().skip(1).map(|v| v.as_bytes().to_vec()).collect()
+        }),
+    }
 }
 
 /// `framematch match`: returns whether anything matched.
@@ -471,4 +851,313 @@ pub async fn stats(server: &str) -> Result<(), Error> {
     println!("last_change_seq\t{}", s.last_change_seq);
     println!("open_streams\t{}", s.open_streams);
     Ok(())
+}
+
+// === scan ===
+
+/// JPEG quality of frames sent with `scan --send-images`: high enough that the server's hash is
+/// within a few bits of the local one.
+const SCAN_JPEG_QUALITY: u8 = 90;
+
+/// The last final verdict per reference, in the order references were first finalised.
+#[derive(Default)]
+struct FinalVerdicts {
+    order: Vec<i64>,
+    latest: HashMap<i64, pb::Verdict>,
+}
+
+impl FinalVerdicts {
+    fn record(&mut self, verdict: pb::Verdict) {
+        // Servers that predate streaming verdicts send only closing verdicts, without a status.
+        let final_or_closing = matches!(
+            pb::VerdictStatus::try_from(verdict.status),
+            Ok(pb::VerdictStatus::Final | pb::VerdictStatus::Unspecified)
+        );
+        if !final_or_closing {
+            return;
+        }
+        let id = verdict.source.as_ref().map_or(0, |s| s.reference_id);
+        if self.latest.insert(id, verdict).is_none() {
+            self.order.push(id);
+        }
+    }
+
+    fn into_verdicts(mut self) -> Vec<pb::Verdict> {
+        self.order
+            .iter()
+            .filter_map(|id| self.latest.remove(id))
+            .collect()
+    }
+}
+
+/// `framematch scan`: scans each video in turn, printing its verdict lines. A video that fails
+/// is reported on stderr and the rest go on.
+///
+/// Exit code: 2 when any video failed (or the server could not be reached), else 1 when any
+/// final verdict is a match, else 0.
+pub async fn scan(args: &ScanArgs, server: &str) -> ExitCode {
+    let channel = match connect(server).await {
+        Ok(channel) => channel,
+        Err(error) => {
+            eprintln!("framematch: {error}");
+            return ExitCode::from(EXIT_ERROR);
+        }
+    };
+    let mut client = pb::matcher_client::MatcherClient::new(channel);
+    let mut matched = false;
+    let mut failed = false;
+    for path in &args.videos {
+        match scan_video(&mut client, path, args).await {
+            Ok(verdicts) => {
+                for verdict in verdicts {
+                    matched |= verdict.is_match;
+                    let source = verdict.source.unwrap_or_default();
+                    println!(
+                        "{}\t{}\t{}\t{:.2}\t{:.2}\t{}",
+                        path.display(),
+                        source.reference_id,
+                        source.bank,
+                        verdict.query_match_pct,
+                        verdict.reference_match_pct,
+                        if verdict.is_match {
+                            "match"
+                        } else {
+                            "no-match"
+                        }
+                    );
+                }
+            }
+            Err(error) => {
+                eprintln!("framematch: {error}");
+                failed = true;
+            }
+        }
+    }
+    if failed {
+        ExitCode::from(EXIT_ERROR)
+    } else if matched {
+        ExitCode::from(EXIT_MATCHED)
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
+/// One video's MatchVideo stream; returns its final verdicts.
+async fn scan_video(
+    client: &mut pb::matcher_client::MatcherClient<Channel>,
+    path: &Path,
+    args: &ScanArgs,
+) -> Result<Vec<pb::Verdict>, Error> {
+    let sampling = SamplingOptions {
+        seconds_per_hash: args.seconds_per_hash,
+        every_frame: false,
+    };
+    let options = pb::MatchOptions {
+        banks: args.banks.clone(),
+        max_distance: args.max_distance,
+        dihedral: args.dihedral,
+        query_match_threshold_pct: args.query_threshold,
+        reference_match_threshold_pct: args.reference_threshold,
+        min_run_ms: args.min_run_ms,
+        ..Default::default()
+    };
+    let context = format!("scanning {}", path.display());
+    if args.send_images {
+        return scan_images(client, path, sampling, options, &context).await;
+    }
+    // Hashing locally first costs little more than decoding (ffmpeg decodes every frame either
+    // way), and gives the exact frame count, so the server can finalise verdicts at the last
+    // frame (expected_frame_count).
+    let owned = path.to_path_buf();
+    let dihedral = args.dihedral;
+    let hashed = tokio::task::spawn_blocking(move || hash_video_file(&owned, sampling, dihedral))
+        .await
+        .map_err(|e| Error::Task(e.to_string()))??;
+    let count = u32::try_from(hashed.frames.len()).ok();
+    let options = pb::MatchOptions {
+        expected_frame_count: count,
+        ..options
+    };
+    let requests: Vec<pb::MatchRequest> = hashed
+        .frames
+        .iter()
+        .enumerate()
+        .map(|(i, frame)| pb::MatchRequest {
+            options: (i == 0).then(|| options.clone()),
+            frame: Some(pb::Frame {
+                frame_index: u32::try_from(frame.frame_index).unwrap_or(u32::MAX),
+                timestamp_ms: timestamp_ms(frame.timestamp_s),
+                signal: Some(pb::frame::Signal::Pdq(pdq_signal(
+                    &frame.hash,
+                    frame.quality,
+                    frame.variants.as_ref().filter(|_| dihedral),
+                ))),
+            }),
+        })
+        .collect();
+    if requests.is_empty() {
+        return Err(Error::Usage(format!(
+            "{}: the video has no frames to scan",
+            path.display()
+        )));
+    }
+    collect_verdicts(client, tokio_stream::iter(requests), &context).await
+}
+
+/// `--send-images`: frames are decoded, JPEG-encoded and sent as they come, so memory stays at a
+/// few frames whatever the video's length. The count is not known up front.
+async fn scan_images(
+    client: &mut pb::matcher_client::MatcherClient<Channel>,
+    path: &Path,
+    sampling: SamplingOptions,
+    options: pb::MatchOptions,
+    context: &str,
+) -> Result<Vec<pb::Verdict>, Error> {
+    let (tx, rx) = tokio::sync::mpsc::channel::<pb::MatchRequest>(4);
+    let owned = path.to_path_buf();
+    let producer = tokio::task::spawn_blocking(move || -> Result<u64, Error> {
+        let mut reader = FrameReader::open(&Tools::default(), &owned, &sampling)?;
+        let expected = reader.info().frame_count.map(|n| reader.selected_count(n));
+        let (width, height) = (reader.info().width, reader.info().height);
+        let bar = progress_bar(expected, &owned.display().to_string());
+        let mut options = Some(options);
+        let mut rgb = Vec::new();
+        let mut sent = 0;
+        while let Some(position) = reader.next_frame(&mut rgb)? {
+            let mut jpeg = Vec::new();
+            image::codecs::jpeg::JpegEncoder::new_with_quality(&mut jpeg, SCAN_JPEG_QUALITY)
+                .encode(&rgb, width, height, image::ExtendedColorType::Rgb8)
+                .map_err(|source| Error::Encode {
+                    path: owned.clone(),
+                    frame_index: position.frame_index,
+                    source,
+                })?;
+            let request = pb::MatchRequest {
+                options: options.take(),
+                frame: Some(pb::Frame {
+                    frame_index: u32::try_from(position.frame_index).unwrap_or(u32::MAX),
+                    timestamp_ms: timestamp_ms(position.timestamp_s),
+                    signal: Some(pb::frame::Signal::Image(jpeg)),
+                }),
+            };
+            if tx.blocking_send(request).is_err() {
+                // The stream is gone; its status says why.
+                break;
+            }
+            sent += 1;
+            bar.inc(1);
+        }
+        bar.finish_and_clear();
+        Ok(sent)
+    });
+    let verdicts = collect_verdicts(
+        client,
+        tokio_stream::wrappers::ReceiverStream::new(rx),
+        context,
+    )
+    .await;
+    let sent = producer.await.map_err(|e| Error::Task(e.to_string()))??;
+    if sent == 0 {
+        return Err(Error::Usage(format!(
+            "{}: the video has no frames to scan",
+            path.display()
+        )));
+    }
+    verdicts
+}
+
+/// Runs one MatchVideo stream to its end and keeps the final verdicts.
+async fn collect_verdicts(
+    client: &mut pb::matcher_client::MatcherClient<Channel>,
+    requests: impl tokio_stream::Stream<Item = pb::MatchRequest> + Send + 'static,
+    context: &str,
+) -> Result<Vec<pb::Verdict>, Error> {
+    let mut responses = client
+        .match_video(requests)
+        .await
+        .map_err(|s| rpc_error(context, s))?
+        .into_inner();
+    let mut verdicts = FinalVerdicts::default();
+    while let Some(response) = responses
+        .message()
+        .await
+        .map_err(|s| rpc_error(context, s))?
+    {
+        match response.result {
+            Some(pb::match_response::Result::Verdict(verdict)) => verdicts.record(verdict),
+            Some(pb::match_response::Result::Summary(_)) => break,
+            Some(pb::match_response::Result::Frame(_)) | None => {}
+        }
+    }
+    Ok(verdicts.into_verdicts())
+}
+
+/// Seconds as whole milliseconds, rounded to nearest.
+fn timestamp_ms(seconds: f32) -> u64 {
+    let ms = (f64::from(seconds) * 1000.0).round();
+    if ms.is_finite() && ms >= 0.0 {
+        ms as u64
+    } else {
+        0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_kinds_come_from_the_first_bytes() {
+        assert_eq!(kind_of(b"\x89PNG\r\n\x1a\n0000"), FileKind::Image);
+        assert_eq!(kind_of(b"\xff\xd8\xff\xe0\x00\x10JFIF"), FileKind::Image);
+        assert_eq!(kind_of(b"0,100,abcd,0.000\n"), FileKind::Text);
+        assert_eq!(kind_of(b"[\"ab,100,0.0\"]"), FileKind::Text);
+        // An MP4 box header has NUL bytes.
+        assert_eq!(kind_of(b"\x00\x00\x00\x20ftypisom"), FileKind::Media);
+        assert_eq!(kind_of(b""), FileKind::Media);
+        // A multi-byte character cut by the end of the sample is still text.
+        assert_eq!(
+            kind_of(
+                "0,100,é"
+                    .as_bytes()
+                    .split_last()
+                    .map_or(&[][..], |(_, rest)| rest)
+            ),
+            FileKind::Text
+        );
+    }
+
+    fn verdict(id: i64, status: pb::VerdictStatus, is_match: bool) -> pb::Verdict {
+        pb::Verdict {
+            source: Some(pb::ReferenceSource {
+                reference_id: id,
+                ..Default::default()
+            }),
+            is_match,
+            status: status as i32,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn only_the_last_final_verdict_per_reference_is_kept() {
+        let mut verdicts = FinalVerdicts::default();
+        verdicts.record(verdict(7, pb::VerdictStatus::Provisional, true));
+        verdicts.record(verdict(3, pb::VerdictStatus::Final, false));
+        verdicts.record(verdict(7, pb::VerdictStatus::Final, false));
+        verdicts.record(verdict(3, pb::VerdictStatus::Final, true));
+        let kept: Vec<(i64, bool)> = verdicts
+            .into_verdicts()
+            .iter()
+            .map(|v| (v.source.as_ref().map_or(0, |s| s.reference_id), v.is_match))
+            .collect();
+        assert_eq!(kept, vec![(3, true), (7, false)]);
+    }
+
+    #[test]
+    fn timestamps_round_to_milliseconds() {
+        assert_eq!(timestamp_ms(2.0 / 30.0), 67);
+        assert_eq!(timestamp_ms(0.0), 0);
+        assert_eq!(timestamp_ms(-1.0), 0);
+    }
 }

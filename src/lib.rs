@@ -14,6 +14,8 @@
 //! - [`model`]: the domain types of the data model (DESIGN.md §2).
 //! - [`api`]: the gRPC edge: state, conversions, status codes, the Matcher and Banks services.
 //! - [`server`]: `serve(listener, config, shutdown)`; health, reflection, index load.
+//! - [`video`]: decoding with the real FFmpeg (a subprocess) and vPDQ frame selection and hashing;
+//!   [`hash::vpdq`] reads and writes vPDQ files and compares two videos as vPDQ does.
 //! - [`config`]: flags and environment, validated once; [`cli`]: the command line.
 //! - [`pb`]: generated protobuf code, nothing else.
 //!
@@ -41,3 +43,4 @@ pub mod model;
 pub mod pb;
 pub mod server;
 pub mod store;
+pub mod video;

@@ -15,7 +15,19 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Serve(args) => serve(&args),
-        Command::Hash { files, dihedral } => cli::hash_files(&files, dihedral),
+        Command::Hash(args) => cli::hash_files(&args),
+        Command::VpdqMatch(args) => match cli::vpdq_match(&args) {
+            Ok(true) => ExitCode::from(EXIT_MATCHED),
+            Ok(false) => ExitCode::SUCCESS,
+            Err(error) => {
+                eprintln!("framematch: {error}");
+                ExitCode::from(EXIT_ERROR)
+            }
+        },
+        Command::Scan(args) => match runtime() {
+            Ok(runtime) => runtime.block_on(cli::scan(&args, &cli.server)),
+            Err(code) => code,
+        },
         Command::Bank { command } => client(cli::bank(command, &cli.server)),
         Command::Ref { command } => client(cli::reference(command, &cli.server)),
         Command::Stats => client(cli::stats(&cli.server)),

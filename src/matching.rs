@@ -34,6 +34,10 @@ pub struct MatchParams {
     pub reference_threshold_pct: f64,
     /// Most matches reported per frame (verdicts count them all).
     pub max_matches_per_frame: usize,
+    /// Frames the client said it will send, if it knows.
+    pub expected_frames: Option<u32>,
+    /// Shortest in-order run, in milliseconds, that counts as a match on its own (0: rule off).
+    pub min_run_ms: u64,
 }
 
 impl Default for MatchParams {
@@ -46,6 +50,8 @@ impl Default for MatchParams {
             query_threshold_pct: 80.0,
             reference_threshold_pct: 0.0,
             max_matches_per_frame: 10,
+            expected_frames: None,
+            min_run_ms: 5000,
         }
     }
 }
@@ -133,14 +139,133 @@ pub fn search_frame(
     hits
 }
 
+/// Upload frames a run may skip (no hit, low quality) and still go on: "a few missed frames".
+pub const RUN_MAX_MISSED_FRAMES: u32 = 3;
+/// Speed change a run tolerates between upload and reference: ±25 %.
+pub const RUN_SPEED_TOLERANCE: f64 = 0.25;
+/// Timing slack on top of the speed tolerance, in milliseconds: frames sampled once a second on
+/// each side can be up to half a second off the other side's sampling grid.
+pub const RUN_SLACK_MS: f64 = 600.0;
+/// Candidate alignments followed per reference at once.
+const MAX_CHAINS_PER_REFERENCE: usize = 4;
+
+/// A stretch of upload frames matching a stretch of a reference, in order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Run {
+    /// First upload frame's timestamp.
+    pub query_start_ms: u64,
+    /// Last upload frame's timestamp.
+    pub query_end_ms: u64,
+    /// Reference timestamp matched by the first upload frame.
+    pub reference_start_ms: u64,
+    /// Reference timestamp matched by the last upload frame.
+    pub reference_end_ms: u64,
+    /// Upload frames in the run.
+    pub frames: u32,
+}
+
+impl Run {
+    /// The run's length on the upload's clock.
+    pub fn duration_ms(&self) -> u64 {
+        self.query_end_ms.saturating_sub(self.query_start_ms)
+    }
+}
+
+/// One alignment being followed: a run plus the ordinal of its last upload frame.
+#[derive(Clone, Copy, Debug)]
+struct Chain {
+    run: Run,
+    last_ordinal: u32,
+}
+
+impl Chain {
+    /// Whether an upload frame at `ordinal`/`query_ms` matching reference time `reference_ms`
+    /// continues this chain: not too many frames skipped, and the reference advanced about as much
+    /// as the upload did (speed within ±25 %, plus sampling slack).
+    fn accepts(&self, ordinal: u32, query_ms: u64, reference_ms: u64) -> bool {
+        if ordinal <= self.last_ordinal
+            || ordinal - self.last_ordinal > RUN_MAX_MISSED_FRAMES + 1
+            || query_ms < self.run.query_end_ms
+        {
+            return false;
+        }
+        let dq = (query_ms - self.run.query_end_ms) as f64;
+        let dr = reference_ms as f64 - self.run.reference_end_ms as f64;
+        dr >= dq * (1.0 - RUN_SPEED_TOLERANCE) - RUN_SLACK_MS
+            && dr <= dq * (1.0 + RUN_SPEED_TOLERANCE) + RUN_SLACK_MS
+    }
+}
+
 /// Per-reference tally within one stream.
 #[derive(Clone, Debug)]
 struct Tally {
     bank: BankId,
+    /// Distinct good-quality frames of the reference (the reference % denominator), read once.
+    reference_total: u32,
     /// Distinct good-quality upload hashes that matched this reference.
     query_frames_matched: u32,
     /// Distinct reference frames (by index; the store keeps one frame per distinct hash) matched.
     reference_frames_matched: BTreeSet<u32>,
+    /// Alignments being followed for the temporal rule.
+    chains: Vec<Chain>,
+    /// The longest run seen so far.
+    best_run: Option<Run>,
+    /// The last decision sent to the client, and whether it was final.
+    announced: Option<(bool, bool)>,
+}
+
+impl Tally {
+    /// Extends the alignments with one upload frame's matched reference timestamps.
+    fn extend_runs(&mut self, ordinal: u32, query_ms: u64, reference_times: &[u64]) {
+        self.chains
+            .retain(|c| ordinal - c.last_ordinal <= RUN_MAX_MISSED_FRAMES + 1);
+        let mut used = vec![false; reference_times.len()];
+        for chain in &mut self.chains {
+            // Of the reference times that continue this chain, take the one nearest the
+            // prediction (same speed).
+            let predicted =
+                chain.run.reference_end_ms as f64 + (query_ms - chain.run.query_end_ms) as f64;
+            let best = reference_times
+                .iter()
+                .enumerate()
+                .filter(|&(_, &r)| chain.accepts(ordinal, query_ms, r))
+                .min_by(|a, b| {
+                    (*a.1 as f64 - predicted)
+                        .abs()
+                        .total_cmp(&(*b.1 as f64 - predicted).abs())
+                });
+            if let Some((i, &reference_ms)) = best {
+                used[i] = true;
+                chain.run.query_end_ms = query_ms;
+                chain.run.reference_end_ms = reference_ms;
+                chain.run.frames = chain.run.frames.saturating_add(1);
+                chain.last_ordinal = ordinal;
+            }
+        }
+        for (i, &reference_ms) in reference_times.iter().enumerate() {
+            if used[i] || self.chains.len() >= MAX_CHAINS_PER_REFERENCE {
+                continue;
+            }
+            self.chains.push(Chain {
+                run: Run {
+                    query_start_ms: query_ms,
+                    query_end_ms: query_ms,
+                    reference_start_ms: reference_ms,
+                    reference_end_ms: reference_ms,
+                    frames: 1,
+                },
+                last_ordinal: ordinal,
+            });
+        }
+        for chain in &self.chains {
+            let longer = self
+                .best_run
+                .is_none_or(|best| chain.run.duration_ms() > best.duration_ms());
+            if longer {
+                self.best_run = Some(chain.run);
+            }
+        }
+    }
 }
 
 /// The whole-video result for one reference.
@@ -162,8 +287,16 @@ pub struct VerdictData {
     pub reference_frames_matched: u32,
     /// Denominator of `reference_match_pct`.
     pub reference_frames_total: u32,
-    /// Both thresholds met.
+    /// Both percentage thresholds met.
+    pub percentage_match: bool,
+    /// The longest in-order run lasts at least `min_run_ms`.
+    pub run_match: bool,
+    /// The longest in-order run, if any.
+    pub run: Option<Run>,
+    /// `percentage_match || run_match`.
     pub is_match: bool,
+    /// No frame still to come can change `is_match`.
+    pub is_final: bool,
 }
 
 /// Counts over a whole stream.
@@ -179,7 +312,8 @@ pub struct SessionSummary {
     pub distinct_frames: u32,
 }
 
-/// One upload's matching state: fed frame by frame, asked for verdicts at the end.
+/// One upload's matching state: fed frame by frame, it reports verdicts as soon as they are known
+/// and all of them at the end.
 #[derive(Debug)]
 pub struct Session {
     params: MatchParams,
@@ -204,38 +338,168 @@ impl Session {
         &self.params
     }
 
-    /// Records one upload frame and the hits [`search_frame`] found for it. A repeated hash counts
-    /// once towards the percentages (vPDQ deduplication), but its hits are still reported.
-    pub fn record(&mut self, frame: &FrameSignal, hits: &[FrameHit]) {
+    /// Records one upload frame and the hits [`search_frame`] found for it, and returns the
+    /// verdicts that changed because of it: a reference whose decision flipped (provisional), or
+    /// whose decision can no longer change (final; sent once).
+    ///
+    /// A repeated hash counts once towards the percentages (vPDQ deduplication, the first
+    /// occurrence decides) but still extends in-order runs. `reference_total` gives a reference's
+    /// number of distinct good-quality frames; it is asked once per reference.
+    pub fn record(
+        &mut self,
+        frame: &FrameSignal,
+        hits: &[FrameHit],
+        reference_total: &dyn Fn(ReferenceId) -> Option<u32>,
+    ) -> Vec<VerdictData> {
         self.summary.frames_received = self.summary.frames_received.saturating_add(1);
-        // python-threatexchange order: deduplicate by hash first (the first occurrence decides),
-        // then drop low quality.
+        let ordinal = self.summary.frames_received;
         let first_occurrence = self.seen.insert(frame.hash);
         if frame.quality < self.params.min_quality {
             self.summary.frames_low_quality = self.summary.frames_low_quality.saturating_add(1);
-            return;
-        }
-        if !hits.is_empty() {
-            self.summary.frames_matched = self.summary.frames_matched.saturating_add(1);
-        }
-        if !first_occurrence {
-            return;
-        }
-        self.summary.distinct_frames = self.summary.distinct_frames.saturating_add(1);
-        let mut counted: HashSet<ReferenceId> = HashSet::new();
-        for hit in hits {
-            let tally = self.tallies.entry(hit.reference).or_insert_with(|| Tally {
-                bank: hit.bank,
-                query_frames_matched: 0,
-                reference_frames_matched: BTreeSet::new(),
-            });
-            if counted.insert(hit.reference) {
-                tally.query_frames_matched = tally.query_frames_matched.saturating_add(1);
+        } else {
+            if !hits.is_empty() {
+                self.summary.frames_matched = self.summary.frames_matched.saturating_add(1);
             }
-            tally
-                .reference_frames_matched
-                .insert(hit.reference_frame.frame_index);
+            if first_occurrence {
+                self.summary.distinct_frames = self.summary.distinct_frames.saturating_add(1);
+            }
+            self.tally_hits(frame, hits, ordinal, first_occurrence, reference_total);
         }
+        // A decision may flip for any reference announced before (its query % falls as unmatched
+        // frames arrive), and for the ones this frame hit.
+        let mut changed = Vec::new();
+        let candidates: Vec<ReferenceId> = self
+            .tallies
+            .iter()
+            .filter(|(r, t)| t.announced.is_some() || hits.iter().any(|h| h.reference == **r))
+            .map(|(r, _)| *r)
+            .collect();
+        for reference in candidates {
+            let Some(verdict) = self.verdict(reference, false) else {
+                continue;
+            };
+            let Some(tally) = self.tallies.get_mut(&reference) else {
+                continue;
+            };
+            let decision = (verdict.is_match, verdict.is_final);
+            let worth_sending = match tally.announced {
+                // Say nothing until something matches.
+                None => verdict.is_match,
+                Some((_, true)) => false,
+                Some(before) => before != decision,
+            };
+            if worth_sending {
+                tally.announced = Some(decision);
+                changed.push(verdict);
+            }
+        }
+        changed
+    }
+
+    fn tally_hits(
+        &mut self,
+        frame: &FrameSignal,
+        hits: &[FrameHit],
+        ordinal: u32,
+        first_occurrence: bool,
+        reference_total: &dyn Fn(ReferenceId) -> Option<u32>,
+    ) {
+        let mut by_reference: HashMap<ReferenceId, (BankId, Vec<&FrameHit>)> = HashMap::new();
+        for hit in hits {
+            by_reference
+                .entry(hit.reference)
+                .or_insert_with(|| (hit.bank, Vec::new()))
+                .1
+                .push(hit);
+        }
+        for (reference, (bank, hits)) in by_reference {
+            let tally = match self.tallies.entry(reference) {
+                Entry::Occupied(slot) => slot.into_mut(),
+                Entry::Vacant(slot) => {
+                    // A reference withdrawn between the search and now is left out.
+                    let Some(total) = reference_total(reference) else {
+                        continue;
+                    };
+                    slot.insert(Tally {
+                        bank,
+                        reference_total: total,
+                        query_frames_matched: 0,
+                        reference_frames_matched: BTreeSet::new(),
+                        chains: Vec::new(),
+                        best_run: None,
+                        announced: None,
+                    })
+                }
+            };
+            if first_occurrence {
+                tally.query_frames_matched = tally.query_frames_matched.saturating_add(1);
+                tally
+                    .reference_frames_matched
+                    .extend(hits.iter().map(|h| h.reference_frame.frame_index));
+            }
+            if self.params.min_run_ms > 0 {
+                let mut times: Vec<u64> = hits
+                    .iter()
+                    .map(|h| h.reference_frame.timestamp_ms)
+                    .collect();
+                times.sort_unstable();
+                times.dedup();
+                tally.extend_runs(ordinal, frame.timestamp_ms, &times);
+            }
+        }
+    }
+
+    /// The current verdict for one reference. With `stream_ended`, every decision is final.
+    fn verdict(&self, reference: ReferenceId, stream_ended: bool) -> Option<VerdictData> {
+        let tally = self.tallies.get(&reference)?;
+        let params = &self.params;
+        let query_total = self.summary.distinct_frames;
+        let reference_matched =
+            u32::try_from(tally.reference_frames_matched.len()).unwrap_or(u32::MAX);
+        let query_match_pct = percent(tally.query_frames_matched, query_total);
+        let reference_match_pct = percent(reference_matched, tally.reference_total);
+        let reference_ok = reference_match_pct >= params.reference_threshold_pct;
+        let percentage_match = query_match_pct >= params.query_threshold_pct && reference_ok;
+        let run_match = params.min_run_ms > 0
+            && tally
+                .best_run
+                .is_some_and(|run| run.duration_ms() >= params.min_run_ms);
+        // What the frames still to come could do: at worst every one is new and unmatched, at
+        // best every one is new and matched. The reference % and the longest run never shrink.
+        let remaining = params
+            .expected_frames
+            .map(|n| n.saturating_sub(self.summary.frames_received));
+        let is_final = stream_ended
+            || run_match
+            || match remaining {
+                None => false,
+                Some(r) => {
+                    let worst = percent(tally.query_frames_matched, query_total.saturating_add(r));
+                    let best = percent(
+                        tally.query_frames_matched.saturating_add(r),
+                        query_total.saturating_add(r),
+                    );
+                    let certain_match = reference_ok && worst >= params.query_threshold_pct;
+                    let certain_miss =
+                        best < params.query_threshold_pct && (params.min_run_ms == 0 || r == 0);
+                    certain_match || certain_miss
+                }
+            };
+        Some(VerdictData {
+            reference,
+            bank: tally.bank,
+            query_match_pct,
+            reference_match_pct,
+            query_frames_matched: tally.query_frames_matched,
+            query_frames_total: query_total,
+            reference_frames_matched: reference_matched,
+            reference_frames_total: tally.reference_total,
+            percentage_match,
+            run_match,
+            run: tally.best_run,
+            is_match: percentage_match || run_match,
+            is_final,
+        })
     }
 
     /// Counts so far.
@@ -243,37 +507,14 @@ impl Session {
         self.summary
     }
 
-    /// One verdict per reference that matched any frame, matches first, then by query share.
-    ///
-    /// `reference_total` gives a reference's number of distinct good-quality frames (the index
-    /// knows it); a reference it no longer knows (withdrawn meanwhile) is left out.
-    pub fn verdicts(
-        &self,
-        reference_total: &dyn Fn(ReferenceId) -> Option<u32>,
-    ) -> Vec<VerdictData> {
-        let query_total = self.summary.distinct_frames;
+    /// The closing verdicts, all final: one per reference that matched any frame, matches first,
+    /// then by query share. `still_indexed` drops references withdrawn during the stream.
+    pub fn finish(&self, still_indexed: &dyn Fn(ReferenceId) -> bool) -> Vec<VerdictData> {
         let mut verdicts: Vec<VerdictData> = self
             .tallies
-            .iter()
-            .filter_map(|(&reference, tally)| {
-                let reference_total = reference_total(reference)?;
-                let reference_matched =
-                    u32::try_from(tally.reference_frames_matched.len()).unwrap_or(u32::MAX);
-                let query_match_pct = percent(tally.query_frames_matched, query_total);
-                let reference_match_pct = percent(reference_matched, reference_total);
-                Some(VerdictData {
-                    reference,
-                    bank: tally.bank,
-                    query_match_pct,
-                    reference_match_pct,
-                    query_frames_matched: tally.query_frames_matched,
-                    query_frames_total: query_total,
-                    reference_frames_matched: reference_matched,
-                    reference_frames_total: reference_total,
-                    is_match: query_match_pct >= self.params.query_threshold_pct
-                        && reference_match_pct >= self.params.reference_threshold_pct,
-                })
-            })
+            .keys()
+            .filter(|r| still_indexed(**r))
+            .filter_map(|r| self.verdict(*r, true))
             .collect();
         verdicts.sort_by(|a, b| {
             b.is_match
@@ -321,30 +562,41 @@ mod tests {
         }
     }
 
+    fn totals(reference: ReferenceId) -> Option<u32> {
+        match reference.0 {
+            7 => Some(4),
+            8 => Some(1),
+            _ => Some(100),
+        }
+    }
+
+    fn no_runs() -> MatchParams {
+        MatchParams {
+            min_run_ms: 0,
+            ..MatchParams::default()
+        }
+    }
+
     #[test]
     fn percentages_follow_vpdq_dedup_and_quality_rules() {
-        let mut session = Session::new(MatchParams::default());
+        let mut session = Session::new(no_runs());
         let a = hash_with_bits(&[1]);
         let b = hash_with_bits(&[2]);
         let c = hash_with_bits(&[3]);
         let low = hash_with_bits(&[4]);
-        session.record(&frame(0, a, 100), &[hit(7, 0, 0)]);
+        session.record(&frame(0, a, 100), &[hit(7, 0, 0)], &totals);
         // The same hash again: reported, but counted once.
-        session.record(&frame(1, a, 100), &[hit(7, 0, 0)]);
-        session.record(&frame(2, b, 90), &[hit(7, 1, 3), hit(8, 0, 20)]);
-        session.record(&frame(3, c, 90), &[]);
-        session.record(&frame(4, low, 10), &[]);
+        session.record(&frame(1, a, 100), &[hit(7, 0, 0)], &totals);
+        session.record(&frame(2, b, 90), &[hit(7, 1, 3), hit(8, 0, 20)], &totals);
+        session.record(&frame(3, c, 90), &[], &totals);
+        session.record(&frame(4, low, 10), &[], &totals);
         let summary = session.summary();
         assert_eq!(summary.frames_received, 5);
         assert_eq!(summary.frames_low_quality, 1);
         assert_eq!(summary.frames_matched, 3);
         assert_eq!(summary.distinct_frames, 3);
 
-        let verdicts = session.verdicts(&|r| match r.0 {
-            7 => Some(4),
-            8 => Some(1),
-            _ => None,
-        });
+        let verdicts = session.finish(&|_| true);
         assert_eq!(verdicts.len(), 2);
         let seven = &verdicts[0];
         assert_eq!(seven.reference, ReferenceId(7));
@@ -362,8 +614,19 @@ mod tests {
             !seven.is_match,
             "66.7% of the upload is under the 80% default"
         );
+        assert!(seven.is_final);
         let eight = &verdicts[1];
         assert_eq!(eight.reference_match_pct, 100.0);
+    }
+
+    #[test]
+    fn the_first_occurrence_of_a_hash_decides_its_quality() {
+        let mut session = Session::new(no_runs());
+        let a = hash_with_bits(&[1]);
+        session.record(&frame(0, a, 10), &[], &totals);
+        session.record(&frame(1, a, 100), &[hit(7, 0, 0)], &totals);
+        assert_eq!(session.summary().distinct_frames, 0);
+        assert_eq!(session.finish(&|_| true)[0].query_frames_matched, 0);
     }
 
     #[test]
@@ -371,22 +634,184 @@ mod tests {
         let params = MatchParams {
             query_threshold_pct: 50.0,
             reference_threshold_pct: 100.0,
-            ..MatchParams::default()
+            ..no_runs()
         };
-        let mut session = Session::new(params);
-        session.record(&frame(0, hash_with_bits(&[1]), 100), &[hit(1, 0, 0)]);
-        session.record(&frame(1, hash_with_bits(&[2]), 100), &[]);
-        let full = session.verdicts(&|_| Some(1));
-        assert!(full[0].is_match);
-        let partial = session.verdicts(&|_| Some(2));
-        assert!(!partial[0].is_match);
+        let mut full = Session::new(params.clone());
+        full.record(
+            &frame(0, hash_with_bits(&[1]), 100),
+            &[hit(8, 0, 0)],
+            &totals,
+        );
+        full.record(&frame(1, hash_with_bits(&[2]), 100), &[], &totals);
+        assert!(full.finish(&|_| true)[0].is_match);
+        let mut partial = Session::new(params);
+        partial.record(
+            &frame(0, hash_with_bits(&[1]), 100),
+            &[hit(7, 0, 0)],
+            &totals,
+        );
+        partial.record(&frame(1, hash_with_bits(&[2]), 100), &[], &totals);
+        assert!(!partial.finish(&|_| true)[0].is_match);
     }
 
     #[test]
     fn withdrawn_references_get_no_verdict() {
+        let mut session = Session::new(no_runs());
+        session.record(
+            &frame(0, hash_with_bits(&[1]), 100),
+            &[hit(1, 0, 0)],
+            &totals,
+        );
+        assert!(session.finish(&|_| false).is_empty());
+        let mut gone = Session::new(no_runs());
+        gone.record(
+            &frame(0, hash_with_bits(&[1]), 100),
+            &[hit(1, 0, 0)],
+            &|_| None,
+        );
+        assert!(gone.finish(&|_| true).is_empty());
+    }
+
+    #[test]
+    fn provisional_verdicts_follow_the_decision_as_it_flips() {
+        let mut session = Session::new(no_runs());
+        let first = session.record(
+            &frame(0, hash_with_bits(&[1]), 100),
+            &[hit(7, 0, 0)],
+            &totals,
+        );
+        assert_eq!(first.len(), 1);
+        assert!(
+            first[0].is_match && !first[0].is_final,
+            "100% so far, provisional"
+        );
+        // An unmatched frame drops the upload share to 50%: the decision flips.
+        let second = session.record(&frame(1, hash_with_bits(&[2]), 100), &[], &totals);
+        assert_eq!(second.len(), 1);
+        assert!(!second[0].is_match && !second[0].is_final);
+        // Nothing changes: nothing is sent.
+        let third = session.record(&frame(2, hash_with_bits(&[3]), 100), &[], &totals);
+        assert!(third.is_empty());
+    }
+
+    #[test]
+    fn a_declared_frame_count_makes_verdicts_final_early() {
+        let params = MatchParams {
+            expected_frames: Some(10),
+            ..no_runs()
+        };
+        let mut session = Session::new(params);
+        let mut finals = Vec::new();
+        for i in 0..10u32 {
+            let hits = if i < 9 {
+                vec![hit(7, i, 0)]
+            } else {
+                Vec::new()
+            };
+            let changed = session.record(
+                &frame(i, hash_with_bits(&[i as usize]), 100),
+                &hits,
+                &totals,
+            );
+            finals.extend(changed.into_iter().filter(|v| v.is_final).map(|_| i));
+        }
+        // After 8 matched frames of 10, even two unmatched ones leave 80%: certain at frame 7.
+        assert_eq!(finals, vec![7]);
+    }
+
+    #[test]
+    fn an_in_order_run_is_a_match_even_when_the_shares_are_small() {
         let mut session = Session::new(MatchParams::default());
-        session.record(&frame(0, hash_with_bits(&[1]), 100), &[hit(1, 0, 0)]);
-        assert!(session.verdicts(&|_| None).is_empty());
+        let mut bits = 0usize;
+        let mut next = |session: &mut Session, t: u64, hits: &[FrameHit]| {
+            bits += 1;
+            let signal = FrameSignal {
+                frame_index: bits as u32,
+                timestamp_ms: t,
+                hash: hash_with_bits(&[bits]),
+                quality: 100,
+            };
+            session.record(&signal, hits, &totals)
+        };
+        // 30 s of unrelated upload, then 8 s of reference 9 from its 100 s mark, at 1.1x speed,
+        // with one missed frame, then 30 s unrelated again.
+        for t in 0..30 {
+            next(&mut session, t * 1000, &[]);
+        }
+        let mut early = Vec::new();
+        for k in 0..9u64 {
+            if k == 4 {
+                next(&mut session, (30 + k) * 1000, &[]);
+                continue;
+            }
+            let reference_ms = 100_000 + k * 1100;
+            let h = FrameHit {
+                reference: ReferenceId(9),
+                bank: BankId(1),
+                reference_frame: FrameSignal {
+                    frame_index: (100 + k) as u32,
+                    timestamp_ms: reference_ms,
+                    hash: PdqHash::default(),
+                    quality: 100,
+                },
+                distance: 5,
+                dihedral: Dihedral::Original,
+            };
+            early.extend(next(&mut session, (30 + k) * 1000, &[h]));
+        }
+        for t in 39..69 {
+            next(&mut session, t * 1000, &[]);
+        }
+        let verdict = session.finish(&|_| true).remove(0);
+        assert!(verdict.query_match_pct < 15.0);
+        assert!(!verdict.percentage_match);
+        assert!(verdict.run_match && verdict.is_match);
+        let run = verdict.run.expect("run");
+        assert_eq!((run.query_start_ms, run.query_end_ms), (30_000, 38_000));
+        assert_eq!(
+            (run.reference_start_ms, run.reference_end_ms),
+            (100_000, 108_800)
+        );
+        assert_eq!(run.frames, 8);
+        // Final as soon as the run reached 5 s: the upload service can stop early.
+        assert!(early.iter().any(|v| v.is_final && v.run_match));
+    }
+
+    #[test]
+    fn scattered_hits_do_not_make_a_run() {
+        let mut session = Session::new(MatchParams::default());
+        for k in 0..20u64 {
+            // Reference times jump around: no in-order stretch.
+            let reference_ms = (k * 7919) % 60 * 1000;
+            let h = FrameHit {
+                reference: ReferenceId(9),
+                bank: BankId(1),
+                reference_frame: FrameSignal {
+                    frame_index: k as u32,
+                    timestamp_ms: reference_ms,
+                    hash: PdqHash::default(),
+                    quality: 100,
+                },
+                distance: 5,
+                dihedral: Dihedral::Original,
+            };
+            let signal = frame(k as u32, hash_with_bits(&[k as usize]), 100);
+            let signal = FrameSignal {
+                timestamp_ms: k * 1000,
+                ..signal
+            };
+            session.record(
+                &signal,
+                if k % 5 == 0 {
+                    std::slice::from_ref(&h)
+                } else {
+                    &[]
+                },
+                &totals,
+            );
+        }
+        let verdict = session.finish(&|_| true).remove(0);
+        assert!(!verdict.run_match, "{:?}", verdict.run);
     }
 
     #[test]

@@ -33,6 +33,8 @@ pub enum Content {
         hash: PdqHash,
         /// Its quality, 0..=100.
         quality: u8,
+        /// All 8 dihedral variants (the hash first), when the client sent the other seven.
+        variants: Option<Box<[PdqHash; 8]>>,
     },
 }
 
@@ -118,7 +120,11 @@ impl FrameInput {
                     data,
                 }
             }
-            Some(pb::frame::Signal::Pdq(pb::PdqSignal { hash, quality })) => {
+            Some(pb::frame::Signal::Pdq(pb::PdqSignal {
+                hash,
+                quality,
+                variants,
+            })) => {
                 let hash = PdqHash::try_from_slice(&hash).map_err(|e| Error::InvalidField {
                     field: "frame.pdq.hash",
                     reason: e.to_string(),
@@ -130,7 +136,34 @@ impl FrameInput {
                         field: "frame.pdq.quality",
                         reason: format!("is {quality}; PDQ quality is 0 to 100"),
                     })?;
-                Content::Pdq { hash, quality }
+                let variants = match variants.len() {
+                    0 => None,
+                    7 => {
+                        let mut all = [hash; 8];
+                        for (slot, bytes) in all.iter_mut().skip(1).zip(&variants) {
+                            *slot = PdqHash::try_from_slice(bytes).map_err(|e| {
+                                Error::InvalidField {
+                                    field: "frame.pdq.variants",
+                                    reason: e.to_string(),
+                                }
+                            })?;
+                        }
+                        Some(Box::new(all))
+                    }
+                    n => {
+                        return Err(Error::InvalidField {
+                            field: "frame.pdq.variants",
+                            reason: format!(
+                                "has {n} hashes; send none or all 7 (rot90, rot180, rot270, flipx, flipy, flipplus1, flipminus1)"
+                            ),
+                        });
+                    }
+                };
+                Content::Pdq {
+                    hash,
+                    quality,
+                    variants,
+                }
             }
         };
         Ok(Self {
@@ -157,6 +190,8 @@ pub fn match_params(
         query_match_threshold_pct,
         reference_match_threshold_pct,
         max_matches_per_frame,
+        expected_frame_count,
+        min_run_ms,
     }) = options
     else {
         return Ok((defaults.clone(), Vec::new()));
@@ -216,6 +251,8 @@ pub fn match_params(
             defaults.reference_threshold_pct,
         )?,
         max_matches_per_frame,
+        expected_frames: expected_frame_count.filter(|n| *n > 0),
+        min_run_ms: min_run_ms.map_or(defaults.min_run_ms, u64::from),
     };
     Ok((params, banks))
 }
@@ -319,8 +356,13 @@ pub fn frame_result_to_pb(
     }
 }
 
-/// One verdict.
-pub fn verdict_to_pb(catalog: &Catalog, v: &VerdictData, status: pb::VerdictStatus) -> pb::Verdict {
+/// One verdict; its status follows `is_final`.
+pub fn verdict_to_pb(catalog: &Catalog, v: &VerdictData) -> pb::Verdict {
+    let status = if v.is_final {
+        pb::VerdictStatus::Final
+    } else {
+        pb::VerdictStatus::Provisional
+    };
     pb::Verdict {
         source: Some(source_to_pb(catalog, v.reference, v.bank)),
         query_match_pct: v.query_match_pct,
@@ -331,6 +373,15 @@ pub fn verdict_to_pb(catalog: &Catalog, v: &VerdictData, status: pb::VerdictStat
         reference_frames_total: v.reference_frames_total,
         is_match: v.is_match,
         status: status as i32,
+        percentage_match: v.percentage_match,
+        run_match: v.run_match,
+        run: v.run.map(|r| pb::MatchedRun {
+            query_start_ms: r.query_start_ms,
+            query_end_ms: r.query_end_ms,
+            reference_start_ms: r.reference_start_ms,
+            reference_end_ms: r.reference_end_ms,
+            frames: r.frames,
+        }),
     }
 }
 
@@ -449,6 +500,7 @@ mod tests {
             frame(pb::frame::Signal::Pdq(pb::PdqSignal {
                 hash: vec![0xab; len],
                 quality,
+                variants: Vec::new(),
             }))
         };
         let ok = FrameInput::try_from_pb(pdq(32, 100), &limits()).expect("valid");
@@ -456,7 +508,8 @@ mod tests {
             ok.content,
             Content::Pdq {
                 hash: PdqHash::from_bytes([0xab; 32]),
-                quality: 100
+                quality: 100,
+                variants: None,
             }
         );
         assert!(FrameInput::try_from_pb(pdq(31, 100), &limits()).is_err());

@@ -131,29 +131,45 @@ async fn run_stream(
         let frame = frame.ok_or(Error::MissingField { field: "frame" })?;
         let input = FrameInput::try_from_pb(frame, &state.limits)?;
         let (query, hits) = state.match_frame(input, params, filter).await?;
-        session.record(&query.signal, &hits);
-        let result = {
+        let changed = {
+            let index = state.index.read();
+            session.record(&query.signal, &hits, &|reference| {
+                index.reference_frame_count(reference, params.min_quality)
+            })
+        };
+        let mut responses = Vec::with_capacity(1 + changed.len());
+        {
             let catalog = state.catalog.read();
-            convert::frame_result_to_pb(&catalog, &query.signal, &hits, params)
-        };
-        let response = pb::MatchResponse {
-            result: Some(pb::match_response::Result::Frame(result)),
-        };
-        if tx.send(Ok(response)).await.is_err() {
-            return Ok(());
+            responses.push(pb::MatchResponse {
+                result: Some(pb::match_response::Result::Frame(
+                    convert::frame_result_to_pb(&catalog, &query.signal, &hits, params),
+                )),
+            });
+            // Verdicts as soon as they are known (issue #3): the upload service may stop early.
+            responses.extend(changed.iter().map(|v| pb::MatchResponse {
+                result: Some(pb::match_response::Result::Verdict(convert::verdict_to_pb(
+                    &catalog, v,
+                ))),
+            }));
+        }
+        for response in responses {
+            if tx.send(Ok(response)).await.is_err() {
+                return Ok(());
+            }
         }
     }
 
-    let (session, params) = match stream {
-        Some((session, params, _)) => (session, params),
-        None => {
-            let params = Arc::new((*state.match_defaults).clone());
-            (Session::new((*params).clone()), params)
-        }
+    let session = match stream {
+        Some((session, _, _)) => session,
+        None => Session::new((*state.match_defaults).clone()),
     };
     let verdicts = {
         let index = state.index.read();
-        session.verdicts(&|reference| index.reference_frame_count(reference, params.min_quality))
+        session.finish(&|reference| {
+            index
+                .reference_frame_count(reference, session.params().min_quality)
+                .is_some()
+        })
     };
     let mut responses: Vec<pb::MatchResponse> = {
         let catalog = state.catalog.read();
@@ -161,9 +177,7 @@ async fn run_stream(
             .iter()
             .map(|v| pb::MatchResponse {
                 result: Some(pb::match_response::Result::Verdict(convert::verdict_to_pb(
-                    &catalog,
-                    v,
-                    pb::VerdictStatus::Final,
+                    &catalog, v,
                 ))),
             })
             .collect()

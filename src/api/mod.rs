@@ -240,14 +240,18 @@ impl AppState {
             quality: output.quality(),
         };
         match content {
-            Content::Pdq { hash, quality } => Ok(QueryFrame {
+            Content::Pdq {
+                hash,
+                quality,
+                variants,
+            } => Ok(QueryFrame {
                 signal: FrameSignal {
                     frame_index,
                     timestamp_ms,
                     hash,
                     quality,
                 },
-                variants: None,
+                variants: if dihedral { variants.map(|v| *v) } else { None },
             }),
             Content::Image(bytes) => {
                 let limits = self.limits.decode_limits();

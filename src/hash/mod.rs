@@ -5,7 +5,9 @@
 //! `PdqHash::from_bytes` agree, and the wire format (32 bytes) is the same as faiss/HMA use.
 //! Distance is the Hamming distance over all 256 bits.
 
+pub mod border;
 pub mod pdq;
+pub mod vpdq;
 
 use std::fmt;
 use std::str::FromStr;

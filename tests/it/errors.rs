@@ -104,6 +104,7 @@ async fn malformed_frames_are_invalid_argument_with_a_clear_message() {
             frame(Some(pb::frame::Signal::Pdq(pb::PdqSignal {
                 hash: vec![0; 31],
                 quality: 100,
+                variants: Vec::new(),
             }))),
             "32 bytes, got 31",
         ),
@@ -112,6 +113,7 @@ async fn malformed_frames_are_invalid_argument_with_a_clear_message() {
             frame(Some(pb::frame::Signal::Pdq(pb::PdqSignal {
                 hash: vec![0; 32],
                 quality: 101,
+                variants: Vec::new(),
             }))),
             "0 to 100",
         ),

@@ -377,7 +377,12 @@ async fn video_verdicts_reproduce_python_threatexchange_percentages() {
             .filter(|r| matches!(r.result, Some(pb::match_response::Result::Frame(_))))
             .count();
         assert_eq!(frames_answered, frame_count);
-        let verdicts: Vec<&pb::Verdict> = responses
+        // The closing verdicts follow the last frame answer; earlier ones were provisional.
+        let last_frame = responses
+            .iter()
+            .rposition(|r| matches!(r.result, Some(pb::match_response::Result::Frame(_))))
+            .expect("frame answers");
+        let verdicts: Vec<&pb::Verdict> = responses[last_frame..]
             .iter()
             .filter_map(|r| match &r.result {
                 Some(pb::match_response::Result::Verdict(v)) => Some(v),
@@ -406,7 +411,7 @@ async fn video_verdicts_reproduce_python_threatexchange_percentages() {
                         format!("{compared_pct:.2}"),
                         "{query} vs {name}: compared %"
                     );
-                    assert_eq!(v.is_match, query_pct >= 80.0);
+                    assert_eq!(v.percentage_match, query_pct >= 80.0);
                     assert_eq!(v.status, pb::VerdictStatus::Final as i32);
                 }
                 None => assert_eq!(

@@ -229,6 +229,26 @@ fn other_high_quality_jpegs_are_within_ten_bits() {
 }
 
 #[test]
+fn every_picture_matches_the_reference_core_on_image_crate_pixels() {
+    // `image_crate_dist` / `image_crate_quality` are what the reference C++ core gave on the
+    // pixels the `image` crate decodes, so they are what we must give too, JPEGs included.
+    let Some(data) = conformance() else { return };
+    for (file, row) in &data.details {
+        let ours = data.ours(file);
+        assert_eq!(
+            data.distance(file),
+            number_column(row, "image_crate_dist"),
+            "{file}: distance from the reference"
+        );
+        assert_eq!(
+            u32::from(ours.quality()),
+            number_column(row, "image_crate_quality"),
+            "{file}: quality"
+        );
+    }
+}
+
+#[test]
 fn featureless_pictures_score_below_quality_fifty() {
     let Some(data) = conformance() else { return };
     for file in ["small.jpg", "q0003.jpg"] {

@@ -182,6 +182,7 @@ pub fn pdq_frame(
         signal: Some(pb::frame::Signal::Pdq(pb::PdqSignal {
             hash: hash.as_bytes().to_vec(),
             quality,
+            variants: Vec::new(),
         })),
     }
 }
