@@ -773,6 +773,7 @@ fn pdq_signal(
         variants: variants.map_or_else(Vec::new, |all| {
             all.iter().skip(1).map(|v| v.as_bytes().to_vec()).collect()
         }),
+        content: None,
     }
 }
 

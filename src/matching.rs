@@ -56,12 +56,26 @@ impl Default for MatchParams {
     }
 }
 
-/// The hashes one upload frame is searched with: the original, or all 8 dihedral variants.
+/// The hashes one upload frame is searched with: the original, or all 8 dihedral variants, of the
+/// whole picture and, when it has uniform borders, of its content area.
 #[derive(Clone, Debug)]
 pub struct QueryFrame {
     /// Index and timestamp as sent, the original hash and its quality.
     pub signal: FrameSignal,
     /// The 8 variants in [`Dihedral::ALL`] order when dihedral matching is on.
+    pub variants: Option<[PdqHash; 8]>,
+    /// The content area's signal, when the picture has uniform borders.
+    pub content: Option<ContentSignal>,
+}
+
+/// The PDQ of a frame's content area inside uniform borders.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ContentSignal {
+    /// The hash.
+    pub hash: PdqHash,
+    /// Its quality.
+    pub quality: u8,
+    /// Its 8 variants when dihedral matching is on.
     pub variants: Option<[PdqHash; 8]>,
 }
 
@@ -78,6 +92,8 @@ pub struct FrameHit {
     pub distance: u32,
     /// Which variant of the upload frame matched.
     pub dihedral: Dihedral,
+    /// The upload frame's content-area hash made the match.
+    pub content_area: bool,
 }
 
 /// Searches the index for one upload frame.
@@ -85,43 +101,52 @@ pub struct FrameHit {
 /// Returns every live reference frame of good quality within the distance, in a bank that
 /// `bank_filter` accepts, nearest first. With several variants, a reference frame reached by more
 /// than one keeps its smallest distance (the original wins ties). Low-quality upload frames are
-/// not searched: the result is empty.
+/// not searched: the result is empty. The content-area signal, when present, is searched too.
 pub fn search_frame(
     index: &FrameIndex,
     query: &QueryFrame,
     params: &MatchParams,
     bank_filter: &dyn Fn(BankId) -> bool,
 ) -> Vec<FrameHit> {
-    if query.signal.quality < params.min_quality {
-        return Vec::new();
+    let full = [query.signal.hash];
+    let content = query.content.map(|c| [c.hash]);
+    let mut searches: Vec<(&[PdqHash], bool)> = Vec::with_capacity(2);
+    if query.signal.quality >= params.min_quality {
+        searches.push((query.variants.as_ref().map_or(&full[..], |v| &v[..]), false));
     }
-    let original = [query.signal.hash];
-    let variants: &[PdqHash] = match &query.variants {
-        Some(all) => all,
-        None => &original,
-    };
+    if let (Some(signal), Some(content)) = (&query.content, &content) {
+        if signal.quality >= params.min_quality {
+            searches.push((
+                signal.variants.as_ref().map_or(&content[..], |v| &v[..]),
+                true,
+            ));
+        }
+    }
     let mut best: HashMap<(ReferenceId, u32), FrameHit> = HashMap::new();
     let mut found: Vec<Match> = Vec::new();
-    for (variant_hash, dihedral) in variants.iter().zip(Dihedral::ALL) {
-        index.search(variant_hash, params.max_distance, bank_filter, &mut found);
-        for m in found
-            .iter()
-            .filter(|m| m.frame.quality >= params.min_quality)
-        {
-            let hit = FrameHit {
-                reference: m.reference,
-                bank: m.bank,
-                reference_frame: m.frame,
-                distance: m.distance,
-                dihedral,
-            };
-            match best.entry((m.reference, m.frame.frame_index)) {
-                Entry::Vacant(slot) => {
-                    slot.insert(hit);
-                }
-                Entry::Occupied(mut slot) => {
-                    if hit.distance < slot.get().distance {
+    for (hashes, content_area) in searches {
+        for (variant_hash, dihedral) in hashes.iter().zip(Dihedral::ALL) {
+            index.search(variant_hash, params.max_distance, bank_filter, &mut found);
+            for m in found
+                .iter()
+                .filter(|m| m.frame.quality >= params.min_quality)
+            {
+                let hit = FrameHit {
+                    reference: m.reference,
+                    bank: m.bank,
+                    reference_frame: m.frame,
+                    distance: m.distance,
+                    dihedral,
+                    content_area,
+                };
+                match best.entry((m.reference, m.frame.frame_index)) {
+                    Entry::Vacant(slot) => {
                         slot.insert(hit);
+                    }
+                    Entry::Occupied(mut slot) => {
+                        if hit.distance < slot.get().distance {
+                            slot.insert(hit);
+                        }
                     }
                 }
             }
@@ -559,6 +584,7 @@ mod tests {
             reference_frame: frame(reference_frame, PdqHash::default(), 100),
             distance,
             dihedral: Dihedral::Original,
+            content_area: false,
         }
     }
 
@@ -756,6 +782,7 @@ mod tests {
                 },
                 distance: 5,
                 dihedral: Dihedral::Original,
+                content_area: false,
             };
             early.extend(next(&mut session, (30 + k) * 1000, &[h]));
         }
@@ -794,6 +821,7 @@ mod tests {
                 },
                 distance: 5,
                 dihedral: Dihedral::Original,
+                content_area: false,
             };
             let signal = frame(k as u32, hash_with_bits(&[k as usize]), 100);
             let signal = FrameSignal {

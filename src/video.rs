@@ -298,7 +298,9 @@ pub fn probe(tools: &Tools, path: &Path) -> Result<VideoInfo, Error> {
         .output()
         .map_err(|source| spawn_error(&tools.ffprobe, source))?;
     if !output.status.success() {
-        let detail = tail(&output.stderr);
+        // ffprobe names the input as given; drop that echo of our own `file:` URL.
+        let url = file_url(path).to_string_lossy().into_owned();
+        let detail = tail(&output.stderr).replace(&format!("{url}: "), "");
         return Err(Error::NotAVideo {
             path: path.to_path_buf(),
             detail: if detail.is_empty() {

@@ -126,6 +126,7 @@ impl Banks for BanksService {
             .ok_or(Error::UnknownBank { name: bank })?;
 
         let mut frames: Vec<FrameSignal> = Vec::new();
+        let mut received: u32 = 0;
         while let Some(message) = inbound.message().await? {
             let frame = match message.item {
                 Some(pb::add_reference_request::Item::Frame(frame)) => frame,
@@ -134,17 +135,28 @@ impl Banks for BanksService {
                 }
                 None => return Err(Error::MissingField { field: "item" }.into()),
             };
-            if frames.len() >= self.state.limits.max_frames_per_stream as usize {
+            received = received.saturating_add(1);
+            if received > self.state.limits.max_frames_per_stream {
                 return Err(Error::OverLimit {
                     what: "AddReference stream",
-                    actual: frames.len() as u64 + 1,
+                    actual: u64::from(received),
                     limit: u64::from(self.state.limits.max_frames_per_stream),
                     unit: "frames",
                 }
                 .into());
             }
             let input = FrameInput::try_from_pb(frame, &self.state.limits)?;
-            frames.push(self.state.frame_signal(input, false).await?.signal);
+            let query = self.state.frame_signal(input, false).await?;
+            frames.push(query.signal);
+            // A frame with uniform borders is also stored by its content area's hash, under the
+            // same frame index, so uploads without the bars match it (issue #3).
+            if let Some(content) = query.content {
+                frames.push(FrameSignal {
+                    hash: content.hash,
+                    quality: content.quality,
+                    ..query.signal
+                });
+            }
         }
         if frames.is_empty() {
             return Err(Error::MissingField {
@@ -152,7 +164,6 @@ impl Banks for BanksService {
             }
             .into());
         }
-        let received = u32::try_from(frames.len()).unwrap_or(u32::MAX);
 
         // Durable before acknowledged: the store commits the reference, its frames and its change
         // entry in one transaction; only then does the index learn of it.

@@ -7,7 +7,7 @@
 use crate::config::Limits;
 use crate::hash::pdq::Dihedral;
 use crate::hash::{PDQ_BITS, PdqHash};
-use crate::matching::{FrameHit, MatchParams, VerdictData};
+use crate::matching::{ContentSignal, FrameHit, MatchParams, QueryFrame, VerdictData};
 use crate::model::{Bank, Category, Reference, ReferenceState};
 use crate::pb;
 
@@ -35,6 +35,8 @@ pub enum Content {
         quality: u8,
         /// All 8 dihedral variants (the hash first), when the client sent the other seven.
         variants: Option<Box<[PdqHash; 8]>>,
+        /// The content area's signal, when the client found uniform borders.
+        content: Option<ContentSignal>,
     },
 }
 
@@ -120,49 +122,44 @@ impl FrameInput {
                     data,
                 }
             }
-            Some(pb::frame::Signal::Pdq(pb::PdqSignal {
-                hash,
-                quality,
-                variants,
-            })) => {
-                let hash = PdqHash::try_from_slice(&hash).map_err(|e| Error::InvalidField {
-                    field: "frame.pdq.hash",
-                    reason: e.to_string(),
-                })?;
-                let quality = u8::try_from(quality)
-                    .ok()
-                    .filter(|q| *q <= 100)
-                    .ok_or_else(|| Error::InvalidField {
-                        field: "frame.pdq.quality",
-                        reason: format!("is {quality}; PDQ quality is 0 to 100"),
-                    })?;
-                let variants = match variants.len() {
-                    0 => None,
-                    7 => {
-                        let mut all = [hash; 8];
-                        for (slot, bytes) in all.iter_mut().skip(1).zip(&variants) {
-                            *slot = PdqHash::try_from_slice(bytes).map_err(|e| {
-                                Error::InvalidField {
-                                    field: "frame.pdq.variants",
-                                    reason: e.to_string(),
-                                }
-                            })?;
+            Some(pb::frame::Signal::Pdq(signal)) => {
+                let pb::PdqSignal {
+                    hash,
+                    quality,
+                    variants,
+                    content,
+                } = signal;
+                let (hash, quality, variants) = pdq_signal("frame.pdq", hash, quality, &variants)?;
+                let content = match content {
+                    None => None,
+                    Some(inner) => {
+                        let pb::PdqSignal {
+                            hash,
+                            quality,
+                            variants,
+                            content,
+                        } = *inner;
+                        if content.is_some() {
+                            return Err(Error::InvalidField {
+                                field: "frame.pdq.content.content",
+                                reason: "is set; a content hash has no content hash of its own"
+                                    .into(),
+                            });
                         }
-                        Some(Box::new(all))
-                    }
-                    n => {
-                        return Err(Error::InvalidField {
-                            field: "frame.pdq.variants",
-                            reason: format!(
-                                "has {n} hashes; send none or all 7 (rot90, rot180, rot270, flipx, flipy, flipplus1, flipminus1)"
-                            ),
-                        });
+                        let (hash, quality, variants) =
+                            pdq_signal("frame.pdq.content", hash, quality, &variants)?;
+                        Some(ContentSignal {
+                            hash,
+                            quality,
+                            variants: variants.map(|v| *v),
+                        })
                     }
                 };
                 Content::Pdq {
                     hash,
                     quality,
                     variants,
+                    content,
                 }
             }
         };
@@ -172,6 +169,49 @@ impl FrameInput {
             content,
         })
     }
+}
+
+/// A precomputed hash, its quality and its optional 7 other variants. `field` names the message
+/// in errors.
+fn pdq_signal(
+    field: &'static str,
+    hash: Vec<u8>,
+    quality: u32,
+    variants: &[Vec<u8>],
+) -> Result<(PdqHash, u8, Option<Box<[PdqHash; 8]>>), Error> {
+    let hash = PdqHash::try_from_slice(&hash).map_err(|e| Error::InvalidField {
+        field,
+        reason: format!("hash: {e}"),
+    })?;
+    let quality = u8::try_from(quality)
+        .ok()
+        .filter(|q| *q <= 100)
+        .ok_or_else(|| Error::InvalidField {
+            field,
+            reason: format!("quality is {quality}; PDQ quality is 0 to 100"),
+        })?;
+    let variants = match variants.len() {
+        0 => None,
+        7 => {
+            let mut all = [hash; 8];
+            for (slot, bytes) in all.iter_mut().skip(1).zip(variants) {
+                *slot = PdqHash::try_from_slice(bytes).map_err(|e| Error::InvalidField {
+                    field,
+                    reason: format!("variants: {e}"),
+                })?;
+            }
+            Some(Box::new(all))
+        }
+        n => {
+            return Err(Error::InvalidField {
+                field,
+                reason: format!(
+                    "has {n} variants; send none or all 7 (rot90, rot180, rot270, flipx, flipy, flipplus1, flipminus1)"
+                ),
+            });
+        }
+    };
+    Ok((hash, quality, variants))
 }
 
 /// Merges request options over the server's defaults.
@@ -329,10 +369,11 @@ pub fn source_to_pb(
 /// One frame's answer.
 pub fn frame_result_to_pb(
     catalog: &Catalog,
-    signal: &crate::model::FrameSignal,
+    query: &QueryFrame,
     hits: &[FrameHit],
     params: &MatchParams,
 ) -> pb::FrameResult {
+    let signal = &query.signal;
     let matches = hits
         .iter()
         .take(params.max_matches_per_frame)
@@ -342,6 +383,7 @@ pub fn frame_result_to_pb(
             reference_timestamp_ms: hit.reference_frame.timestamp_ms,
             distance: hit.distance,
             dihedral: dihedral_to_pb(hit.dihedral) as i32,
+            content_area: hit.content_area,
         })
         .collect();
     pb::FrameResult {
@@ -353,6 +395,11 @@ pub fn frame_result_to_pb(
         low_quality: signal.quality < params.min_quality,
         matches,
         total_matches: u32::try_from(hits.len()).unwrap_or(u32::MAX),
+        content_pdq: query
+            .content
+            .map(|c| c.hash.as_bytes().to_vec())
+            .unwrap_or_default(),
+        content_quality: query.content.map_or(0, |c| u32::from(c.quality)),
     }
 }
 
@@ -501,6 +548,7 @@ mod tests {
                 hash: vec![0xab; len],
                 quality,
                 variants: Vec::new(),
+                content: None,
             }))
         };
         let ok = FrameInput::try_from_pb(pdq(32, 100), &limits()).expect("valid");
@@ -510,6 +558,7 @@ mod tests {
                 hash: PdqHash::from_bytes([0xab; 32]),
                 quality: 100,
                 variants: None,
+                content: None,
             }
         );
         assert!(FrameInput::try_from_pb(pdq(31, 100), &limits()).is_err());

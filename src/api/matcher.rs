@@ -80,7 +80,7 @@ impl Matcher for MatcherService {
         let (query, hits) = self.state.match_frame(input, &params, &filter).await?;
         let result = {
             let catalog = self.state.catalog.read();
-            convert::frame_result_to_pb(&catalog, &query.signal, &hits, &params)
+            convert::frame_result_to_pb(&catalog, &query, &hits, &params)
         };
         Ok(Response::new(pb::MatchImageResponse {
             result: Some(result),
@@ -142,7 +142,7 @@ async fn run_stream(
             let catalog = state.catalog.read();
             responses.push(pb::MatchResponse {
                 result: Some(pb::match_response::Result::Frame(
-                    convert::frame_result_to_pb(&catalog, &query.signal, &hits, params),
+                    convert::frame_result_to_pb(&catalog, &query, &hits, params),
                 )),
             });
             // Verdicts as soon as they are known (issue #3): the upload service may stop early.

@@ -23,9 +23,9 @@ use parking_lot::RwLock;
 use tokio::sync::Semaphore;
 
 use crate::config::{Limits, ServeConfig};
-use crate::hash::pdq::{self, PdqOutput};
+use crate::hash::border;
 use crate::index::FrameIndex;
-use crate::matching::{self, FrameHit, MatchParams, QueryFrame};
+use crate::matching::{self, ContentSignal, FrameHit, MatchParams, QueryFrame};
 use crate::model::{Bank, BankId, FrameSignal, OrgId, Organisation};
 use crate::store::Store;
 use convert::{Content, FrameInput};
@@ -218,8 +218,9 @@ impl AppState {
             .map_err(|e| Error::Worker(e.to_string()))
     }
 
-    /// Turns a frame into its PDQ signal, hashing it on the pool when it carries pixels. With
-    /// `dihedral`, also returns the 8 variants (only possible when the server hashed the pixels).
+    /// Turns a frame into its PDQ signals, hashing it on the pool when it carries pixels: the whole
+    /// picture, and its content area when it has uniform borders (issue #3). With `dihedral`, also
+    /// the 8 variants of each (for precomputed hashes, only when the client sent them).
     ///
     /// # Errors
     /// Hashing failures ([`Error::Hash`]) and pool errors.
@@ -233,17 +234,29 @@ impl AppState {
             timestamp_ms,
             content,
         } = input;
-        let signal = |output: &PdqOutput| FrameSignal {
-            frame_index,
-            timestamp_ms,
-            hash: output.hash(),
-            quality: output.quality(),
+        let from_hashes = |hashes: border::Hashes| {
+            let full = &hashes.full;
+            QueryFrame {
+                signal: FrameSignal {
+                    frame_index,
+                    timestamp_ms,
+                    hash: full.hash(),
+                    quality: full.quality(),
+                },
+                variants: dihedral.then(|| full.dihedral()),
+                content: hashes.content.as_ref().map(|c| ContentSignal {
+                    hash: c.hash(),
+                    quality: c.quality(),
+                    variants: dihedral.then(|| c.dihedral()),
+                }),
+            }
         };
         match content {
             Content::Pdq {
                 hash,
                 quality,
                 variants,
+                content,
             } => Ok(QueryFrame {
                 signal: FrameSignal {
                     frame_index,
@@ -252,29 +265,27 @@ impl AppState {
                     quality,
                 },
                 variants: if dihedral { variants.map(|v| *v) } else { None },
+                content: content.map(|c| ContentSignal {
+                    variants: if dihedral { c.variants } else { None },
+                    ..c
+                }),
             }),
             Content::Image(bytes) => {
                 let limits = self.limits.decode_limits();
-                let output = self
-                    .run_blocking(move || pdq::hash_image_bytes(&bytes, &limits))
+                let hashes = self
+                    .run_blocking(move || border::hash_image_bytes(&bytes, &limits))
                     .await??;
-                Ok(QueryFrame {
-                    signal: signal(&output),
-                    variants: dihedral.then(|| output.dihedral()),
-                })
+                Ok(from_hashes(hashes))
             }
             Content::Rgb {
                 width,
                 height,
                 data,
             } => {
-                let output = self
-                    .run_blocking(move || pdq::hash_rgb(width, height, &data))
+                let hashes = self
+                    .run_blocking(move || border::hash_rgb(width, height, &data))
                     .await??;
-                Ok(QueryFrame {
-                    signal: signal(&output),
-                    variants: dihedral.then(|| output.dihedral()),
-                })
+                Ok(from_hashes(hashes))
             }
         }
     }

@@ -10,6 +10,10 @@
 //! row breaks that rule. Only borders of a meaningful thickness are removed, and only when a
 //! meaningful content area remains, so ordinary pictures with a dark edge are left alone.
 
+use image::DynamicImage;
+
+use super::pdq::{self, PdqOutput};
+
 /// Largest luma difference from the border colour that still counts as border.
 pub const TOLERANCE: u8 = 20;
 /// Share of a row's pixels that must be border-coloured (leaves room for noise and compression).
@@ -151,6 +155,58 @@ pub fn crop_rgb(width: u32, rgb: &[u8], area: Rect) -> Vec<u8> {
     out
 }
 
+/// The PDQ of a picture and, when it has uniform borders, of its content area.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Hashes {
+    /// The whole picture, as the reference hashes it.
+    pub full: PdqOutput,
+    /// The content area inside uniform borders, when there are any.
+    pub content: Option<PdqOutput>,
+}
+
+/// Hashes packed RGB24 pixels, and their content area when they have uniform borders.
+///
+/// # Errors
+/// As [`pdq::hash_rgb`].
+pub fn hash_rgb(width: u32, height: u32, rgb: &[u8]) -> Result<Hashes, pdq::Error> {
+    let full = pdq::hash_rgb(width, height, rgb)?;
+    let content = content_area(width, height, rgb)
+        .map(|area| pdq::hash_rgb(area.width, area.height, &crop_rgb(width, rgb, area)))
+        .transpose()?;
+    Ok(Hashes { full, content })
+}
+
+/// Hashes a decoded picture exactly as [`pdq::hash_decoded`] does, and its content area when it
+/// has uniform borders.
+pub fn hash_picture(picture: DynamicImage) -> Hashes {
+    let (width, height) = (picture.width(), picture.height());
+    let content = {
+        let converted;
+        let rgb: &[u8] = match picture.as_rgb8() {
+            Some(buffer) => buffer.as_raw(),
+            None => {
+                converted = picture.to_rgb8();
+                converted.as_raw()
+            }
+        };
+        content_area(width, height, rgb).and_then(|area| {
+            pdq::hash_rgb(area.width, area.height, &crop_rgb(width, rgb, area)).ok()
+        })
+    };
+    Hashes {
+        full: pdq::hash_decoded(picture),
+        content,
+    }
+}
+
+/// Decodes and hashes an encoded picture, with its content area.
+///
+/// # Errors
+/// As [`pdq::hash_image_bytes`].
+pub fn hash_image_bytes(bytes: &[u8], limits: &pdq::DecodeLimits) -> Result<Hashes, pdq::Error> {
+    pdq::decode_image(bytes, limits).map(hash_picture)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -223,6 +279,24 @@ mod tests {
         assert_eq!(content_area(10, 10, &[7; 300]), None);
         assert_eq!(content_area(10, 10, &[7; 299]), None);
         assert_eq!(content_area(0, 10, &[]), None);
+    }
+
+    #[test]
+    fn bars_do_not_change_the_content_hash_much() {
+        let area = Rect {
+            x: 0,
+            y: 40,
+            width: 320,
+            height: 160,
+        };
+        let barred = boxed(320, 240, area, 0);
+        let bare = crop_rgb(320, &barred, area);
+        let with_bars = hash_rgb(320, 240, &barred).expect("hash");
+        let without = hash_rgb(320, 160, &bare).expect("hash");
+        assert_eq!(without.content, None);
+        let content = with_bars.content.expect("bars found");
+        assert_eq!(content.hash(), without.full.hash());
+        assert!(with_bars.full.hash().distance(&without.full.hash()) > 31);
     }
 
     #[test]

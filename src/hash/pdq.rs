@@ -316,6 +316,16 @@ impl From<ImageError> for Error {
 /// [`Error::Decode`] for anything the decoder rejects. Sides of 1 to 4 give the all-zero hash with
 /// quality 0.
 pub fn hash_image_bytes(bytes: &[u8], limits: &DecodeLimits) -> Result<PdqOutput, Error> {
+    decode_image(bytes, limits).map(hash_decoded)
+}
+
+/// Decodes a JPEG, PNG, WebP, GIF (first frame) or BMP picture within `limits`, for callers that
+/// need the pixels as well as the hash (border detection). [`hash_decoded`] then hashes it exactly
+/// as [`hash_image_bytes`] would.
+///
+/// # Errors
+/// As [`hash_image_bytes`].
+pub fn decode_image(bytes: &[u8], limits: &DecodeLimits) -> Result<DynamicImage, Error> {
     if bytes.is_empty() {
         return Err(Error::Empty);
     }
@@ -363,8 +373,7 @@ pub fn hash_image_bytes(bytes: &[u8], limits: &DecodeLimits) -> Result<PdqOutput
     // As `ImageReader::decode` does: the output buffer counts against the allocation limit.
     decoder_limits.reserve(decoder.total_bytes())?;
     decoder.set_limits(decoder_limits)?;
-    let picture = DynamicImage::from_decoder(decoder)?;
-    Ok(hash_decoded(picture))
+    Ok(DynamicImage::from_decoder(decoder)?)
 }
 
 /// Hashes packed 8-bit RGB (`rgb[3·(y·width + x)..][..3]` = R, G, B), e.g. an RGB24 video frame.
@@ -470,7 +479,7 @@ fn rgb_luma(r: u8, g: u8, b: u8) -> f32 {
 }
 
 /// Hashes a decoded picture, keeping at most one pixel copy besides the float plane.
-fn hash_decoded(picture: DynamicImage) -> PdqOutput {
+pub fn hash_decoded(picture: DynamicImage) -> PdqOutput {
     let (width, height) = (picture.width(), picture.height());
     match picture {
         DynamicImage::ImageLuma8(buffer) => hash_pixels(width, height, Pixels::Grey1(&buffer)),

@@ -140,8 +140,8 @@ pub struct Vpdq {
 
 impl Vpdq {
     /// Reads either serialisation, telling them apart by the first non-blank character (`[`
-    /// starts JSON). Blank text lines are skipped; extra text fields after the 4th are ignored, as
-    /// the reference reader does.
+    /// starts JSON). Blank text lines and `#` comment lines are skipped; extra text fields after
+    /// the 4th are ignored, as the reference reader does.
     ///
     /// # Errors
     /// Text: [`Error::FieldCount`], [`Error::FrameNumber`], [`Error::Quality`], [`Error::Hash`],
@@ -172,7 +172,8 @@ impl Vpdq {
         let mut features = Vec::new();
         for (number, line) in text.lines().enumerate() {
             let line = line.trim();
-            if line.is_empty() {
+            // `#` lines are not vPDQ; `framematch hash` writes one before each of several videos.
+            if line.is_empty() || line.starts_with('#') {
                 continue;
             }
             let location = || format!("line {}", number + 1);

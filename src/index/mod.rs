@@ -452,7 +452,7 @@ impl FrameIndex {
         });
     }
 
-    /// Number of live frames of `reference` with quality >= `min_quality` (the denominator of
+    /// Number of distinct live frames (by frame index) of `reference` with quality >= `min_quality` (the denominator of
     /// "reference %" in video verdicts); `None` if the reference is unknown or withdrawn.
     pub fn reference_frame_count(&self, reference: ReferenceId, min_quality: u8) -> Option<u32> {
         let reference = self.references.get(*self.slots.get(&reference)? as usize)?;
@@ -461,11 +461,16 @@ impl FrameIndex {
         }
         let (first, count) = (reference.first as usize, reference.count as usize);
         let run = self.entries.get(first..first + count)?;
-        Some(entry_id(
-            run.iter()
-                .filter(|e| e.frame.quality >= min_quality)
-                .count(),
-        ))
+        // Distinct frame indexes: a frame with uniform borders is stored under two hashes (the
+        // whole picture and its content area) and still counts as one frame.
+        let mut frames: Vec<u32> = run
+            .iter()
+            .filter(|e| e.frame.quality >= min_quality)
+            .map(|e| e.frame.frame_index)
+            .collect();
+        frames.sort_unstable();
+        frames.dedup();
+        Some(entry_id(frames.len()))
     }
 
     /// Frames not tombstoned.

@@ -227,6 +227,33 @@ fn hnsw_recall_meets_minimum() {
     let (frames, queries) = recall_set(0x5eed, 20_000, 300);
     let mut exact = FrameIndex::new(EngineKind::Exact, HnswParams::default());
     exact.load(frames.clone());
+    for params in [
+        HnswParams {
+            max_connections: 16,
+            ef_construction: 128,
+            ef_search: 128,
+            knn: 64,
+        },
+        HnswParams {
+            max_connections: 16,
+            ef_construction: 128,
+            ef_search: 64,
+            knn: 64,
+        },
+        HnswParams {
+            max_connections: 12,
+            ef_construction: 64,
+            ef_search: 64,
+            knn: 64,
+        },
+    ] {
+        let mut hnsw = FrameIndex::new(EngineKind::Hnsw, params);
+        let start = Instant::now();
+        hnsw.load(frames.clone());
+        let build = start.elapsed();
+        let (measured, pairs) = recall(&exact, &hnsw, &queries);
+        eprintln!("TMP {params:?} recall {measured:.4} of {pairs} build {build:.1?}");
+    }
     let mut hnsw = FrameIndex::new(EngineKind::Hnsw, HnswParams::default());
     let start = Instant::now();
     hnsw.load(frames);

@@ -8,3 +8,4 @@ mod errors;
 mod index_conformance;
 mod matching;
 mod pdq_conformance;
+mod video;

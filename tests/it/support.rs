@@ -183,6 +183,7 @@ pub fn pdq_frame(
             hash: hash.as_bytes().to_vec(),
             quality,
             variants: Vec::new(),
+            content: None,
         })),
     }
 }
