@@ -459,13 +459,14 @@ fn hash_video_file(
         dihedral,
         ..HashOptions::default()
     };
-    // ffprobe runs again inside `hash_video`; it costs milliseconds and gives the bar a length.
-    let frames = video::probe(&options.tools, path)
-        .ok()
-        .and_then(|info| info.frame_count);
-    let bar = progress_bar(frames, &path.display().to_string());
-    let result = video::hash_video(path, &options, |decoded| bar.set_position(decoded));
-    bar.finish_and_clear();
+    let mut bar: Option<ProgressBar> = None;
+    let result = video::hash_video(path, &options, |info, decoded| {
+        bar.get_or_insert_with(|| progress_bar(info.frame_count, &path.display().to_string()))
+            .set_position(decoded);
+    });
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
+    }
     Ok(result?)
 }
 

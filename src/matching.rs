@@ -114,13 +114,13 @@ pub fn search_frame(
     if query.signal.quality >= params.min_quality {
         searches.push((query.variants.as_ref().map_or(&full[..], |v| &v[..]), false));
     }
-    if let (Some(signal), Some(content)) = (&query.content, &content) {
-        if signal.quality >= params.min_quality {
-            searches.push((
-                signal.variants.as_ref().map_or(&content[..], |v| &v[..]),
-                true,
-            ));
-        }
+    if let (Some(signal), Some(content)) = (&query.content, &content)
+        && signal.quality >= params.min_quality
+    {
+        searches.push((
+            signal.variants.as_ref().map_or(&content[..], |v| &v[..]),
+            true,
+        ));
     }
     let mut best: HashMap<(ReferenceId, u32), FrameHit> = HashMap::new();
     let mut found: Vec<Match> = Vec::new();

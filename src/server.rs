@@ -63,7 +63,7 @@ pub async fn serve(
     tracing::info!(store = %store.describe(), engine = %config.engine, "store open");
     let default_org = store.default_org().await?;
     let catalog = Catalog::new(store.list_banks().await?, store.list_orgs().await?);
-    let index = FrameIndex::new(config.engine, config.hnsw.clone());
+    let index = FrameIndex::new(config.engine, config.hnsw);
     let state = AppState::new(store, index, catalog, default_org, &config);
 
     let (reporter, health) = tonic_health::server::health_reporter();

@@ -15,7 +15,9 @@
 //!
 //! When `step > 1` FFmpeg itself drops the other frames (`select=not(mod(n\,step))`, whose `n` is
 //! that same decoder-order counter) before the RGB conversion, so 1-fps sampling of a 30 fps
-//! video converts and pipes a thirtieth of the pixels.
+//! video converts and pipes a thirtieth of the pixels. The filter graph is never rebuilt
+//! (`-reinit_filter 0`, so `n` never restarts) and ends in a scale to the probed size, a no-op
+//! for frames of that size: a stream that changes size midway still yields whole frames.
 //!
 //! Invariants: a child process is always reaped (killed first when the reader stops early);
 //! nothing here panics on a bad or hostile file: every failure is an [`Error`].
@@ -427,14 +429,30 @@ impl FrameReader {
             })?;
         let mut command = Command::new(&tools.ffmpeg);
         command
-            .args(["-nostdin", "-hide_banner", "-v", "error", "-i"])
+            // One filter graph for the whole stream: a rebuilt graph would restart `select`'s `n`.
+            .args([
+                "-nostdin",
+                "-hide_banner",
+                "-v",
+                "error",
+                "-reinit_filter",
+                "0",
+                "-i",
+            ])
             .arg(file_url(path))
             .args(["-map", "0:v:0"]);
-        if step > 1 {
+        // Every frame comes out at the probed size, so the pipe stays frame-aligned even if the
+        // stream changes size midway; such frames are scaled with SWS_AREA, the reference's flag.
+        // Frames already at that size pass the scale filter untouched.
+        let scale = format!("scale={}:{}:flags=area", info.width, info.height);
+        let filters = if step > 1 {
             // `n` counts the frames entering the filter graph: the decoder's output order.
-            command.args(["-vf", &format!("select=not(mod(n\\,{step}))")]);
-        }
+            format!("select=not(mod(n\\,{step})),{scale}")
+        } else {
+            scale
+        };
         command
+            .args(["-vf", &filters])
             .args([
                 "-fps_mode",
                 "passthrough",
@@ -661,17 +679,19 @@ struct Done {
 
 /// Decodes `path` with ffmpeg and hashes the frames vPDQ selects, on `options.threads` threads
 /// while this one reads ffmpeg's output. `progress` is called after each selected frame is read,
-/// with the number of frames decoded so far (an upper bound, in steps).
+/// with the probed stream (whose `frame_count` estimates the total) and the number of frames
+/// decoded so far (to the nearest step).
 ///
 /// # Errors
 /// Everything [`FrameReader::open`] and [`FrameReader::next_frame`] return.
 pub fn hash_video(
     path: &Path,
     options: &HashOptions,
-    mut progress: impl FnMut(u64),
+    mut progress: impl FnMut(&VideoInfo, u64),
 ) -> Result<HashedVideo, Error> {
     let mut reader = FrameReader::open(&options.tools, path, &options.sampling)?;
-    let (width, height) = (reader.info().width, reader.info().height);
+    let info = reader.info().clone();
+    let (width, height) = (info.width, info.height);
     let threads = match options.threads {
         0 => std::thread::available_parallelism().map_or(1, NonZeroUsize::get),
         n => n,
@@ -717,7 +737,7 @@ pub fn hash_video(
                 let Some(position) = reader.next_frame(&mut rgb)? else {
                     return Ok(());
                 };
-                progress(position.frame_index + 1);
+                progress(&info, position.frame_index + 1);
                 if job_tx.send(Job { position, rgb }).is_err() {
                     return Ok(());
                 }
@@ -734,7 +754,7 @@ pub fn hash_video(
     // Hashers finish out of order; vPDQ output is by frame number.
     frames.sort_by_key(|f| f.frame_index);
     Ok(HashedVideo {
-        info: reader.info().clone(),
+        info,
         step: reader.step(),
         frames,
     })

@@ -36,7 +36,7 @@ pub enum Content {
         /// All 8 dihedral variants (the hash first), when the client sent the other seven.
         variants: Option<Box<[PdqHash; 8]>>,
         /// The content area's signal, when the client found uniform borders.
-        content: Option<ContentSignal>,
+        content: Option<Box<ContentSignal>>,
     },
 }
 
@@ -148,11 +148,11 @@ impl FrameInput {
                         }
                         let (hash, quality, variants) =
                             pdq_signal("frame.pdq.content", hash, quality, &variants)?;
-                        Some(ContentSignal {
+                        Some(Box::new(ContentSignal {
                             hash,
                             quality,
                             variants: variants.map(|v| *v),
-                        })
+                        }))
                     }
                 };
                 Content::Pdq {
@@ -171,6 +171,9 @@ impl FrameInput {
     }
 }
 
+/// A checked precomputed hash: the hash, its quality, and all 8 variants when they were sent.
+type CheckedPdq = (PdqHash, u8, Option<Box<[PdqHash; 8]>>);
+
 /// A precomputed hash, its quality and its optional 7 other variants. `field` names the message
 /// in errors.
 fn pdq_signal(
@@ -178,7 +181,7 @@ fn pdq_signal(
     hash: Vec<u8>,
     quality: u32,
     variants: &[Vec<u8>],
-) -> Result<(PdqHash, u8, Option<Box<[PdqHash; 8]>>), Error> {
+) -> Result<CheckedPdq, Error> {
     let hash = PdqHash::try_from_slice(&hash).map_err(|e| Error::InvalidField {
         field,
         reason: format!("hash: {e}"),

@@ -267,7 +267,7 @@ impl AppState {
                 variants: if dihedral { variants.map(|v| *v) } else { None },
                 content: content.map(|c| ContentSignal {
                     variants: if dihedral { c.variants } else { None },
-                    ..c
+                    ..*c
                 }),
             }),
             Content::Image(bytes) => {

@@ -1,6 +1,6 @@
 //! The hnsw engine: an approximate graph index over hnsw_rs (shared/DESIGN.md §5, §8).
 //!
-//! - Distance is our own [`PdqHamming`] (popcount of the xor of the four words): hnsw_rs's
+//! - Distance is our own `PdqHamming` (popcount of the xor of the four words): hnsw_rs's
 //!   built-in Hamming distance counts differing *elements*, not bits, which is wrong for PDQ.
 //! - A radius search is a kNN search for [`HnswParams::knn`] neighbours with beam width
 //!   [`HnswParams::ef_search`], keeping those within the radius. It can miss matches (recall is
@@ -37,7 +37,7 @@ impl Distance<u64> for PdqHamming {
     }
 }
 
-/// Approximate radius search over an hnsw_rs graph with [`PdqHamming`] distance.
+/// Approximate radius search over an hnsw_rs graph with `PdqHamming` distance.
 pub struct HnswEngine {
     graph: Hnsw<'static, u64, PdqHamming>,
     params: HnswParams,
@@ -116,10 +116,10 @@ impl Engine for HnswEngine {
         for n in self.graph.search(&query.words(), knn, ef) {
             // Distances are whole bit counts stored as f32, so the cast is exact.
             let distance = n.distance as u32;
-            if distance <= radius {
-                if let Ok(entry) = u32::try_from(n.d_id) {
-                    out.push((entry, distance));
-                }
+            if distance <= radius
+                && let Ok(entry) = u32::try_from(n.d_id)
+            {
+                out.push((entry, distance));
             }
         }
     }
@@ -128,14 +128,16 @@ impl Engine for HnswEngine {
         self.len
     }
 
-    /// An estimate from hnsw_rs 0.3.5's layout, per point: the `Arc<Point>` with its own copy of
-    /// the data (~110 bytes), a table of 16 per-layer link vectors (~430 bytes), and per link an
-    /// `Arc<PointWithOrder>` (8-byte pointer + 32-byte allocation). Layer 0 keeps up to
-    /// `2 * max_connections` links; we count 1.5x `max_connections` on average.
+    /// An estimate from hnsw_rs 0.3.5's layout, counting allocator chunks: per point, the
+    /// `Arc<Point>` with its own copy of the data and its lock (~180 bytes), a table of 16
+    /// per-layer link vectors (~400 bytes) and its slot in the layer list; per link, a pointer
+    /// to a separately allocated `Arc<PointWithOrder>` (8 + 48 bytes). Layer-0 lists fill up
+    /// to `2 * max_connections`. At M=16 this says 2.4 KB per hash; the process RSS grew by
+    /// 2.9 KB per hash building 20k (allocator overhead included), against 32 bytes for `exact`.
     fn memory_bytes(&self) -> usize {
-        const PER_POINT: usize = 110 + 430 + 8;
-        const PER_LINK: usize = 8 + 32;
-        let links = self.params.max_connections * 3 / 2;
+        const PER_POINT: usize = 180 + 400 + 8;
+        const PER_LINK: usize = 8 + 48;
+        let links = self.params.max_connections * 2;
         self.len * (PER_POINT + links * PER_LINK)
     }
 }

@@ -16,7 +16,7 @@
 //! - Withdrawal is a tombstone: the entry stays in the engine and is filtered at search time,
 //!   since hnsw_rs cannot delete (DESIGN.md §8). When tombstones reach [`REBUILD_FRACTION`] of
 //!   the entries and at least [`REBUILD_MIN_TOMBSTONES`], `withdraw` rebuilds the engine from the
-//!   live entries and entry ids are remapped. Entry ids never leave this module.
+//!   live entries and entry ids are remapped. [`FrameIndex`]'s API never exposes entry ids.
 //! - A withdrawn reference id stays known, so re-inserting it is refused: withdrawn content is
 //!   never returned again, even if a replayed change adds it back.
 //! - Methods are infallible; [`FrameIndex`] holds no lock (the caller wraps it in one).
@@ -87,10 +87,21 @@ impl FromStr for EngineKind {
 /// A radius search is a kNN search for `knn` neighbours with beam width `ef_search`, keeping those
 /// within the radius, so a query never gets more than `knn` hits from this engine.
 ///
-/// The defaults were measured by `hnsw_recall_meets_minimum` (tests/it/index_conformance.rs):
-/// 20,000 seeded hashes (10,000 random, 10,000 near-duplicates in clusters of 10) and 300
-/// near-duplicate queries at radius 31 give recall 1.000 with these values; see
-/// `HNSW_MIN_RECALL` there. DESIGN.md §5 quotes M=32, ef=256 for 0.99 at 1M codes (faiss).
+/// Defaults (M=16, ef_construction=128, ef_search=128, knn=64), measured on seeded sets of half
+/// random hashes and half near-duplicate clusters of 10, radius 31
+/// (tests/it/index_conformance.rs):
+///
+/// | set | M / ef_c / ef_s | recall | build | queries/s (1 thread, release) |
+/// | --- | --- | --- | --- | --- |
+/// | 20k | 16 / 128 / 128 | 1.0000 of 1,063 pairs | 16 s (test profile) | |
+/// | 20k | 12 / 64 / 64 | 0.9981 | 7 s (test profile) | |
+/// | 100k | 16 / 128 / 128 | 1.0000 of 3,522 pairs | 174 s | 778 |
+/// | 100k | 32 / 256 / 64 | 1.0000 | 441 s | 469 |
+/// | 100k | 32 / 256 / 256 | 1.0000 | 542 s | 178 |
+///
+/// Builds used both (shared, busy) cores. The exact scan answered 6,200 queries/s on the same
+/// 100k set, so hnsw_rs does not pay off for PDQ at this size. DESIGN.md §5 quotes M=32, ef=256
+/// for 0.99 kNN recall on PDQ-like codes at 1M (faiss); raise these if real data needs it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct HnswParams {
     /// Links per node and layer (HNSW's `M`; layer 0 keeps twice as many). At most 256.
@@ -106,9 +117,9 @@ pub struct HnswParams {
 impl Default for HnswParams {
     fn default() -> Self {
         Self {
-            max_connections: 32,
-            ef_construction: 256,
-            ef_search: 256,
+            max_connections: 16,
+            ef_construction: 128,
+            ef_search: 128,
             knn: 64,
         }
     }
@@ -347,8 +358,10 @@ impl FrameIndex {
     ///
     /// When tombstones reach [`REBUILD_FRACTION`] of the entries (and at least
     /// [`REBUILD_MIN_TOMBSTONES`]), this call rebuilds the engine from the live entries before
-    /// returning. That costs a full re-insert: about a second per 10^6 frames for `exact`, far
-    /// more for `hnsw` (parallel, minutes at 10^6), under the caller's write lock.
+    /// returning. That costs a full re-insert under the caller's write lock: a copy of 88 bytes
+    /// per live frame for `exact` (milliseconds per 10^5 frames), but a whole graph build for
+    /// `hnsw` (174 s per 10^5 frames measured at the default parameters on two busy cores).
+    /// Call it off the async runtime (`spawn_blocking`).
     pub fn withdraw(&mut self, reference: ReferenceId) -> bool {
         let Some(&slot) = self.slots.get(&reference) else {
             let slot = entry_id(self.references.len());
@@ -581,6 +594,12 @@ mod tests {
             .collect();
         out.sort_by_key(|m| (m.distance, m.reference, m.frame.frame_index));
         out
+    }
+
+    #[test]
+    fn frame_index_can_be_shared_between_threads() {
+        fn shared<T: Send + Sync>() {}
+        shared::<FrameIndex>();
     }
 
     #[test]

@@ -26,8 +26,9 @@ use crate::support;
 const RADIUS: u32 = 31;
 
 /// hnsw recall at radius 31 on the seeded set below, with `HnswParams::default()`. Measured
-/// 1.0000 (every one of the exact pairs found) at 20,000 hashes and 300 queries; the
-/// minimum leaves room for graph differences between parallel insert runs.
+/// 1.0000 (all 1,063 exact pairs found) at 20,000 hashes and 300 near-duplicate plus 300 random
+/// queries; a sparser graph (M=12, ef 64) measured 0.9981. The minimum leaves room for the
+/// graph differences between parallel insert runs.
 const HNSW_MIN_RECALL: f64 = 0.99;
 
 /// (needle line, haystack line, distance), lines 1-based.
@@ -227,33 +228,6 @@ fn hnsw_recall_meets_minimum() {
     let (frames, queries) = recall_set(0x5eed, 20_000, 300);
     let mut exact = FrameIndex::new(EngineKind::Exact, HnswParams::default());
     exact.load(frames.clone());
-    for params in [
-        HnswParams {
-            max_connections: 16,
-            ef_construction: 128,
-            ef_search: 128,
-            knn: 64,
-        },
-        HnswParams {
-            max_connections: 16,
-            ef_construction: 128,
-            ef_search: 64,
-            knn: 64,
-        },
-        HnswParams {
-            max_connections: 12,
-            ef_construction: 64,
-            ef_search: 64,
-            knn: 64,
-        },
-    ] {
-        let mut hnsw = FrameIndex::new(EngineKind::Hnsw, params);
-        let start = Instant::now();
-        hnsw.load(frames.clone());
-        let build = start.elapsed();
-        let (measured, pairs) = recall(&exact, &hnsw, &queries);
-        eprintln!("TMP {params:?} recall {measured:.4} of {pairs} build {build:.1?}");
-    }
     let mut hnsw = FrameIndex::new(EngineKind::Hnsw, HnswParams::default());
     let start = Instant::now();
     hnsw.load(frames);
@@ -308,17 +282,17 @@ fn index_throughput_probe() {
     let (qps_near, hits) = throughput(&exact, near);
     let (qps_random, _) = throughput(&exact, random);
     eprintln!("exact: {qps_near:.0} q/s near-duplicate ({hits} hits), {qps_random:.0} q/s random");
-    let light = HnswParams {
-        max_connections: 16,
-        ef_construction: 128,
-        ef_search: 128,
+    let heavy = HnswParams {
+        max_connections: 32,
+        ef_construction: 256,
+        ef_search: 256,
         knn: 64,
     };
     let narrow = HnswParams {
         ef_search: 64,
         ..HnswParams::default()
     };
-    for params in [HnswParams::default(), narrow, light] {
+    for params in [HnswParams::default(), narrow, heavy] {
         let start = Instant::now();
         let mut hnsw = FrameIndex::new(EngineKind::Hnsw, params);
         hnsw.load(frames.clone());

@@ -438,3 +438,208 @@ async fn an_empty_video_stream_gets_only_a_summary() {
     }
     server.stop().await;
 }
+
+fn vpdq_file(name: &str) -> Option<Vec<pb::Frame>> {
+    let dir = support::conformance_dir()?;
+    let text = std::fs::read_to_string(dir.join(format!("vpdq/{name}.txt"))).expect("vpdq file");
+    Some(support::vpdq_frames(&text))
+}
+
+/// One frame per second, as framematch scan and HMA sample (shared/PDQ.md §2.1): frames whose
+/// index is a multiple of 30 in these 30 fps files.
+fn one_per_second(frames: Vec<pb::Frame>) -> Vec<pb::Frame> {
+    frames
+        .into_iter()
+        .filter(|f| f.frame_index.is_multiple_of(30))
+        .collect()
+}
+
+fn verdicts(responses: &[pb::MatchResponse]) -> Vec<(usize, &pb::Verdict)> {
+    responses
+        .iter()
+        .enumerate()
+        .filter_map(|(i, r)| match &r.result {
+            Some(pb::match_response::Result::Verdict(v)) => Some((i, v)),
+            _ => None,
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_declared_frame_count_makes_the_verdict_final_before_the_stream_ends() {
+    let (Some(reference), Some(upload)) = (
+        vpdq_file("chair-orig-22-sd-bar"),
+        vpdq_file("chair-19-sd-bar"),
+    ) else {
+        return;
+    };
+    let server = TestServer::start().await;
+    support::create_bank(&server, "videos").await;
+    let id = support::add_reference(&server, "videos", reference)
+        .await
+        .expect("add")
+        .reference
+        .expect("reference")
+        .id;
+    let upload = one_per_second(upload);
+    let count = upload.len();
+    let options = pb::MatchOptions {
+        expected_frame_count: Some(u32::try_from(count).expect("count")),
+        min_run_ms: Some(0),
+        ..Default::default()
+    };
+    let requests = upload
+        .into_iter()
+        .enumerate()
+        .map(|(i, frame)| pb::MatchRequest {
+            options: (i == 0).then(|| options.clone()),
+            frame: Some(frame),
+        })
+        .collect();
+    let responses = support::match_video(&server, requests)
+        .await
+        .expect("stream");
+    let all = verdicts(&responses);
+    let (position, first_final) = all
+        .iter()
+        .find(|(_, v)| v.status == pb::VerdictStatus::Final as i32)
+        .expect("a final verdict");
+    assert_eq!(
+        first_final.source.as_ref().map(|s| s.reference_id),
+        Some(id)
+    );
+    assert!(first_final.is_match && first_final.percentage_match);
+    let frames_before = responses[..*position]
+        .iter()
+        .filter(|r| matches!(r.result, Some(pb::match_response::Result::Frame(_))))
+        .count();
+    assert!(
+        frames_before < count,
+        "final after {frames_before} of {count} frames: the upload service could stop early"
+    );
+    // The upload keeps matching, so no provisional verdict ever says otherwise.
+    assert!(all.iter().all(|(_, v)| v.is_match));
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_excerpt_inside_an_unrelated_upload_matches_by_its_run() {
+    let (Some(reference), Some(filler)) = (
+        vpdq_file("chair-orig-22-sd-bar"),
+        vpdq_file("pattern-hd-no-bar"),
+    ) else {
+        return;
+    };
+    let server = TestServer::start().await;
+    support::create_bank(&server, "videos").await;
+    let id = support::add_reference(&server, "videos", reference.clone())
+        .await
+        .expect("add")
+        .reference
+        .expect("reference")
+        .id;
+    // Upload: the unrelated pattern clip (7 s), 10 s of the chair clip from its 5 s mark, then
+    // the pattern clip again, renumbered onto one timeline at one frame per second.
+    let filler = one_per_second(filler);
+    let excerpt: Vec<pb::Frame> = one_per_second(reference)
+        .into_iter()
+        .filter(|f| (5_000..15_000).contains(&f.timestamp_ms))
+        .collect();
+    assert_eq!(excerpt.len(), 10);
+    let mut timeline: Vec<pb::Frame> = Vec::new();
+    for frame in filler.iter().chain(&excerpt).chain(&filler) {
+        let i = u32::try_from(timeline.len()).expect("index");
+        timeline.push(pb::Frame {
+            frame_index: i,
+            timestamp_ms: u64::from(i) * 1000,
+            signal: frame.signal.clone(),
+        });
+    }
+    let requests: Vec<pb::MatchRequest> = timeline
+        .into_iter()
+        .map(|frame| pb::MatchRequest {
+            options: None,
+            frame: Some(frame),
+        })
+        .collect();
+    let responses = support::match_video(&server, requests.clone())
+        .await
+        .expect("stream");
+    let closing = verdicts(&responses)
+        .into_iter()
+        .map(|(_, v)| v)
+        .filter(|v| v.source.as_ref().map(|s| s.reference_id) == Some(id))
+        .last()
+        .expect("a verdict for the reference");
+    assert!(!closing.percentage_match, "{closing:?}");
+    assert!(closing.run_match && closing.is_match, "{closing:?}");
+    let run = closing.run.as_ref().expect("run");
+    let start = u64::try_from(filler.len()).expect("len") * 1000;
+    assert!(
+        run.query_start_ms >= start && run.query_end_ms < start + 10_000,
+        "{run:?}"
+    );
+    assert!(run.query_end_ms - run.query_start_ms >= 5_000, "{run:?}");
+    assert!(
+        run.reference_start_ms >= 4_000 && run.reference_end_ms <= 16_000,
+        "{run:?}"
+    );
+
+    // With the rule off, the same upload does not match.
+    let mut without = requests;
+    without[0].options = Some(pb::MatchOptions {
+        min_run_ms: Some(0),
+        ..Default::default()
+    });
+    let responses = support::match_video(&server, without)
+        .await
+        .expect("stream");
+    assert!(
+        verdicts(&responses).iter().all(|(_, v)| !v.is_match),
+        "without the run rule the excerpt is too small a share"
+    );
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unrelated_shared_videos_never_match_by_either_rule() {
+    let Some(dir) = support::conformance_dir() else {
+        return;
+    };
+    let names = [
+        "chair-19-sd-bar",
+        "pattern-sd-grey-bar",
+        "doorknob-hd-no-bar",
+    ];
+    let server = TestServer::start().await;
+    support::create_bank(&server, "videos").await;
+    for name in names {
+        let text = std::fs::read_to_string(dir.join(format!("vpdq/{name}.txt"))).expect("file");
+        support::add_reference(&server, "videos", support::vpdq_frames(&text))
+            .await
+            .expect("add");
+    }
+    for query in ["pattern-hd-no-bar", "chair-orig-22-sd-bar"] {
+        let text = std::fs::read_to_string(dir.join(format!("vpdq/{query}.txt"))).expect("file");
+        let requests = support::vpdq_frames(&text)
+            .into_iter()
+            .map(|frame| pb::MatchRequest {
+                options: None,
+                frame: Some(frame),
+            })
+            .collect();
+        let responses = support::match_video(&server, requests)
+            .await
+            .expect("stream");
+        for (_, v) in verdicts(&responses) {
+            let source = v.source.as_ref().expect("source");
+            let related = query.starts_with("chair") && source.reference_id == 1;
+            assert_eq!(
+                v.is_match, related,
+                "{query} vs reference {}: {v:?}",
+                source.reference_id
+            );
+        }
+    }
+    server.stop().await;
+}
