@@ -74,7 +74,7 @@ fn sizes() -> Vec<usize> {
 fn search(c: &mut Criterion) {
     for n in sizes() {
         let (frames, queries) = dataset(n, 42);
-        for kind in [EngineKind::Exact, EngineKind::Hnsw] {
+        for kind in [EngineKind::Exact, EngineKind::Mih, EngineKind::Hnsw] {
             // Building hnsw at 1M takes many minutes on 2 cores (DESIGN.md §5): 100k only here.
             if kind == EngineKind::Hnsw && n > 100_000 {
                 continue;

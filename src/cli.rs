@@ -335,6 +335,12 @@ pub enum Error {
         #[source]
         source: image::ImageError,
     },
+    /// A video yielded no frame to send.
+    #[error("{path}: the video has no frames to scan")]
+    NoFrames {
+        /// The video.
+        path: PathBuf,
+    },
     /// A background task stopped unexpectedly (a bug).
     #[error("internal error: {0}")]
     Task(String),
@@ -998,10 +1004,9 @@ async fn scan_video(
         })
         .collect();
     if requests.is_empty() {
-        return Err(Error::Usage(format!(
-            "{}: the video has no frames to scan",
-            path.display()
-        )));
+        return Err(Error::NoFrames {
+            path: path.to_path_buf(),
+        });
     }
     collect_verdicts(client, tokio_stream::iter(requests), &context).await
 }
@@ -1060,10 +1065,9 @@ async fn scan_images(
     .await;
     let sent = producer.await.map_err(|e| Error::Task(e.to_string()))??;
     if sent == 0 {
-        return Err(Error::Usage(format!(
-            "{}: the video has no frames to scan",
-            path.display()
-        )));
+        return Err(Error::NoFrames {
+            path: path.to_path_buf(),
+        });
     }
     verdicts
 }

@@ -67,7 +67,7 @@ pub struct ServeArgs {
     /// Directory of the embedded store (created if missing).
     #[arg(long, env = "FRAMEMATCH_DATA_DIR", default_value = "./data")]
     pub data_dir: PathBuf,
-    /// Index engine for PDQ frames: `exact` (linear scan, always correct) or `hnsw` (approximate).
+    /// Index engine for PDQ frames: `exact` (linear scan), `mih` (exact multi-index hashing) or `hnsw` (approximate).
     #[arg(long, env = "FRAMEMATCH_INDEX_ENGINE", default_value = "exact")]
     pub index_engine: String,
     /// hnsw: neighbours per node (M).
@@ -188,7 +188,7 @@ impl TryFrom<&ServeArgs> for ServeConfig {
         let engine = EngineKind::from_str(&args.index_engine).map_err(|_| {
             invalid(
                 "index-engine",
-                format!("{:?}; expected exact or hnsw", args.index_engine),
+                format!("{:?}; expected exact, mih or hnsw", args.index_engine),
             )
         })?;
         if args.max_distance > PDQ_BITS / 2 {

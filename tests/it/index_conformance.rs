@@ -137,6 +137,20 @@ fn exact_index_finds_exactly_the_listed_needle_pairs() {
 }
 
 #[test]
+fn mih_index_finds_exactly_the_listed_needle_pairs() {
+    let Some(data) = needle_data() else { return };
+    let mut loaded = FrameIndex::new(EngineKind::Mih, HnswParams::default());
+    assert_eq!(loaded.engine_name(), "mih");
+    loaded.load(haystack_frames(&data.haystack));
+    assert_eq!(found_pairs(&loaded, &data.needles), data.pairs);
+    let mut inserted = FrameIndex::new(EngineKind::Mih, HnswParams::default());
+    for f in haystack_frames(&data.haystack) {
+        assert!(inserted.insert_reference(f.reference, f.bank, &[f.frame]));
+    }
+    assert_eq!(found_pairs(&inserted, &data.needles), data.pairs);
+}
+
+#[test]
 fn hnsw_index_finds_every_listed_needle_pair() {
     let Some(data) = needle_data() else { return };
     let mut index = FrameIndex::new(EngineKind::Hnsw, HnswParams::default());

@@ -568,8 +568,7 @@ async fn an_excerpt_inside_an_unrelated_upload_matches_by_its_run() {
     let closing = verdicts(&responses)
         .into_iter()
         .map(|(_, v)| v)
-        .filter(|v| v.source.as_ref().map(|s| s.reference_id) == Some(id))
-        .last()
+        .rfind(|v| v.source.as_ref().map(|s| s.reference_id) == Some(id))
         .expect("a verdict for the reference");
     assert!(!closing.percentage_match, "{closing:?}");
     assert!(closing.run_match && closing.is_match, "{closing:?}");
