@@ -6,7 +6,8 @@
 //! Data: seeded random 256-bit hashes (unrelated PDQ hashes sit ~128 bits apart, as random ones
 //! do); queries are half near-duplicates of stored frames (8 to 24 bits flipped, so each has at
 //! least one true match) and half random (no match). `FRAMEMATCH_BENCH_SIZES=100000,1000000`
-//! overrides the sizes.
+//! overrides the sizes and `FRAMEMATCH_BENCH_ENGINES=exact,mih` the engines (building hnsw at
+//! 100k takes minutes on 2 cores).
 
 use std::hint::black_box;
 use std::time::Duration;
@@ -71,10 +72,18 @@ fn sizes() -> Vec<usize> {
         .unwrap_or_else(|| vec![100_000, 1_000_000])
 }
 
+/// Engines to measure: `FRAMEMATCH_BENCH_ENGINES=exact,mih` (default: all three).
+fn engines() -> Vec<EngineKind> {
+    std::env::var("FRAMEMATCH_BENCH_ENGINES")
+        .ok()
+        .map(|s| s.split(',').filter_map(|e| e.trim().parse().ok()).collect())
+        .unwrap_or_else(|| EngineKind::ALL.to_vec())
+}
+
 fn search(c: &mut Criterion) {
     for n in sizes() {
         let (frames, queries) = dataset(n, 42);
-        for kind in [EngineKind::Exact, EngineKind::Mih, EngineKind::Hnsw] {
+        for kind in engines() {
             // Building hnsw at 1M takes many minutes on 2 cores (DESIGN.md §5): 100k only here.
             if kind == EngineKind::Hnsw && n > 100_000 {
                 continue;

@@ -750,10 +750,21 @@ async fn reference_frames(path: &Path, sampling: SamplingOptions) -> Result<Vec<
         }
         FileKind::Media => {
             let owned = path.to_path_buf();
-            tokio::task::spawn_blocking(move || hash_video_file(&owned, sampling, false))
-                .await
-                .map_err(|e| Error::Task(e.to_string()))??
-                .to_vpdq()
+            let hashed =
+                tokio::task::spawn_blocking(move || hash_video_file(&owned, sampling, false))
+                    .await
+                    .map_err(|e| Error::Task(e.to_string()))??;
+            // Straight from the frames, not via the vPDQ form, so that content-area hashes of
+            // frames with bars travel too.
+            return Ok(hashed
+                .frames
+                .iter()
+                .map(|frame| pb::Frame {
+                    frame_index: u32::try_from(frame.frame_index).unwrap_or(u32::MAX),
+                    timestamp_ms: timestamp_ms(frame.timestamp_s),
+                    signal: Some(pb::frame::Signal::Pdq(video_signal(frame, false))),
+                })
+                .collect());
         }
     };
     Ok(vpdq
@@ -765,6 +776,25 @@ async fn reference_frames(path: &Path, sampling: SamplingOptions) -> Result<Vec<
             signal: Some(pb::frame::Signal::Pdq(pdq_signal(&f.hash, f.quality, None))),
         })
         .collect())
+}
+
+/// A hashed video frame as a precomputed signal: its hash, and its content-area hash when it has
+/// borders; with `dihedral`, the variants of both.
+fn video_signal(frame: &crate::video::VideoFrame, dihedral: bool) -> pb::PdqSignal {
+    let variants = |v: &Option<[crate::hash::PdqHash; 8]>| v.filter(|_| dihedral);
+    let mut signal = pdq_signal(
+        &frame.hash,
+        frame.quality,
+        variants(&frame.variants).as_ref(),
+    );
+    signal.content = frame.content.map(|c| {
+        Box::new(pdq_signal(
+            &c.hash,
+            c.quality,
+            variants(&c.variants).as_ref(),
+        ))
+    });
+    signal
 }
 
 /// A precomputed hash, with the 7 other dihedral variants when given all 8.
@@ -995,11 +1025,7 @@ async fn scan_video(
             frame: Some(pb::Frame {
                 frame_index: u32::try_from(frame.frame_index).unwrap_or(u32::MAX),
                 timestamp_ms: timestamp_ms(frame.timestamp_s),
-                signal: Some(pb::frame::Signal::Pdq(pdq_signal(
-                    &frame.hash,
-                    frame.quality,
-                    frame.variants.as_ref().filter(|_| dihedral),
-                ))),
+                signal: Some(pb::frame::Signal::Pdq(video_signal(frame, dihedral))),
             }),
         })
         .collect();

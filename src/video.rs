@@ -33,8 +33,8 @@ use parking_lot::Mutex;
 use serde::Deserialize;
 
 use crate::hash::PdqHash;
-use crate::hash::pdq;
 use crate::hash::vpdq::{Vpdq, VpdqFeature};
+use crate::hash::{border, pdq};
 
 /// Largest frame accepted, in pixels (width × height): 8K UHD is 33 MP. Bounds the frame buffers.
 pub const MAX_FRAME_PIXELS: u64 = 50_000_000;
@@ -621,6 +621,20 @@ pub struct VideoFrame {
     pub quality: u8,
     /// All eight dihedral variants, in [`pdq::Dihedral::ALL`] order, when asked for.
     pub variants: Option<[PdqHash; 8]>,
+    /// The PDQ of the frame's content area when it has uniform borders (letterbox or pillarbox
+    /// bars), with its variants when asked for. Not part of the vPDQ text form.
+    pub content: Option<ContentHash>,
+}
+
+/// The PDQ of a frame's content area inside uniform borders.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ContentHash {
+    /// The hash.
+    pub hash: PdqHash,
+    /// Its quality.
+    pub quality: u8,
+    /// Its eight dihedral variants, when asked for.
+    pub variants: Option<[PdqHash; 8]>,
 }
 
 impl From<&VideoFrame> for VpdqFeature {
@@ -768,17 +782,23 @@ fn hash_frame(
     position: FramePosition,
     dihedral: bool,
 ) -> Result<VideoFrame, Error> {
-    let output = pdq::hash_rgb(width, height, rgb).map_err(|source| Error::Hash {
+    let hashes = border::hash_rgb(width, height, rgb).map_err(|source| Error::Hash {
         path: path.to_path_buf(),
         frame_index: position.frame_index,
         source,
     })?;
+    let output = &hashes.full;
     Ok(VideoFrame {
         frame_index: position.frame_index,
         timestamp_s: position.timestamp_s,
         hash: output.hash(),
         quality: output.quality(),
         variants: dihedral.then(|| output.dihedral()),
+        content: hashes.content.map(|c| ContentHash {
+            hash: c.hash(),
+            quality: c.quality(),
+            variants: dihedral.then(|| c.dihedral()),
+        }),
     })
 }
 
@@ -875,6 +895,7 @@ mod tests {
             hash: PdqHash::default(),
             quality: 100,
             variants: None,
+            content: None,
         };
         let feature = VpdqFeature::from(&frame);
         assert_eq!(feature.timestamp_s, f64::from(2.0_f32 / 30.0_f32));

@@ -98,15 +98,16 @@ impl FromStr for EngineKind {
 ///
 /// | set | M / ef_c / ef_s | recall | build | queries/s (1 thread, release) |
 /// | --- | --- | --- | --- | --- |
-/// | 20k | 16 / 128 / 128 | 1.0000 of 1,063 pairs | 16 s (test profile) | |
+/// | 20k | 16 / 128 / 128 | 1.0000 of 1,063 pairs | 13-25 s (test profile) | |
 /// | 20k | 12 / 64 / 64 | 0.9981 | 7 s (test profile) | |
-/// | 100k | 16 / 128 / 128 | 1.0000 of 3,522 pairs | 174 s | 778 |
-/// | 100k | 32 / 256 / 64 | 1.0000 | 441 s | 469 |
-/// | 100k | 32 / 256 / 256 | 1.0000 | 542 s | 178 |
+/// | 100k | 16 / 128 / 128 | 0.9997-1.0000 of 3,522 pairs | 90-174 s | 610-780 |
+/// | 100k | 16 / 128 / 64 | 0.9974 | 108 s | 1,110-1,250 |
+/// | 100k | 32 / 256 / 256 | 1.0000 | 295-542 s | 200-240 |
 ///
-/// Builds used both (shared, busy) cores. The exact scan answered 6,200 queries/s on the same
-/// 100k set, so hnsw_rs does not pay off for PDQ at this size. DESIGN.md §5 quotes M=32, ef=256
-/// for 0.99 kNN recall on PDQ-like codes at 1M (faiss); raise these if real data needs it.
+/// Ranges are two runs (parallel inserts differ between runs) on two cores shared with other
+/// builds. The exact scan answered 6,200-10,600 queries/s on the same 100k set, so hnsw_rs does
+/// not pay off for PDQ at this size. DESIGN.md §5 quotes M=32, ef=256 for 0.99 kNN recall on
+/// PDQ-like codes at 1M (faiss); raise these if real data needs it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct HnswParams {
     /// Links per node and layer (HNSW's `M`; layer 0 keeps twice as many). At most 256.
@@ -366,7 +367,7 @@ impl FrameIndex {
     /// [`REBUILD_MIN_TOMBSTONES`]), this call rebuilds the engine from the live entries before
     /// returning. That costs a full re-insert under the caller's write lock: a copy of 88 bytes
     /// per live frame for `exact` (milliseconds per 10^5 frames), but a whole graph build for
-    /// `hnsw` (174 s per 10^5 frames measured at the default parameters on two busy cores).
+    /// `hnsw` (90-174 s per 10^5 frames measured at the default parameters on two busy cores).
     /// Call it off the async runtime (`spawn_blocking`).
     pub fn withdraw(&mut self, reference: ReferenceId) -> bool {
         let Some(&slot) = self.slots.get(&reference) else {

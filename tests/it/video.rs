@@ -629,3 +629,164 @@ fn vpdq_files_and_videos_are_interchangeable_in_vpdq_match() {
     ]);
     assert_eq!((code, out.as_str()), (1, "100.00\t100.00\ttrue\n"), "{err}");
 }
+
+/// Runs a client command of the binary against `server`, off the runtime.
+async fn client(server: &TestServer, args: &[&str]) -> (i32, String, String) {
+    let mut all: Vec<String> = args.iter().map(|a| (*a).to_string()).collect();
+    all.extend(["--server".to_string(), server.url()]);
+    run_async(all).await
+}
+
+/// The `scan` line for `reference` in `out`: (query %, reference %, match?).
+fn scan_line(out: &str, reference: &str) -> Option<(f64, f64, bool)> {
+    out.lines().find_map(|line| {
+        let f: Vec<&str> = line.split('\t').collect();
+        (f.len() == 6 && f[1] == reference).then(|| {
+            (
+                f[3].parse().expect("query %"),
+                f[4].parse().expect("reference %"),
+                f[5] == "match",
+            )
+        })
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bars_added_by_a_re_upload_no_longer_hide_it() {
+    let Some(dir) = vpdq_dir_with_ffmpeg() else {
+        return;
+    };
+    let path = |name: &str| dir.join(name).display().to_string();
+    // Plain vPDQ: the barred SD copy and the bare HD original share no frame (the shared table
+    // says 0 % both ways).
+    let (_, plain, _) = run(&[
+        "vpdq-match",
+        &path("pattern-sd-grey-bar.mp4"),
+        &path("pattern-hd-no-bar.mp4"),
+    ]);
+    assert!(plain.starts_with("0.00\t0.00\tfalse"), "{plain}");
+
+    let server = TestServer::start().await;
+    support::create_bank(&server, "videos").await;
+    let (code, out, err) = client(
+        &server,
+        &["ref", "add", "videos", &path("pattern-hd-no-bar.mp4")],
+    )
+    .await;
+    assert_eq!(code, 0, "{err}");
+    let id = out.split('\t').next().expect("id").to_string();
+    for barred in [
+        "pattern-sd-grey-bar.mp4",
+        "pattern-sd-with-small-logo-bar.mp4",
+    ] {
+        let (code, out, err) = client(&server, &["scan", &path(barred)]).await;
+        assert_eq!(
+            code, 1,
+            "{barred} should match with its bars removed: {out}{err}"
+        );
+        let (query, reference, matched) = scan_line(&out, &id).expect("a verdict line");
+        assert!(matched && query >= 80.0, "{barred}: {out}");
+        assert!(reference > 0.0);
+    }
+    // And the other way round: a barred reference, a bare upload.
+    support::create_bank(&server, "barred").await;
+    let (code, out, _) = client(
+        &server,
+        &["ref", "add", "barred", &path("pattern-sd-grey-bar.mp4")],
+    )
+    .await;
+    assert_eq!(code, 0);
+    let barred_id = out.split('\t').next().expect("id").to_string();
+    let (code, out, _) = client(
+        &server,
+        &["scan", "--bank", "barred", &path("pattern-hd-no-bar.mp4")],
+    )
+    .await;
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        scan_line(&out, &barred_id).is_some_and(|(_, _, m)| m),
+        "{out}"
+    );
+    // Unrelated clips still do not match.
+    for other in ["chair-19-sd-bar.mp4", "doorknob-hd-no-bar.mp4"] {
+        let (code, out, _) = client(&server, &["scan", &path(other)]).await;
+        assert_eq!(code, 0, "{other}: {out}");
+    }
+    server.stop().await;
+}
+
+/// Runs ffmpeg with `args`, panicking with its stderr on failure.
+fn ffmpeg(args: &[&str]) {
+    let output = Command::new("ffmpeg")
+        .args(["-v", "error", "-y"])
+        .args(args)
+        .output()
+        .expect("run ffmpeg");
+    assert!(
+        output.status.success(),
+        "ffmpeg {args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_excerpt_spliced_into_an_unrelated_video_matches_by_its_run() {
+    let Some(dir) = vpdq_dir_with_ffmpeg() else {
+        return;
+    };
+    let path = |name: &str| dir.join(name).display().to_string();
+    let work = tempfile::tempdir().expect("temp dir");
+    let upload = work.path().join("upload.mp4").display().to_string();
+    // Upload: 4 s of the doorknob clip, 10 s of the chair reference from its 5 s mark, then 7 s
+    // of the pattern clip, all at the reference's 480x720 and 30 fps.
+    ffmpeg(&[
+        "-i",
+        &path("doorknob-hd-no-bar.mp4"),
+        "-i",
+        &path("chair-orig-22-sd-bar.mp4"),
+        "-i",
+        &path("pattern-hd-no-bar.mp4"),
+        "-filter_complex",
+        "[0:v]scale=480:720,setsar=1,fps=30[a];\
+         [1:v]trim=start=5:duration=10,setpts=PTS-STARTPTS,fps=30[b];\
+         [2:v]scale=480:720,setsar=1,fps=30[c];\
+         [a][b][c]concat=n=3:v=1:a=0[out]",
+        "-map",
+        "[out]",
+        "-c:v",
+        "libx264",
+        "-pix_fmt",
+        "yuv420p",
+        &upload,
+    ]);
+
+    let server = TestServer::start().await;
+    support::create_bank(&server, "videos").await;
+    let (code, out, err) = client(
+        &server,
+        &["ref", "add", "videos", &path("chair-orig-22-sd-bar.mp4")],
+    )
+    .await;
+    assert_eq!(code, 0, "{err}");
+    let id = out.split('\t').next().expect("id").to_string();
+
+    // The percentage rule alone misses it: under half of the upload is the excerpt.
+    let (code, out, _) = client(&server, &["scan", "--min-run-ms", "0", &upload]).await;
+    assert_eq!(code, 0, "without the run rule: {out}");
+    // The run rule (default 5 s) finds it.
+    let (code, out, err) = client(&server, &["scan", &upload]).await;
+    assert_eq!(code, 1, "{out}{err}");
+    let (query, _, matched) = scan_line(&out, &id).expect("a verdict line");
+    assert!(matched && query < 80.0, "{out}");
+
+    // Unrelated shared videos never match the chair reference, by either rule.
+    for other in [
+        "pattern-sd-grey-bar.mp4",
+        "doorknob-hd-no-bar.mp4",
+        "pattern-hd-no-bar.mp4",
+    ] {
+        let (code, out, _) = client(&server, &["scan", &path(other)]).await;
+        assert_eq!(code, 0, "{other}: {out}");
+    }
+    server.stop().await;
+}
