@@ -140,10 +140,14 @@ impl MihEngine {
 
     /// Linear scan of `codes[from..]`.
     fn scan(&self, from: usize, q: &[u64; 4], radius: u32, out: &mut Vec<(u32, u32)>) {
-        for (id, code) in (0u32..).zip(&self.codes).skip(from) {
+        let Some(tail) = self.codes.get(from..) else {
+            return;
+        };
+        for (offset, code) in tail.iter().enumerate() {
             let d = distance(code, q);
             if d <= radius {
-                out.push((id, d));
+                // Entry ids fit in u32: FrameIndex assigns them.
+                out.push(((from + offset) as u32, d));
             }
         }
     }
