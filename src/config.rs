@@ -10,6 +10,7 @@ use crate::hash::PDQ_BITS;
 use crate::hash::pdq::DecodeLimits;
 use crate::index::{EngineKind, HnswParams};
 use crate::matching::MatchParams;
+use crate::telemetry::OtlpConfig;
 
 /// Hard caps on what one request or the whole server accepts (DESIGN.md §6).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -57,6 +58,9 @@ impl Default for Limits {
     }
 }
 
+/// Default address of the Prometheus scrape endpoint.
+pub const DEFAULT_METRICS_LISTEN: &str = "0.0.0.0:9090";
+
 /// `framematch serve` flags.
 #[derive(Clone, Debug, clap::Args)]
 pub struct ServeArgs {
@@ -64,11 +68,15 @@ pub struct ServeArgs {
     /// the first line of output.
     #[arg(long, env = "FRAMEMATCH_LISTEN", default_value = "0.0.0.0:50051")]
     pub listen: SocketAddr,
+    /// Address of the Prometheus scrape endpoint (`GET /metrics`, plain HTTP), always on; port 0
+    /// picks a free port. The bound address is printed on the second line of output.
+    #[arg(long, env = "FRAMEMATCH_METRICS_LISTEN", default_value = DEFAULT_METRICS_LISTEN)]
+    pub metrics_listen: SocketAddr,
     /// Directory of the embedded store (created if missing).
     #[arg(long, env = "FRAMEMATCH_DATA_DIR", default_value = "./data")]
     pub data_dir: PathBuf,
     /// Index engine for PDQ frames: `exact` (linear scan), `mih` (exact multi-index hashing) or `hnsw` (approximate).
-    #[arg(long, env = "FRAMEMATCH_INDEX_ENGINE", default_value = "exact")]
+    #[arg(long, env = "FRAMEMATCH_INDEX_ENGINE", default_value = "mih")]
     pub index_engine: String,
     /// hnsw: neighbours per node (M).
     #[arg(long, env = "FRAMEMATCH_HNSW_M", default_value_t = HnswParams::default().max_connections)]
@@ -159,10 +167,18 @@ pub struct ServeConfig {
     pub shutdown_grace: Duration,
     /// Log format.
     pub log_format: LogFormat,
+    /// Where `serve` binds the Prometheus endpoint when the caller does not bind it.
+    pub metrics_listen: SocketAddr,
+    /// Where metrics are exported over OTLP (spans are the process-wide subscriber's business,
+    /// see [`crate::telemetry::Tracing`]). Not read from the environment here: `main` fills it
+    /// from the `OTEL_*` variables, tests set it directly.
+    pub otlp: OtlpConfig,
 }
 
 impl ServeConfig {
-    /// A configuration with every default and the given data directory (used by tests).
+    /// A configuration with every default and the given data directory (used by tests). The
+    /// metrics endpoint goes to a free loopback port rather than the command line's default, so
+    /// servers in one process never compete for 9090.
     pub fn with_data_dir(data_dir: PathBuf) -> Self {
         Self {
             data_dir,
@@ -173,6 +189,8 @@ impl ServeConfig {
             hash_workers: default_workers(),
             shutdown_grace: Duration::from_secs(10),
             log_format: LogFormat::Text,
+            metrics_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            otlp: OtlpConfig::default(),
         }
     }
 }
@@ -266,6 +284,8 @@ impl TryFrom<&ServeArgs> for ServeConfig {
             },
             shutdown_grace: Duration::from_millis(args.shutdown_grace_ms),
             log_format,
+            metrics_listen: args.metrics_listen,
+            otlp: OtlpConfig::default(),
         })
     }
 }

@@ -42,10 +42,11 @@ pub const REBUILD_MIN_TOMBSTONES: usize = 1024;
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub enum EngineKind {
     /// Linear popcount scan ([`exact::ExactEngine`]): exact, memory-bound.
-    #[default]
     Exact,
     /// Exact multi-index hashing ([`mih::MihEngine`]): same results as `Exact`, far fewer
-    /// distance computations.
+    /// distance computations. The default: `cargo bench --bench index` measured 12 µs per query
+    /// at 100k frames and 136 µs at 1M, against 98 µs and 1.07 ms for the scan (one core).
+    #[default]
     Mih,
     /// Approximate graph search ([`hnsw::HnswEngine`]) with [`HnswParams`].
     Hnsw,
@@ -284,7 +285,7 @@ impl FrameIndex {
         }
     }
 
-    /// The engine's name (`"exact"` or `"hnsw"`).
+    /// The engine's name (`"exact"`, `"mih"` or `"hnsw"`).
     pub fn engine_name(&self) -> &'static str {
         self.engine.name()
     }
@@ -614,7 +615,7 @@ mod tests {
         for kind in EngineKind::ALL {
             assert_eq!(kind.to_string().parse::<EngineKind>(), Ok(kind));
         }
-        assert_eq!(EngineKind::default(), EngineKind::Exact);
+        assert_eq!(EngineKind::default(), EngineKind::Mih);
         assert_eq!(
             "annoy".parse::<EngineKind>(),
             Err(UnknownEngine("annoy".to_string()))

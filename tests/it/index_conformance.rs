@@ -123,7 +123,7 @@ fn needle_data() -> Option<NeedleData> {
 fn exact_index_finds_exactly_the_listed_needle_pairs() {
     let Some(data) = needle_data() else { return };
     // Through the bulk load ...
-    let mut loaded = FrameIndex::new(EngineKind::default(), HnswParams::default());
+    let mut loaded = FrameIndex::new(EngineKind::Exact, HnswParams::default());
     assert_eq!(loaded.engine_name(), "exact");
     loaded.load(haystack_frames(&data.haystack));
     assert_eq!(loaded.live_frames(), 1350);
@@ -139,7 +139,8 @@ fn exact_index_finds_exactly_the_listed_needle_pairs() {
 #[test]
 fn mih_index_finds_exactly_the_listed_needle_pairs() {
     let Some(data) = needle_data() else { return };
-    let mut loaded = FrameIndex::new(EngineKind::Mih, HnswParams::default());
+    // The default engine.
+    let mut loaded = FrameIndex::new(EngineKind::default(), HnswParams::default());
     assert_eq!(loaded.engine_name(), "mih");
     loaded.load(haystack_frames(&data.haystack));
     assert_eq!(found_pairs(&loaded, &data.needles), data.pairs);
