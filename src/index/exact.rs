@@ -8,7 +8,7 @@
 use std::mem::size_of;
 
 use super::Engine;
-use crate::hash::PdqHash;
+use crate::hash::{PdqHash, hamming as distance};
 
 /// Entries compared per block of the scan: the distance computations of a block are
 /// independent, and the common "no hit in this block" case costs one branch.
@@ -32,16 +32,6 @@ impl ExactEngine {
             words: Vec::with_capacity(capacity),
         }
     }
-}
-
-/// Hamming distance of two hashes in word form; kept local and `#[inline(always)]` so the block
-/// loop below compiles to straight-line POPCNTs.
-#[inline(always)]
-fn distance(a: &[u64; 4], b: &[u64; 4]) -> u32 {
-    (a[0] ^ b[0]).count_ones()
-        + (a[1] ^ b[1]).count_ones()
-        + (a[2] ^ b[2]).count_ones()
-        + (a[3] ^ b[3]).count_ones()
 }
 
 impl Engine for ExactEngine {

@@ -25,7 +25,7 @@
 use std::mem::size_of;
 
 use super::Engine;
-use crate::hash::PdqHash;
+use crate::hash::{PdqHash, hamming as distance};
 
 /// Number of substrings (and tables).
 pub const TABLES: usize = 16;
@@ -45,15 +45,6 @@ const MIN_TAIL: usize = 4096;
 fn substring(words: &[u64; 4], t: usize) -> u16 {
     // 4 substrings per word; `as u16` keeps the low 16 bits, by design.
     (words[t / 4] >> (48 - 16 * (t % 4))) as u16
-}
-
-/// Hamming distance in word form.
-#[inline(always)]
-fn distance(a: &[u64; 4], b: &[u64; 4]) -> u32 {
-    (a[0] ^ b[0]).count_ones()
-        + (a[1] ^ b[1]).count_ones()
-        + (a[2] ^ b[2]).count_ones()
-        + (a[3] ^ b[3]).count_ones()
 }
 
 /// Every 16-bit mask with at most `MAX_SUB_RADIUS` bits set, by increasing popcount, and where
