@@ -101,6 +101,46 @@ pub enum Command {
     },
     /// Print the server's counts.
     Stats,
+    /// Load generator (issue #6): runs concurrent MatchVideo streams against the server and prints
+    /// frames/s, per-frame p50/p99 latency, errors and the server's CPU time per frame.
+    Bench(BenchArgs),
+}
+
+/// `framematch bench …`
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// Concurrent MatchVideo streams, each on its own connection.
+    #[arg(long, default_value_t = 8)]
+    pub streams: usize,
+    /// Frames per stream.
+    #[arg(long, default_value_t = 1000)]
+    pub frames_per_stream: u32,
+    /// Frames per second per stream; default: as fast as the answers come.
+    #[arg(long, value_name = "FPS")]
+    pub rate: Option<f64>,
+    /// Send 1280x720 JPEG frames for the server to hash instead of precomputed hashes.
+    #[arg(long)]
+    pub jpeg_720p: bool,
+    /// Pictures for the 720p JPEG frames (centre 16:9 crop, scaled, encoded once); default: four
+    /// synthetic frames.
+    #[arg(long = "image", value_name = "FILE")]
+    pub images: Vec<PathBuf>,
+    /// Hashes to send, as raw 32-byte records (e.g. bench/data/queries.u8); default: seeded random
+    /// hashes, which match nothing.
+    #[arg(long, value_name = "FILE")]
+    pub hashes: Option<PathBuf>,
+    /// Keep opening streams until this many seconds have passed.
+    #[arg(long, value_name = "S")]
+    pub duration_s: Option<f64>,
+    /// Most unanswered frames per stream.
+    #[arg(long, default_value_t = 4)]
+    pub max_in_flight: usize,
+    /// The server's process id, to report its CPU time per frame (from /proc/PID/stat).
+    #[arg(long)]
+    pub server_pid: Option<u32>,
+    /// Print the report as JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// Which video frames are hashed (vPDQ's sampling, shared/PDQ.md §2.1).
@@ -341,6 +381,9 @@ pub enum Error {
         /// The video.
         path: PathBuf,
     },
+    /// The load generator could not start.
+    #[error(transparent)]
+    Loadgen(#[from] crate::loadgen::Error),
     /// A background task stopped unexpectedly (a bug).
     #[error("internal error: {0}")]
     Task(String),
@@ -1122,6 +1165,51 @@ async fn collect_verdicts(
         }
     }
     Ok(verdicts.into_verdicts())
+}
+
+/// `framematch bench`: builds the payload, runs the load and prints the report.
+///
+/// # Errors
+/// [`Error::Loadgen`] for bad settings or unreadable inputs, [`Error::Usage`] for a bad duration.
+pub async fn bench(args: BenchArgs, server: &str) -> Result<(), Error> {
+    use crate::loadgen::{self, LoadConfig, Payload};
+    let payload = if args.jpeg_720p {
+        let images = args.images.clone();
+        let frames = tokio::task::spawn_blocking(move || loadgen::jpeg_720p_frames(&images))
+            .await
+            .map_err(|e| Error::Task(e.to_string()))??;
+        Payload::Jpeg(frames)
+    } else {
+        match &args.hashes {
+            Some(path) => Payload::Hashes(loadgen::read_hashes(path)?),
+            None => Payload::Hashes(loadgen::random_hashes(4096, 6)),
+        }
+    };
+    let duration = match args.duration_s {
+        Some(s) if s.is_finite() && s > 0.0 => Some(std::time::Duration::from_secs_f64(s)),
+        Some(s) => return Err(Error::Usage(format!("--duration-s {s}: must be positive"))),
+        None => None,
+    };
+    let config = LoadConfig {
+        server: server.to_string(),
+        streams: args.streams,
+        frames_per_stream: args.frames_per_stream,
+        rate: args.rate,
+        duration,
+        max_in_flight: args.max_in_flight,
+        payload,
+        server_pid: args.server_pid,
+    };
+    let report = loadgen::run(&config).await?;
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&report).map_err(|e| Error::Task(e.to_string()))?
+        );
+    } else {
+        println!("{}", report.to_markdown());
+    }
+    Ok(())
 }
 
 /// Seconds as whole milliseconds, rounded to nearest.

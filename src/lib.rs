@@ -16,7 +16,9 @@
 //! - [`server`]: `serve(listener, config, shutdown)`; health, reflection, index load.
 //! - [`video`]: decoding with the real FFmpeg (a subprocess) and vPDQ frame selection and hashing;
 //!   [`hash::vpdq`] reads and writes vPDQ files and compares two videos as vPDQ does.
+//! - [`loadgen`]: the `framematch bench` load generator (many MatchVideo streams; issue #6).
 //! - [`config`]: flags and environment, validated once; [`cli`]: the command line.
+//! - [`telemetry`]: logs, one span per RPC or stream, metrics (Prometheus `/metrics` and OTLP).
 //! - [`pb`]: generated protobuf code, nothing else.
 //!
 //! # One frame's path
@@ -38,9 +40,11 @@ pub mod cli;
 pub mod config;
 pub mod hash;
 pub mod index;
+pub mod loadgen;
 pub mod matching;
 pub mod model;
 pub mod pb;
 pub mod server;
 pub mod store;
+pub mod telemetry;
 pub mod video;

@@ -1,5 +1,6 @@
 //! The `framematch` binary: parses the command line, validates configuration before any runtime
-//! starts (bad config exits 64), and dispatches to the server or a client command.
+//! starts (bad config exits 64), and dispatches to the server or a client command. `serve`
+//! installs telemetry (logs, OTLP when `OTEL_*` say so) and flushes it before exiting.
 
 #![allow(clippy::print_stdout)]
 
@@ -8,8 +9,8 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use framematch::cli::{self, Cli, Command, EXIT_CONFIG, EXIT_ERROR, EXIT_MATCHED};
-use framematch::config::{LogFormat, ServeArgs, ServeConfig};
-use tracing_subscriber::EnvFilter;
+use framematch::config::{ServeArgs, ServeConfig};
+use framematch::telemetry::{OtlpConfig, Tracing};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -31,6 +32,7 @@ fn main() -> ExitCode {
         Command::Bank { command } => client(cli::bank(command, &cli.server)),
         Command::Ref { command } => client(cli::reference(command, &cli.server)),
         Command::Stats => client(cli::stats(&cli.server)),
+        Command::Bench(args) => client(cli::bench(args, &cli.server)),
         Command::Match {
             banks,
             max_distance,
@@ -83,44 +85,65 @@ fn client(command: impl std::future::Future<Output = Result<(), cli::Error>>) ->
     }
 }
 
-fn init_logging(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
-    }
-}
-
 fn serve(args: &ServeArgs) -> ExitCode {
-    let config = match ServeConfig::try_from(args) {
+    let mut config = match ServeConfig::try_from(args) {
         Ok(config) => config,
         Err(error) => {
             eprintln!("framematch: {error}");
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    init_logging(config.log_format);
+    // The standard OTEL_* variables decide whether traces and metrics leave over OTLP.
+    let otlp = OtlpConfig::from_env();
+    config.otlp = otlp.clone();
     let runtime = match runtime() {
         Ok(rt) => rt,
         Err(code) => return code,
+    };
+    // Inside the runtime: the OTLP exporter's channel spawns its worker there.
+    let tracing = {
+        let _entered = runtime.enter();
+        match Tracing::try_init(config.log_format, &otlp) {
+            Ok(tracing) => tracing,
+            Err(error) => {
+                eprintln!("framematch: {error}");
+                return ExitCode::from(EXIT_CONFIG);
+            }
+        }
     };
     let result: anyhow::Result<()> = runtime.block_on(async {
         let listener = tokio::net::TcpListener::bind(args.listen)
             .await
             .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", args.listen))?;
+        let metrics_listener = tokio::net::TcpListener::bind(args.metrics_listen)
+            .await
+            .map_err(|e| {
+                anyhow::anyhow!("cannot listen for metrics on {}: {e}", args.metrics_listen)
+            })?;
         let address = listener.local_addr()?;
-        // The first line of output is the bound address (port 0 picks one): scripts and tests
-        // read it.
+        let metrics_address = metrics_listener.local_addr()?;
+        // The first line of output is the bound address (port 0 picks one), the second the
+        // metrics endpoint's: scripts and tests read them.
         let mut stdout = std::io::stdout();
         writeln!(stdout, "listening on {address}")?;
+        writeln!(stdout, "metrics on {metrics_address}")?;
         stdout.flush()?;
-        tracing::info!(%address, "listening");
-        framematch::server::serve(listener, config, shutdown_signal()).await?;
+        tracing::info!(%address, %metrics_address, "listening");
+        framematch::server::serve_with_metrics(
+            listener,
+            metrics_listener,
+            config,
+            shutdown_signal(),
+        )
+        .await?;
         Ok(())
     });
+    // Flush the spans still queued while the runtime that carries the export is alive.
+    let flushed =
+        runtime.block_on(async { tokio::task::spawn_blocking(move || tracing.shutdown()).await });
+    if let Err(error) = flushed {
+        eprintln!("framematch: flushing traces failed: {error}");
+    }
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {

@@ -5,8 +5,14 @@
 //!
 //! Shutdown: health flips to NOT_SERVING, the server stops accepting, open streams get
 //! `shutdown_grace` to finish, and what is left is dropped.
+//!
+//! Beside gRPC, every server serves its Prometheus endpoint (`GET /metrics`, issue #5) on a second
+//! listener, from its own meter provider; the endpoint stops after gRPC has, and the last metrics
+//! are flushed to OTLP (when configured) before `serve` returns.
 
 use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Instant;
 
 use tokio::net::TcpListener;
@@ -21,6 +27,7 @@ use crate::config::ServeConfig;
 use crate::index::FrameIndex;
 use crate::pb;
 use crate::store::{self, Store};
+use crate::telemetry::{self, MetricsPipeline};
 
 /// Why the server could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -34,6 +41,18 @@ pub enum Error {
     /// The transport failed.
     #[error("transport: {0}")]
     Transport(#[from] tonic::transport::Error),
+    /// The metrics pipeline could not be built.
+    #[error("telemetry: {0}")]
+    Telemetry(#[from] telemetry::Error),
+    /// The metrics endpoint's address could not be bound.
+    #[error("cannot listen for metrics on {address}: {source}")]
+    MetricsListen {
+        /// The configured `--metrics-listen`.
+        address: SocketAddr,
+        /// Why binding failed.
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// Fully qualified names of the services health reports on.
@@ -50,21 +69,87 @@ async fn set_health(reporter: &HealthReporter, serving: bool) {
     }
 }
 
-/// Runs the server on `listener` until `shutdown` completes.
+/// Runs the server on `listener` until `shutdown` completes, with its metrics endpoint bound to
+/// `config.metrics_listen`.
 ///
 /// # Errors
-/// [`Error::Store`] when the store cannot be opened, [`Error::Transport`] when serving fails.
+/// [`Error::MetricsListen`] when that address cannot be bound; otherwise as [`serve_with_metrics`].
 pub async fn serve(
     listener: TcpListener,
     config: ServeConfig,
     shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), Error> {
+    let address = config.metrics_listen;
+    let metrics_listener = TcpListener::bind(address)
+        .await
+        .map_err(|source| Error::MetricsListen { address, source })?;
+    serve_with_metrics(listener, metrics_listener, config, shutdown).await
+}
+
+/// Runs the server on `listener`, and its Prometheus endpoint on `metrics_listener`, until
+/// `shutdown` completes. Both listeners are bound by the caller, which can then print or read
+/// their addresses (port 0) before anything is served.
+///
+/// # Errors
+/// [`Error::Store`] when the store cannot be opened, [`Error::Telemetry`] when the metrics
+/// pipeline cannot be built, [`Error::Transport`] when serving fails.
+pub async fn serve_with_metrics(
+    listener: TcpListener,
+    metrics_listener: TcpListener,
+    config: ServeConfig,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), Error> {
+    let pipeline = Arc::new(MetricsPipeline::try_new(&config.otlp)?);
+    let (metrics_stop, metrics_stopped) = tokio::sync::oneshot::channel::<()>();
+    let endpoint = tokio::spawn(telemetry::serve_metrics(
+        metrics_listener,
+        pipeline.registry(),
+        async {
+            // A dropped sender also means stop.
+            let _ = metrics_stopped.await;
+        },
+    ));
+    let result = serve_grpc(listener, config, shutdown, &pipeline).await;
+    // Scrapes keep working through the grace period; the endpoint stops once gRPC has.
+    let _ = metrics_stop.send(());
+    match endpoint.await {
+        Ok(Ok(())) => {}
+        Ok(Err(error)) => tracing::warn!(
+            error = &error as &dyn std::error::Error,
+            "metrics endpoint failed"
+        ),
+        Err(error) => tracing::warn!(%error, "metrics endpoint task failed"),
+    }
+    // Flush telemetry: the last OTLP export blocks on the runtime's I/O, so it runs on the
+    // blocking pool while the async workers stay free to carry it.
+    let flushing = Arc::clone(&pipeline);
+    if let Err(error) = tokio::task::spawn_blocking(move || flushing.shutdown()).await {
+        tracing::warn!(%error, "flushing metrics failed");
+    }
+    result
+}
+
+/// The gRPC part of [`serve_with_metrics`].
+async fn serve_grpc(
+    listener: TcpListener,
+    config: ServeConfig,
+    shutdown: impl Future<Output = ()> + Send,
+    pipeline: &MetricsPipeline,
 ) -> Result<(), Error> {
     let store = Store::open_embedded(&config.data_dir).await?;
     tracing::info!(store = %store.describe(), engine = %config.engine, "store open");
     let default_org = store.default_org().await?;
     let catalog = Catalog::new(store.list_banks().await?, store.list_orgs().await?);
     let index = FrameIndex::new(config.engine, config.hnsw);
-    let state = AppState::new(store, index, catalog, default_org, &config);
+    let state = AppState::new(
+        store,
+        index,
+        catalog,
+        default_org,
+        &config,
+        pipeline.metrics(),
+    );
+    pipeline.observe_index(&state.index);
 
     let (reporter, health) = tonic_health::server::health_reporter();
     set_health(&reporter, false).await;

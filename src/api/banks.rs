@@ -3,6 +3,11 @@
 //! Order of every write (DESIGN.md §3): validate, commit to the store together with its change
 //! entry (durable before acknowledged), apply to the in-memory index, acknowledge. A failure before
 //! the commit leaves nothing behind; the index is only touched after the commit succeeded.
+//!
+//! Telemetry: each RPC runs in its span (`AppState::rpc_call`); store writes are timed into
+//! `framematch.store.write.duration`.
+
+use std::time::Instant;
 
 use tonic::{Request, Response, Status, Streaming};
 
@@ -10,6 +15,7 @@ use crate::model::{FrameSignal, NewReference, ReferenceId, Visibility};
 use crate::pb;
 use crate::pb::banks_server::Banks;
 use crate::store::NewBank;
+use crate::telemetry::Rpc;
 
 use super::convert::{self, FrameInput};
 use super::{AppState, Error};
@@ -50,230 +56,267 @@ impl Banks for BanksService {
         &self,
         request: Request<pb::CreateBankRequest>,
     ) -> Result<Response<pb::Bank>, Status> {
-        self.state.ensure_ready()?;
-        let pb::CreateBankRequest {
-            name,
-            category,
-            description,
-        } = request.into_inner();
-        let category = convert::category_from_pb(category)?;
-        check_text("description", &description, MAX_NOTE_BYTES)?;
-        let bank = self
-            .state
-            .store
-            .create_bank(
-                NewBank {
-                    name,
-                    category,
-                    owner: self.state.default_org,
-                    visibility: Visibility::Public,
-                    description,
-                },
-                self.state.default_org,
-            )
-            .await
-            .map_err(Error::from)?;
-        let mut catalog = self.state.catalog.write();
-        catalog.insert_bank(bank.clone());
-        Ok(Response::new(convert::bank_to_pb(&catalog, &bank)))
+        let call = self.state.rpc_call(Rpc::CreateBank);
+        call.run(async {
+            self.state.ensure_ready()?;
+            let pb::CreateBankRequest {
+                name,
+                category,
+                description,
+            } = request.into_inner();
+            let category = convert::category_from_pb(category)?;
+            check_text("description", &description, MAX_NOTE_BYTES)?;
+            let started = Instant::now();
+            let created = self
+                .state
+                .store
+                .create_bank(
+                    NewBank {
+                        name,
+                        category,
+                        owner: self.state.default_org,
+                        visibility: Visibility::Public,
+                        description,
+                    },
+                    self.state.default_org,
+                )
+                .await;
+            self.state
+                .metrics
+                .store_write("create_bank", started.elapsed());
+            let bank = created.map_err(Error::from)?;
+            let mut catalog = self.state.catalog.write();
+            catalog.insert_bank(bank.clone());
+            Ok(Response::new(convert::bank_to_pb(&catalog, &bank)))
+        })
+        .await
     }
 
     async fn list_banks(
         &self,
         _request: Request<pb::ListBanksRequest>,
     ) -> Result<Response<pb::ListBanksResponse>, Status> {
-        self.state.ensure_ready()?;
-        let banks = self.state.store.list_banks().await.map_err(Error::from)?;
-        let catalog = self.state.catalog.read();
-        Ok(Response::new(pb::ListBanksResponse {
-            banks: banks
-                .iter()
-                .map(|b| convert::bank_to_pb(&catalog, b))
-                .collect(),
-        }))
+        let call = self.state.rpc_call(Rpc::ListBanks);
+        call.run(async {
+            self.state.ensure_ready()?;
+            let banks = self.state.store.list_banks().await.map_err(Error::from)?;
+            let catalog = self.state.catalog.read();
+            Ok(Response::new(pb::ListBanksResponse {
+                banks: banks
+                    .iter()
+                    .map(|b| convert::bank_to_pb(&catalog, b))
+                    .collect(),
+            }))
+        })
+        .await
     }
 
     async fn add_reference(
         &self,
         request: Request<Streaming<pb::AddReferenceRequest>>,
     ) -> Result<Response<pb::AddReferenceResponse>, Status> {
-        self.state.ensure_ready()?;
-        let mut inbound = request.into_inner();
-        let header = match inbound.message().await? {
-            Some(pb::AddReferenceRequest {
-                item: Some(pb::add_reference_request::Item::Header(header)),
-            }) => header,
-            Some(_) => {
-                return Err(Error::Protocol(
-                    "the first AddReference message must be the header (bank, external_id, note)",
-                )
-                .into());
-            }
-            None => return Err(Error::MissingField { field: "header" }.into()),
-        };
-        let pb::ReferenceHeader {
-            bank,
-            external_id,
-            note,
-        } = header;
-        check_text("external_id", &external_id, MAX_EXTERNAL_ID_BYTES)?;
-        check_text("note", &note, MAX_NOTE_BYTES)?;
-        let bank_id = self
-            .state
-            .catalog
-            .read()
-            .bank_id(&bank)
-            .ok_or(Error::UnknownBank { name: bank })?;
-
-        let mut frames: Vec<FrameSignal> = Vec::new();
-        let mut received: u32 = 0;
-        while let Some(message) = inbound.message().await? {
-            let frame = match message.item {
-                Some(pb::add_reference_request::Item::Frame(frame)) => frame,
-                Some(pb::add_reference_request::Item::Header(_)) => {
-                    return Err(Error::Protocol("only the first message may be a header").into());
+        let call = self.state.rpc_call(Rpc::AddReference);
+        call.run(async {
+            self.state.ensure_ready()?;
+            let _open = self.state.metrics.stream_opened(Rpc::AddReference);
+            let mut inbound = request.into_inner();
+            let header = match inbound.message().await? {
+                Some(pb::AddReferenceRequest {
+                    item: Some(pb::add_reference_request::Item::Header(header)),
+                }) => header,
+                Some(_) => {
+                    return Err(Error::Protocol(
+                        "the first AddReference message must be the header (bank, external_id, note)",
+                    )
+                    .into());
                 }
-                None => return Err(Error::MissingField { field: "item" }.into()),
+                None => return Err(Error::MissingField { field: "header" }.into()),
             };
-            received = received.saturating_add(1);
-            if received > self.state.limits.max_frames_per_stream {
-                return Err(Error::OverLimit {
-                    what: "AddReference stream",
-                    actual: u64::from(received),
-                    limit: u64::from(self.state.limits.max_frames_per_stream),
-                    unit: "frames",
-                }
-                .into());
-            }
-            let input = FrameInput::try_from_pb(frame, &self.state.limits)?;
-            let query = self.state.frame_signal(input, false).await?;
-            frames.push(query.signal);
-            // A frame with uniform borders is also stored by its content area's hash, under the
-            // same frame index, so uploads without the bars match it (issue #3).
-            if let Some(content) = query.content {
-                frames.push(FrameSignal {
-                    hash: content.hash,
-                    quality: content.quality,
-                    ..query.signal
-                });
-            }
-        }
-        if frames.is_empty() {
-            return Err(Error::MissingField {
-                field: "frames (a reference needs at least one frame)",
-            }
-            .into());
-        }
-
-        // Durable before acknowledged: the store commits the reference, its frames and its change
-        // entry in one transaction; only then does the index learn of it.
-        let reference = self
-            .state
-            .store
-            .add_reference(NewReference {
-                bank: bank_id,
+            let pb::ReferenceHeader {
+                bank,
                 external_id,
                 note,
-                added_by: self.state.default_org,
-                frames,
-            })
-            .await
-            .map_err(Error::from)?;
-        let stored = self
-            .state
-            .store
-            .reference_frames(reference.id)
-            .await
-            .map_err(Error::from)?;
-        let min_quality = self.state.match_defaults.min_quality;
-        let low_quality = stored.iter().filter(|f| f.quality < min_quality).count();
-        self.state
-            .index
-            .write()
-            .insert_reference(reference.id, bank_id, &stored);
-        let catalog = self.state.catalog.read();
-        Ok(Response::new(pb::AddReferenceResponse {
-            reference: Some(convert::reference_to_pb(&catalog, &reference)),
-            frames_received: received,
-            frames_stored: u32::try_from(stored.len()).unwrap_or(u32::MAX),
-            frames_low_quality: u32::try_from(low_quality).unwrap_or(u32::MAX),
-        }))
+            } = header;
+            check_text("external_id", &external_id, MAX_EXTERNAL_ID_BYTES)?;
+            check_text("note", &note, MAX_NOTE_BYTES)?;
+            let bank_id = self
+                .state
+                .catalog
+                .read()
+                .bank_id(&bank)
+                .ok_or(Error::UnknownBank { name: bank })?;
+
+            let mut frames: Vec<FrameSignal> = Vec::new();
+            let mut received: u32 = 0;
+            while let Some(message) = inbound.message().await? {
+                let frame = match message.item {
+                    Some(pb::add_reference_request::Item::Frame(frame)) => frame,
+                    Some(pb::add_reference_request::Item::Header(_)) => {
+                        return Err(Error::Protocol("only the first message may be a header").into());
+                    }
+                    None => return Err(Error::MissingField { field: "item" }.into()),
+                };
+                received = received.saturating_add(1);
+                if received > self.state.limits.max_frames_per_stream {
+                    return Err(Error::OverLimit {
+                        what: "AddReference stream",
+                        actual: u64::from(received),
+                        limit: u64::from(self.state.limits.max_frames_per_stream),
+                        unit: "frames",
+                    }
+                    .into());
+                }
+                let input = FrameInput::try_from_pb(frame, &self.state.limits)?;
+                let query = self.state.frame_signal(input, false).await?;
+                frames.push(query.signal);
+                // A frame with uniform borders is also stored by its content area's hash, under the
+                // same frame index, so uploads without the bars match it (issue #3).
+                if let Some(content) = query.content {
+                    frames.push(FrameSignal {
+                        hash: content.hash,
+                        quality: content.quality,
+                        ..query.signal
+                    });
+                }
+            }
+            if frames.is_empty() {
+                return Err(Error::MissingField {
+                    field: "frames (a reference needs at least one frame)",
+                }
+                .into());
+            }
+
+            // Durable before acknowledged: the store commits the reference, its frames and its change
+            // entry in one transaction; only then does the index learn of it.
+            let started = Instant::now();
+            let added = self
+                .state
+                .store
+                .add_reference(NewReference {
+                    bank: bank_id,
+                    external_id,
+                    note,
+                    added_by: self.state.default_org,
+                    frames,
+                })
+                .await;
+            self.state
+                .metrics
+                .store_write("add_reference", started.elapsed());
+            let reference = added.map_err(Error::from)?;
+            let stored = self
+                .state
+                .store
+                .reference_frames(reference.id)
+                .await
+                .map_err(Error::from)?;
+            let min_quality = self.state.match_defaults.min_quality;
+            let low_quality = stored.iter().filter(|f| f.quality < min_quality).count();
+            self.state
+                .index
+                .write()
+                .insert_reference(reference.id, bank_id, &stored);
+            let catalog = self.state.catalog.read();
+            Ok(Response::new(pb::AddReferenceResponse {
+                reference: Some(convert::reference_to_pb(&catalog, &reference)),
+                frames_received: received,
+                frames_stored: u32::try_from(stored.len()).unwrap_or(u32::MAX),
+                frames_low_quality: u32::try_from(low_quality).unwrap_or(u32::MAX),
+            }))
+        })
+        .await
     }
 
     async fn withdraw_reference(
         &self,
         request: Request<pb::WithdrawReferenceRequest>,
     ) -> Result<Response<pb::Reference>, Status> {
-        self.state.ensure_ready()?;
-        let pb::WithdrawReferenceRequest {
-            reference_id,
-            reason,
-        } = request.into_inner();
-        if reason.trim().is_empty() {
-            return Err(Error::MissingField {
-                field: "reason (say why the reference is withdrawn)",
+        let call = self.state.rpc_call(Rpc::WithdrawReference);
+        call.run(async {
+            self.state.ensure_ready()?;
+            let pb::WithdrawReferenceRequest {
+                reference_id,
+                reason,
+            } = request.into_inner();
+            if reason.trim().is_empty() {
+                return Err(Error::MissingField {
+                    field: "reason (say why the reference is withdrawn)",
+                }
+                .into());
             }
-            .into());
-        }
-        check_text("reason", &reason, MAX_NOTE_BYTES)?;
-        let id = ReferenceId(reference_id);
-        let reference = self
-            .state
-            .store
-            .withdraw_reference(id, &reason, self.state.default_org)
-            .await
-            .map_err(Error::from)?;
-        self.state.index.write().withdraw(id);
-        let catalog = self.state.catalog.read();
-        Ok(Response::new(convert::reference_to_pb(
-            &catalog, &reference,
-        )))
+            check_text("reason", &reason, MAX_NOTE_BYTES)?;
+            let id = ReferenceId(reference_id);
+            let started = Instant::now();
+            let withdrawn = self
+                .state
+                .store
+                .withdraw_reference(id, &reason, self.state.default_org)
+                .await;
+            self.state
+                .metrics
+                .store_write("withdraw_reference", started.elapsed());
+            let reference = withdrawn.map_err(Error::from)?;
+            self.state.index.write().withdraw(id);
+            let catalog = self.state.catalog.read();
+            Ok(Response::new(convert::reference_to_pb(
+                &catalog, &reference,
+            )))
+        })
+        .await
     }
 
     async fn get_reference(
         &self,
         request: Request<pb::GetReferenceRequest>,
     ) -> Result<Response<pb::Reference>, Status> {
-        self.state.ensure_ready()?;
-        let pb::GetReferenceRequest { reference_id } = request.into_inner();
-        let reference = self
-            .state
-            .store
-            .get_reference(ReferenceId(reference_id))
-            .await
-            .map_err(Error::from)?;
-        let catalog = self.state.catalog.read();
-        Ok(Response::new(convert::reference_to_pb(
-            &catalog, &reference,
-        )))
+        let call = self.state.rpc_call(Rpc::GetReference);
+        call.run(async {
+            self.state.ensure_ready()?;
+            let pb::GetReferenceRequest { reference_id } = request.into_inner();
+            let reference = self
+                .state
+                .store
+                .get_reference(ReferenceId(reference_id))
+                .await
+                .map_err(Error::from)?;
+            let catalog = self.state.catalog.read();
+            Ok(Response::new(convert::reference_to_pb(
+                &catalog, &reference,
+            )))
+        })
+        .await
     }
 
     async fn stats(
         &self,
         _request: Request<pb::StatsRequest>,
     ) -> Result<Response<pb::StatsResponse>, Status> {
-        self.state.ensure_ready()?;
-        let stats = self.state.store.stats().await.map_err(Error::from)?;
-        let (indexed, tombstones, engine, memory) = {
-            let index = self.state.index.read();
-            (
-                index.live_frames(),
-                index.tombstones(),
-                index.engine_name(),
-                index.memory_bytes(),
-            )
-        };
-        Ok(Response::new(pb::StatsResponse {
-            banks: stats.banks,
-            active_references: stats.active_references,
-            withdrawn_references: stats.withdrawn_references,
-            stored_frames: stats.frames,
-            indexed_frames: indexed as u64,
-            index_tombstones: tombstones as u64,
-            index_engine: engine.to_string(),
-            index_memory_bytes: memory as u64,
-            last_change_seq: stats.last_seq.0,
-            open_streams: self.state.open_streams() as u64,
-        }))
+        let call = self.state.rpc_call(Rpc::Stats);
+        call.run(async {
+            self.state.ensure_ready()?;
+            let stats = self.state.store.stats().await.map_err(Error::from)?;
+            let (indexed, tombstones, engine, memory) = {
+                let index = self.state.index.read();
+                (
+                    index.live_frames(),
+                    index.tombstones(),
+                    index.engine_name(),
+                    index.memory_bytes(),
+                )
+            };
+            Ok(Response::new(pb::StatsResponse {
+                banks: stats.banks,
+                active_references: stats.active_references,
+                withdrawn_references: stats.withdrawn_references,
+                stored_frames: stats.frames,
+                indexed_frames: indexed as u64,
+                index_tombstones: tombstones as u64,
+                index_engine: engine.to_string(),
+                index_memory_bytes: memory as u64,
+                last_change_seq: stats.last_seq.0,
+                open_streams: self.state.open_streams() as u64,
+            }))
+        })
+        .await
     }
 }

@@ -5,16 +5,21 @@
 //! handler returns as the response stream. The bound gives backpressure: a client that stops
 //! reading stops the task. A failed send means the client left, so the task stops quietly. Each
 //! frame is answered before the next one is read, so answers come in the order frames were sent.
+//!
+//! Telemetry: each RPC runs in its span (`AppState::rpc_call`); a MatchVideo span covers the
+//! stream task's whole life and is closed with the status that ended it.
 
 use std::sync::Arc;
 
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
+use tracing::Instrument as _;
 
 use crate::matching::{MatchParams, Session};
 use crate::pb;
 use crate::pb::matcher_server::Matcher;
+use crate::telemetry::Rpc;
 
 use super::convert::{self, FrameInput};
 use super::{AppState, BankFilter, Error};
@@ -45,24 +50,48 @@ impl Matcher for MatcherService {
         &self,
         request: Request<Streaming<pb::MatchRequest>>,
     ) -> Result<Response<Self::MatchVideoStream>, Status> {
-        self.state.ensure_ready()?;
-        let permit = Arc::clone(&self.state.streams)
-            .try_acquire_owned()
-            .map_err(|_| Error::Busy {
-                what: "concurrent MatchVideo streams",
-                limit: self.state.limits.max_concurrent_streams,
-            })?;
+        let call = self.state.rpc_call(Rpc::MatchVideo);
+        let opened = call.span().in_scope(|| -> Result<_, Status> {
+            self.state.ensure_ready()?;
+            Arc::clone(&self.state.streams)
+                .try_acquire_owned()
+                .map_err(|_| {
+                    Error::Busy {
+                        what: "concurrent MatchVideo streams",
+                        limit: self.state.limits.max_concurrent_streams,
+                    }
+                    .into()
+                })
+        });
+        let permit = match opened {
+            Ok(permit) => permit,
+            Err(status) => {
+                call.finish(Err(status.code()));
+                return Err(status);
+            }
+        };
         let mut inbound = request.into_inner();
         let (tx, rx) = mpsc::channel(RESPONSE_BUFFER);
         let state = self.state.clone();
-        tokio::spawn(async move {
-            // Held for the stream's life: counts towards max_concurrent_streams.
-            let _permit = permit;
-            if let Err(status) = run_stream(&state, &mut inbound, &tx).await {
-                // The client may be gone already; then there is nobody left to tell.
-                let _ = tx.send(Err(status)).await;
+        let span = call.span().clone();
+        tokio::spawn(
+            async move {
+                // Held for the stream's life: counts towards max_concurrent_streams.
+                let _permit = permit;
+                let open = state.metrics.stream_opened(Rpc::MatchVideo);
+                let result = run_stream(&state, &mut inbound, &tx).await;
+                let code = result.as_ref().map_err(Status::code).copied();
+                if let Err(status) = result {
+                    // The client may be gone already; then there is nobody left to tell.
+                    let _ = tx.send(Err(status)).await;
+                }
+                // The stream stops counting as open before the client can see its end.
+                drop(open);
+                call.finish(code);
+                drop(tx);
             }
-        });
+            .instrument(span),
+        );
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 
@@ -70,21 +99,25 @@ impl Matcher for MatcherService {
         &self,
         request: Request<pb::MatchImageRequest>,
     ) -> Result<Response<pb::MatchImageResponse>, Status> {
-        self.state.ensure_ready()?;
-        let pb::MatchImageRequest { options, frame } = request.into_inner();
-        let (params, banks) = convert::match_params(options, &self.state.match_defaults)?;
-        let filter = Arc::new(self.state.bank_filter(&banks)?);
-        let frame = frame.ok_or(Error::MissingField { field: "frame" })?;
-        let input = FrameInput::try_from_pb(frame, &self.state.limits)?;
-        let params = Arc::new(params);
-        let (query, hits) = self.state.match_frame(input, &params, &filter).await?;
-        let result = {
-            let catalog = self.state.catalog.read();
-            convert::frame_result_to_pb(&catalog, &query, &hits, &params)
-        };
-        Ok(Response::new(pb::MatchImageResponse {
-            result: Some(result),
-        }))
+        let call = self.state.rpc_call(Rpc::MatchImage);
+        call.run(async {
+            self.state.ensure_ready()?;
+            let pb::MatchImageRequest { options, frame } = request.into_inner();
+            let (params, banks) = convert::match_params(options, &self.state.match_defaults)?;
+            let filter = Arc::new(self.state.bank_filter(&banks)?);
+            let frame = frame.ok_or(Error::MissingField { field: "frame" })?;
+            let input = FrameInput::try_from_pb(frame, &self.state.limits)?;
+            let params = Arc::new(params);
+            let (query, hits) = self.state.match_frame(input, &params, &filter).await?;
+            let result = {
+                let catalog = self.state.catalog.read();
+                convert::frame_result_to_pb(&catalog, &query, &hits, &params)
+            };
+            Ok(Response::new(pb::MatchImageResponse {
+                result: Some(result),
+            }))
+        })
+        .await
     }
 }
 

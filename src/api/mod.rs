@@ -1,7 +1,8 @@
 //! The gRPC edge: shared state and the services built on it.
 //!
 //! - [`AppState`] is a cheap-to-clone handle on everything a request needs: the store (write path
-//!   only), the in-memory index, the bank catalogue and the hashing pool.
+//!   only), the in-memory index, the bank catalogue, the hashing pool and the metric instruments
+//!   (`AppState::rpc_call` opens each RPC's span).
 //! - `matcher` serves `framematch.v1.Matcher`, `banks` serves `framematch.v1.Banks`.
 //! - `convert` turns wire messages into domain values (all validation happens there) and back;
 //!   `status` is the one place where errors become gRPC codes.
@@ -18,6 +19,7 @@ pub mod status;
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Instant;
 
 use parking_lot::RwLock;
 use tokio::sync::Semaphore;
@@ -28,6 +30,7 @@ use crate::index::FrameIndex;
 use crate::matching::{self, ContentSignal, FrameHit, MatchParams, QueryFrame};
 use crate::model::{Bank, BankId, FrameSignal, OrgId, Organisation};
 use crate::store::Store;
+use crate::telemetry::{Metrics, Outcome, Rpc, RpcCall};
 use convert::{Content, FrameInput};
 
 pub use status::Error;
@@ -118,6 +121,8 @@ pub struct AppState {
     pub limits: Arc<Limits>,
     /// Defaults for unset match options.
     pub match_defaults: Arc<MatchParams>,
+    /// Metric instruments (issue #5).
+    pub metrics: Metrics,
     workers: Arc<Semaphore>,
     queued: Arc<AtomicUsize>,
     streams: Arc<Semaphore>,
@@ -133,6 +138,7 @@ impl AppState {
         catalog: Catalog,
         default_org: OrgId,
         config: &ServeConfig,
+        metrics: Metrics,
     ) -> Self {
         Self {
             store,
@@ -141,6 +147,7 @@ impl AppState {
             default_org,
             limits: Arc::new(config.limits.clone()),
             match_defaults: Arc::new(config.match_defaults.clone()),
+            metrics,
             workers: Arc::new(Semaphore::new(config.hash_workers.max(1))),
             queued: Arc::new(AtomicUsize::new(0)),
             streams: Arc::new(Semaphore::new(config.limits.max_concurrent_streams)),
@@ -151,6 +158,13 @@ impl AppState {
     /// Marks the index as loaded: requests are served from now on.
     pub fn set_ready(&self) {
         self.ready.store(true, Ordering::Release);
+    }
+
+    /// Opens the span of one RPC, attributed to the organisation requests act for (today always
+    /// the default one; API keys will name it, issue #4).
+    pub fn rpc_call(&self, rpc: Rpc) -> RpcCall {
+        let org = self.catalog.read().org_name(self.default_org);
+        RpcCall::start(rpc, &org, &self.metrics)
     }
 
     /// UNAVAILABLE until the index is loaded.
@@ -272,9 +286,14 @@ impl AppState {
             }),
             Content::Image(bytes) => {
                 let limits = self.limits.decode_limits();
-                let hashes = self
-                    .run_blocking(move || border::hash_image_bytes(&bytes, &limits))
-                    .await??;
+                let (hashes, elapsed) = self
+                    .run_blocking(move || {
+                        let started = Instant::now();
+                        (border::hash_image_bytes(&bytes, &limits), started.elapsed())
+                    })
+                    .await?;
+                let hashes = hashes?;
+                self.metrics.hashed("image", elapsed);
                 Ok(from_hashes(hashes))
             }
             Content::Rgb {
@@ -282,15 +301,20 @@ impl AppState {
                 height,
                 data,
             } => {
-                let hashes = self
-                    .run_blocking(move || border::hash_rgb(width, height, &data))
-                    .await??;
+                let (hashes, elapsed) = self
+                    .run_blocking(move || {
+                        let started = Instant::now();
+                        (border::hash_rgb(width, height, &data), started.elapsed())
+                    })
+                    .await?;
+                let hashes = hashes?;
+                self.metrics.hashed("rgb", elapsed);
                 Ok(from_hashes(hashes))
             }
         }
     }
 
-    /// Hashes (if needed) and searches one upload frame.
+    /// Hashes (if needed) and searches one upload frame, and counts it in the frame metrics.
     ///
     /// # Errors
     /// As [`AppState::frame_signal`].
@@ -300,20 +324,42 @@ impl AppState {
         params: &Arc<MatchParams>,
         filter: &Arc<BankFilter>,
     ) -> Result<(QueryFrame, Vec<FrameHit>), Error> {
+        let started = Instant::now();
         let query = self.frame_signal(input, params.dihedral).await?;
         let index = Arc::clone(&self.index);
         let params = Arc::clone(params);
         let filter = Arc::clone(filter);
         // The scan is CPU work of up to a millisecond per million frames: keep it off the async
         // workers. The read lock lives only inside this closure.
-        self.run_blocking(move || {
-            let hits = {
-                let index = index.read();
-                matching::search_frame(&index, &query, &params, &|bank| filter.allows(bank))
-            };
-            (query, hits)
-        })
-        .await
+        let min_quality = params.min_quality;
+        let (query, hits, searched) = self
+            .run_blocking(move || {
+                let search_started = Instant::now();
+                let hits = {
+                    let index = index.read();
+                    matching::search_frame(&index, &query, &params, &|bank| filter.allows(bank))
+                };
+                (query, hits, search_started.elapsed())
+            })
+            .await?;
+        // Same order as the stream summary: a low-quality frame is counted as such even when its
+        // content area matched.
+        let outcome = if query.signal.quality < min_quality {
+            Outcome::LowQuality
+        } else if hits.is_empty() {
+            Outcome::Unmatched
+        } else {
+            Outcome::Matched
+        };
+        self.metrics.searched(searched);
+        self.metrics.frame_matched(outcome, started.elapsed());
+        tracing::debug!(
+            frame_index = query.signal.frame_index,
+            outcome = ?outcome,
+            hits = hits.len(),
+            "frame matched"
+        );
+        Ok((query, hits))
     }
 }
 

@@ -140,9 +140,12 @@ fn store_code(error: &store::Error) -> Code {
         store::Error::SchemaTooNew { .. } | store::Error::PragmaNotApplied { .. } => {
             Code::FailedPrecondition
         }
-        store::Error::Sqlite(_) | store::Error::Io { .. } | store::Error::TaskFailed(_) => {
-            Code::Internal
-        }
+        store::Error::UnsafeSetting { .. } => Code::FailedPrecondition,
+        store::Error::Unavailable { .. } => Code::Unavailable,
+        store::Error::Sqlite(_)
+        | store::Error::Io { .. }
+        | store::Error::TaskFailed(_)
+        | store::Error::Postgres(_) => Code::Internal,
     }
 }
 

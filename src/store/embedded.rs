@@ -1203,7 +1203,9 @@ mod tests {
         let dir = tempfile::tempdir()?;
         let store = Store::open_embedded(dir.path()).await?;
         let reference = add_one_reference(&store).await?;
-        let Store::Embedded(embedded) = &store;
+        let Store::Embedded(embedded) = &store else {
+            panic!("opened as embedded: {store:?}");
+        };
         {
             let conn = embedded.inner.writer.lock();
             conn.execute_batch("PRAGMA ignore_check_constraints = ON")?;
@@ -1230,7 +1232,9 @@ mod tests {
         let dir = tempfile::tempdir()?;
         let store = Store::open_embedded(dir.path()).await?;
         let reference = add_one_reference(&store).await?;
-        let Store::Embedded(embedded) = &store;
+        let Store::Embedded(embedded) = &store else {
+            panic!("opened as embedded: {store:?}");
+        };
         embedded
             .inner
             .writer

@@ -1,9 +1,9 @@
 //! The durable reference store: organisations, banks, references with their frame signals, and the
 //! append-only change log (shared/DESIGN.md §2, §3).
 //!
-//! [`Store`] is one enum over the backends so that callers never name a backend: today only the
-//! embedded SQLite file ([`embedded`]); PostgreSQL joins later as a second variant behind the same
-//! methods. Everything backend-neutral lives here: the public types, the one [`Error`], and input
+//! [`Store`] is one enum over the backends so that callers never name a backend: the embedded
+//! SQLite file ([`embedded`]) for a single replica, and PostgreSQL ([`postgres`]) for several
+//! replicas sharing one database. Everything backend-neutral lives here: the public types, the one [`Error`], and input
 //! validation with its documented limits, so every backend accepts and rejects exactly the same
 //! inputs.
 //!
@@ -20,13 +20,18 @@
 //!   in frame-index order. Frames of any quality are stored; the matcher filters by quality.
 //! - **Nothing is deleted.** Withdrawal marks a reference; its frames stay stored (for audit) but
 //!   are excluded from [`Store::load_active_frames`].
-//! - Methods are async, but no lock is held across an `.await`: each backend call runs to
-//!   completion on tokio's blocking pool.
+//! - Methods are async, but no lock is held across an `.await`: the embedded backend runs each
+//!   call to completion on tokio's blocking pool; the PostgreSQL backend awaits its pooled
+//!   connection and bounds every operation with timeouts, failing with [`Error::Unavailable`]
+//!   rather than hanging when the database is out of reach.
 
 pub mod embedded;
+pub mod postgres;
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
+
+use tokio::sync::mpsc;
 
 use crate::hash::PdqHash;
 use crate::model::{
@@ -120,6 +125,32 @@ pub enum Error {
     /// The blocking task running a store operation panicked or was cancelled.
     #[error("store task failed")]
     TaskFailed(#[source] tokio::task::JoinError),
+    /// The database cannot be reached right now: connection refused or lost, a timeout, the
+    /// server shutting down. Retry later; the store reconnects by itself. A write that fails
+    /// this way may or may not have committed.
+    #[error("database unavailable: {reason}")]
+    Unavailable {
+        /// What happened, with the timeout that expired when there was one.
+        reason: String,
+        /// The client or pool error, when there is one.
+        #[source]
+        source: Option<Box<dyn std::error::Error + Send + Sync>>,
+    },
+    /// PostgreSQL reported an error other than losing the connection (internal: a bug, a
+    /// permission or a broken database).
+    #[error("postgresql operation failed")]
+    Postgres(#[source] tokio_postgres::Error),
+    /// A database setting the durability guarantee depends on has an unsafe value; refusing to
+    /// acknowledge writes that a crash could lose.
+    #[error("postgresql setting {setting} is {actual:?}, expected {expected}")]
+    UnsafeSetting {
+        /// The setting, e.g. `synchronous_commit`.
+        setting: &'static str,
+        /// The values accepted.
+        expected: &'static str,
+        /// The value the database reports.
+        actual: String,
+    },
 }
 
 /// What a new bank is made of, before the store gives it an id.
@@ -160,6 +191,8 @@ pub struct StoreStats {
 pub enum Store {
     /// A SQLite file in the data directory: one replica, nothing to install.
     Embedded(embedded::EmbeddedStore),
+    /// A PostgreSQL database shared by several replicas.
+    Postgres(postgres::PostgresStore),
 }
 
 // === impl Store ===
@@ -180,21 +213,56 @@ impl Store {
             .map(Store::Embedded)
     }
 
+    /// Connects to the PostgreSQL database at `url` (`postgres://user:password@host:port/db`,
+    /// or the `key=value` form), applies pending schema migrations under an advisory lock (so
+    /// replicas starting together migrate once), and ensures the organisation named
+    /// [`DEFAULT_ORG_NAME`] exists. The role needs `CREATE` on the first schema of its
+    /// `search_path` the first time.
+    ///
+    /// # Errors
+    /// [`Error::InvalidInput`] (`"postgres url"`) for a URL that does not parse;
+    /// [`Error::Unavailable`] when the database cannot be reached within
+    /// [`postgres::CONNECT_TIMEOUT`]; [`Error::SchemaTooNew`] when the database comes from a
+    /// newer framematch; [`Error::UnsafeSetting`] when `synchronous_commit` is `off`;
+    /// [`Error::Postgres`] for anything else (authentication, permissions, ...).
+    pub async fn open_postgres(url: &str) -> Result<Store, Error> {
+        postgres::PostgresStore::open(url)
+            .await
+            .map(Store::Postgres)
+    }
+
+    /// Wake-ups for a change-log tailer: the sequence number of each change committed by any
+    /// replica from now on (PostgreSQL `LISTEN`). `None` for the embedded store, which has a
+    /// single replica and so no other writer to hear from. Hints only: read the changes with
+    /// [`Store::changes_since`], and poll on a timer too; the receiver closes when the
+    /// connection is lost (listen again when the database is back). See
+    /// [`postgres::PostgresStore::listen_changes`].
+    ///
+    /// # Errors
+    /// [`Error::Unavailable`]; [`Error::Postgres`].
+    pub async fn listen_changes(&self) -> Result<Option<mpsc::Receiver<ChangeSeq>>, Error> {
+        match self {
+            Store::Embedded(_) => Ok(None),
+            Store::Postgres(store) => store.listen_changes().await.map(Some),
+        }
+    }
+
     /// A short description for logs, e.g. `sqlite:/data/framematch.sqlite3`. Holds no secrets.
     pub fn describe(&self) -> String {
         match self {
             Store::Embedded(store) => store.describe(),
+            Store::Postgres(store) => store.describe(),
         }
     }
 
     /// The organisation created at first open, named [`DEFAULT_ORG_NAME`].
     ///
     /// # Errors
-    /// None today for the embedded store (the id is read at open); a networked backend may return
-    /// [`Error::Sqlite`]-like backend errors.
+    /// None today: both backends read the id at open.
     pub async fn default_org(&self) -> Result<OrgId, Error> {
         match self {
             Store::Embedded(store) => Ok(store.default_org()),
+            Store::Postgres(store) => Ok(store.default_org()),
         }
     }
 
@@ -208,6 +276,7 @@ impl Store {
         validate_org_name(name)?;
         match self {
             Store::Embedded(store) => store.create_org(name.to_string()).await,
+            Store::Postgres(store) => store.create_org(name.to_string()).await,
         }
     }
 
@@ -218,6 +287,7 @@ impl Store {
     pub async fn list_orgs(&self) -> Result<Vec<Organisation>, Error> {
         match self {
             Store::Embedded(store) => store.list_orgs().await,
+            Store::Postgres(store) => store.list_orgs().await,
         }
     }
 
@@ -237,6 +307,7 @@ impl Store {
         };
         match self {
             Store::Embedded(store) => store.create_bank(new, actor).await,
+            Store::Postgres(store) => store.create_bank(new, actor).await,
         }
     }
 
@@ -247,6 +318,7 @@ impl Store {
     pub async fn list_banks(&self) -> Result<Vec<Bank>, Error> {
         match self {
             Store::Embedded(store) => store.list_banks().await,
+            Store::Postgres(store) => store.list_banks().await,
         }
     }
 
@@ -257,6 +329,7 @@ impl Store {
     pub async fn get_bank(&self, id: BankId) -> Result<Bank, Error> {
         match self {
             Store::Embedded(store) => store.get_bank(id).await,
+            Store::Postgres(store) => store.get_bank(id).await,
         }
     }
 
@@ -267,6 +340,7 @@ impl Store {
     pub async fn bank_by_name(&self, name: &str) -> Result<Bank, Error> {
         match self {
             Store::Embedded(store) => store.bank_by_name(name.to_string()).await,
+            Store::Postgres(store) => store.bank_by_name(name.to_string()).await,
         }
     }
 
@@ -287,6 +361,7 @@ impl Store {
         let new = NewReference { frames, ..new };
         match self {
             Store::Embedded(store) => store.add_reference(new).await,
+            Store::Postgres(store) => store.add_reference(new).await,
         }
     }
 
@@ -315,6 +390,11 @@ impl Store {
                     .withdraw_reference(id, reason.to_string(), actor)
                     .await
             }
+            Store::Postgres(store) => {
+                store
+                    .withdraw_reference(id, reason.to_string(), actor)
+                    .await
+            }
         }
     }
 
@@ -325,6 +405,7 @@ impl Store {
     pub async fn get_reference(&self, id: ReferenceId) -> Result<Reference, Error> {
         match self {
             Store::Embedded(store) => store.get_reference(id).await,
+            Store::Postgres(store) => store.get_reference(id).await,
         }
     }
 
@@ -336,6 +417,7 @@ impl Store {
     pub async fn reference_frames(&self, id: ReferenceId) -> Result<Vec<FrameSignal>, Error> {
         match self {
             Store::Embedded(store) => store.reference_frames(id).await,
+            Store::Postgres(store) => store.reference_frames(id).await,
         }
     }
 
@@ -349,6 +431,7 @@ impl Store {
     pub async fn load_active_frames(&self) -> Result<(Vec<IndexedFrame>, ChangeSeq), Error> {
         match self {
             Store::Embedded(store) => store.load_active_frames().await,
+            Store::Postgres(store) => store.load_active_frames().await,
         }
     }
 
@@ -363,6 +446,7 @@ impl Store {
     ) -> Result<Vec<Change>, Error> {
         match self {
             Store::Embedded(store) => store.changes_since(after, limit).await,
+            Store::Postgres(store) => store.changes_since(after, limit).await,
         }
     }
 
@@ -373,6 +457,7 @@ impl Store {
     pub async fn last_seq(&self) -> Result<ChangeSeq, Error> {
         match self {
             Store::Embedded(store) => store.last_seq().await,
+            Store::Postgres(store) => store.last_seq().await,
         }
     }
 
@@ -383,6 +468,7 @@ impl Store {
     pub async fn stats(&self) -> Result<StoreStats, Error> {
         match self {
             Store::Embedded(store) => store.stats().await,
+            Store::Postgres(store) => store.stats().await,
         }
     }
 }
@@ -577,9 +663,25 @@ mod tests {
         Ok(())
     }
 
-    #[tokio::test]
-    async fn orgs_round_trip_and_reject_duplicates() -> TestResult {
-        let (_dir, store) = open().await?;
+    async fn fresh_store_has_the_default_org_and_its_change(store: Store) -> TestResult {
+        let local = store.default_org().await?;
+        assert_eq!(
+            store.list_orgs().await?,
+            vec![Organisation {
+                id: local,
+                name: DEFAULT_ORG_NAME.to_string()
+            }]
+        );
+        let changes = store.changes_since(ChangeSeq(0), 100).await?;
+        assert_eq!(changes.len(), 1);
+        assert_eq!(changes[0].seq, ChangeSeq(1));
+        assert_eq!(changes[0].kind, ChangeKind::OrgCreated(local));
+        assert_eq!(changes[0].actor, local);
+        assert_eq!(store.stats().await?.organisations, 1);
+        Ok(())
+    }
+
+    async fn orgs_round_trip_and_reject_duplicates(store: Store) -> TestResult {
         let acme = store.create_org("Acme Video Ltd").await?;
         assert_eq!(acme.name, "Acme Video Ltd");
         let orgs = store.list_orgs().await?;
@@ -607,9 +709,7 @@ mod tests {
         Ok(())
     }
 
-    #[tokio::test]
-    async fn banks_round_trip_by_id_and_name() -> TestResult {
-        let (_dir, store) = open().await?;
+    async fn banks_round_trip_by_id_and_name(store: Store) -> TestResult {
         let local = store.default_org().await?;
         let partner = store.create_org("partner").await?.id;
         let other = store.create_org("other").await?.id;
@@ -654,9 +754,7 @@ mod tests {
         Ok(())
     }
 
-    #[tokio::test]
-    async fn bank_errors() -> TestResult {
-        let (_dir, store) = open().await?;
+    async fn bank_errors(store: Store) -> TestResult {
         let local = store.default_org().await?;
         store.create_bank(new_bank("dup", local), local).await?;
         let err = store.create_bank(new_bank("dup", local), local).await;
@@ -725,9 +823,7 @@ mod tests {
         Ok(())
     }
 
-    #[tokio::test]
-    async fn references_round_trip_with_dedup_by_exact_hash() -> TestResult {
-        let (_dir, store) = open().await?;
+    async fn references_round_trip_with_dedup_by_exact_hash(store: Store) -> TestResult {
         let local = store.default_org().await?;
         let bank = store.create_bank(new_bank("b", local), local).await?.id;
         // Out of order; hash 1 appears at indices 0, 2 and 5; hash 2 at 1 and 3.
@@ -762,9 +858,7 @@ mod tests {
         Ok(())
     }
 
-    #[tokio::test]
-    async fn reference_errors() -> TestResult {
-        let (_dir, store) = open().await?;
+    async fn reference_errors(store: Store) -> TestResult {
         let local = store.default_org().await?;
         let bank = store.create_bank(new_bank("b", local), local).await?.id;
         let before = store.last_seq().await?;
@@ -847,9 +941,7 @@ mod tests {
         Ok(())
     }
 
-    #[tokio::test]
-    async fn withdraw_twice_is_already_withdrawn() -> TestResult {
-        let (_dir, store) = open().await?;
+    async fn withdraw_twice_is_already_withdrawn(store: Store) -> TestResult {
         let local = store.default_org().await?;
         let bank = store.create_bank(new_bank("b", local), local).await?.id;
         let reference = store
@@ -895,9 +987,7 @@ mod tests {
         Ok(())
     }
 
-    #[tokio::test]
-    async fn each_write_appends_one_change_in_order() -> TestResult {
-        let (_dir, store) = open().await?;
+    async fn each_write_appends_one_change_in_order(store: Store) -> TestResult {
         let local = store.default_org().await?;
         let start = store.last_seq().await?;
         assert_eq!(start, ChangeSeq(1));
@@ -932,9 +1022,7 @@ mod tests {
         Ok(())
     }
 
-    #[tokio::test]
-    async fn load_active_frames_excludes_withdrawn() -> TestResult {
-        let (_dir, store) = open().await?;
+    async fn load_active_frames_excludes_withdrawn(store: Store) -> TestResult {
         let local = store.default_org().await?;
         let b1 = store.create_bank(new_bank("b1", local), local).await?.id;
         let b2 = store.create_bank(new_bank("b2", local), local).await?.id;
@@ -988,6 +1076,49 @@ mod tests {
         );
         Ok(())
     }
+
+    /// Runs each backend-neutral test body above against both backends: a temporary SQLite
+    /// file, and a fresh PostgreSQL database when `FRAMEMATCH_TEST_POSTGRES_URL` names a server
+    /// (see `postgres::test_support`).
+    macro_rules! backend_tests {
+        ($($name:ident),* $(,)?) => {
+            mod embedded_backend {
+                $(
+                    #[tokio::test]
+                    async fn $name() -> super::TestResult {
+                        let (_dir, store) = super::open().await?;
+                        super::$name(store).await
+                    }
+                )*
+            }
+
+            mod postgres_backend {
+                use crate::store::postgres::test_support::TestDatabase;
+                $(
+                    #[tokio::test]
+                    async fn $name() -> super::TestResult {
+                        let Some(db) = TestDatabase::create().await? else {
+                            return Ok(());
+                        };
+                        let store = db.open().await?;
+                        super::$name(store).await
+                    }
+                )*
+            }
+        };
+    }
+
+    backend_tests!(
+        fresh_store_has_the_default_org_and_its_change,
+        orgs_round_trip_and_reject_duplicates,
+        banks_round_trip_by_id_and_name,
+        bank_errors,
+        references_round_trip_with_dedup_by_exact_hash,
+        reference_errors,
+        withdraw_twice_is_already_withdrawn,
+        each_write_appends_one_change_in_order,
+        load_active_frames_excludes_withdrawn,
+    );
 
     #[tokio::test]
     async fn data_survives_close_and_reopen() -> TestResult {

@@ -6,6 +6,8 @@ mod support;
 mod binary;
 mod errors;
 mod index_conformance;
+mod loadgen;
 mod matching;
 mod pdq_conformance;
+mod telemetry;
 mod video;

@@ -40,6 +40,8 @@ use tonic_health::pb::health_client::HealthClient;
 pub struct TestServer {
     /// Where it listens.
     pub addr: SocketAddr,
+    /// Where its Prometheus endpoint (`GET /metrics`) listens.
+    pub metrics_addr: SocketAddr,
     /// Its data directory (dropped with the server).
     pub dir: tempfile::TempDir,
     stop: Option<oneshot::Sender<()>>,
@@ -67,12 +69,22 @@ impl TestServer {
             .await
             .expect("bind loopback");
         let addr = listener.local_addr().expect("local addr");
+        let metrics_listener = tokio::net::TcpListener::bind(config.metrics_listen)
+            .await
+            .expect("bind metrics");
+        let metrics_addr = metrics_listener.local_addr().expect("metrics addr");
         let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(framematch::server::serve(listener, config, async {
-            let _ = stopped.await;
-        }));
+        let task = tokio::spawn(framematch::server::serve_with_metrics(
+            listener,
+            metrics_listener,
+            config,
+            async {
+                let _ = stopped.await;
+            },
+        ));
         let server = Self {
             addr,
+            metrics_addr,
             dir,
             stop: Some(stop),
             task: Some(task),
@@ -84,6 +96,13 @@ impl TestServer {
     /// `http://127.0.0.1:PORT`
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
+    }
+
+    /// The Prometheus text its metrics endpoint serves now.
+    pub async fn scrape(&self) -> String {
+        let (status, _, body) = http_get(self.metrics_addr, "/metrics").await;
+        assert_eq!(status, 200, "GET /metrics answered {status}: {body}");
+        body
     }
 
     /// A connected channel.
@@ -278,4 +297,27 @@ pub fn vpdq_frames(text: &str) -> Vec<pb::Frame> {
             pdq_frame(index, (seconds * 1000.0).round() as u64, &hash, quality)
         })
         .collect()
+}
+
+/// A plain HTTP/1.0 GET (the server closes the connection after answering): status, headers and
+/// body. Enough for the metrics endpoint without an HTTP client dependency.
+pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("connect to the metrics endpoint");
+    stream
+        .write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
+        .await
+        .expect("send request");
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw).await.expect("read response");
+    let text = String::from_utf8(raw).expect("utf-8 response");
+    let (head, body) = text.split_once("\r\n\r\n").expect("header end");
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .expect("status code");
+    (status, head.to_string(), body.to_string())
 }
