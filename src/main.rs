@@ -123,11 +123,15 @@ fn serve(args: &ServeArgs) -> ExitCode {
         let address = listener.local_addr()?;
         let metrics_address = metrics_listener.local_addr()?;
         // The first line of output is the bound address (port 0 picks one), the second the
-        // metrics endpoint's: scripts and tests read them.
-        let mut stdout = std::io::stdout();
-        writeln!(stdout, "listening on {address}")?;
-        writeln!(stdout, "metrics on {metrics_address}")?;
+        // metrics endpoint's: scripts and tests read them. One write for both lines: a reader
+        // that closes the pipe after the first line (`| head -n1`) must not make the second
+        // write fail and stop the server.
+        let mut stdout = std::io::stdout().lock();
+        stdout.write_all(
+            format!("listening on {address}\nmetrics on {metrics_address}\n").as_bytes(),
+        )?;
         stdout.flush()?;
+        drop(stdout);
         tracing::info!(%address, %metrics_address, "listening");
         framematch::server::serve_with_metrics(
             listener,
