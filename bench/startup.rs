@@ -128,10 +128,12 @@ async fn start_once(dir: &Path, engine: &str) -> (f64, f64, u64) {
         .spawn()
         .expect("spawn framematch serve");
     let stdout = child.stdout.take().expect("stdout");
+    let mut reader = BufReader::new(stdout);
     let mut line = String::new();
-    BufReader::new(stdout)
-        .read_line(&mut line)
-        .expect("read address line");
+    reader.read_line(&mut line).expect("read address line");
+    // Keep draining stdout: the server writes more lines (the metrics address), and a closed pipe
+    // would make it exit.
+    std::thread::spawn(move || std::io::copy(&mut reader, &mut std::io::sink()));
     let listening = started.elapsed().as_secs_f64();
     let address = line
         .trim()
@@ -147,6 +149,10 @@ async fn start_once(dir: &Path, engine: &str) -> (f64, f64, u64) {
         {
             break channel;
         }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "cannot connect to {url}"
+        );
         tokio::time::sleep(Duration::from_millis(2)).await;
     };
     let mut health = HealthClient::new(channel);
@@ -204,7 +210,11 @@ async fn main() {
         let dir = dataset::data_dir().join(format!("store-{n}"));
         write_store(&dir, n).await;
         let store_bytes: u64 = std::fs::read_dir(&dir)
-            .map(|d| d.filter_map(|e| e.ok()?.metadata().ok()).map(|m| m.len()).sum())
+            .map(|d| {
+                d.filter_map(|e| e.ok()?.metadata().ok())
+                    .map(|m| m.len())
+                    .sum()
+            })
             .unwrap_or(0);
         let mut listening = Vec::new();
         let mut serving = Vec::new();
@@ -216,10 +226,18 @@ async fn main() {
             serving.push(s);
             rss.push(r as f64);
         }
-        rows.push((n, median(listening), median(serving), median(rss), store_bytes));
+        rows.push((
+            n,
+            median(listening),
+            median(serving),
+            median(rss),
+            store_bytes,
+        ));
     }
     println!("\nStart-up of `framematch serve --index-engine {engine}` (medians of {runs}):\n");
-    println!("| frames in store | store MiB | address printed s | SERVING s | server RSS at SERVING, bytes/frame |");
+    println!(
+        "| frames in store | store MiB | address printed s | SERVING s | server RSS at SERVING, bytes/frame |"
+    );
     println!("| ---: | ---: | ---: | ---: | ---: |");
     for (n, l, s, r, bytes) in rows {
         println!(

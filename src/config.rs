@@ -72,9 +72,17 @@ pub struct ServeArgs {
     /// picks a free port. The bound address is printed on the second line of output.
     #[arg(long, env = "FRAMEMATCH_METRICS_LISTEN", default_value = DEFAULT_METRICS_LISTEN)]
     pub metrics_listen: SocketAddr,
-    /// Directory of the embedded store (created if missing).
+    /// Directory of the embedded store (created if missing). Unused with `--store`.
     #[arg(long, env = "FRAMEMATCH_DATA_DIR", default_value = "./data")]
     pub data_dir: PathBuf,
+    /// A PostgreSQL URL (`postgres://user:password@host:5432/db`) to share one database between
+    /// several replicas instead of the embedded store. Each replica follows the change log.
+    #[arg(long, env = "FRAMEMATCH_STORE")]
+    pub store: Option<String>,
+    /// How often a replica polls the change log for other replicas' writes, in milliseconds (it is
+    /// also woken at once by PostgreSQL notifications).
+    #[arg(long, env = "FRAMEMATCH_TAIL_INTERVAL_MS", default_value_t = 1000)]
+    pub tail_interval_ms: u64,
     /// Index engine for PDQ frames: `exact` (linear scan), `mih` (exact multi-index hashing) or `hnsw` (approximate).
     #[arg(long, env = "FRAMEMATCH_INDEX_ENGINE", default_value = "mih")]
     pub index_engine: String,
@@ -153,6 +161,10 @@ fn invalid(flag: &'static str, reason: impl Into<String>) -> Error {
 pub struct ServeConfig {
     /// Where the embedded store lives.
     pub data_dir: PathBuf,
+    /// A PostgreSQL URL: the shared store of several replicas, instead of the embedded one.
+    pub postgres_url: Option<String>,
+    /// How often replicas poll the change log.
+    pub tail_interval: Duration,
     /// Index engine.
     pub engine: EngineKind,
     /// hnsw parameters (used when `engine` is hnsw).
@@ -182,6 +194,8 @@ impl ServeConfig {
     pub fn with_data_dir(data_dir: PathBuf) -> Self {
         Self {
             data_dir,
+            postgres_url: None,
+            tail_interval: Duration::from_millis(200),
             engine: EngineKind::default(),
             hnsw: HnswParams::default(),
             match_defaults: MatchParams::default(),
@@ -256,8 +270,25 @@ impl TryFrom<&ServeArgs> for ServeConfig {
                 ));
             }
         };
+        let postgres_url = match &args.store {
+            None => None,
+            Some(url) if url.starts_with("postgres://") || url.starts_with("postgresql://") => {
+                Some(url.clone())
+            }
+            Some(_) => {
+                return Err(invalid(
+                    "store",
+                    "must be a postgres:// or postgresql:// URL (leave it unset for the embedded store)",
+                ));
+            }
+        };
+        if args.tail_interval_ms == 0 {
+            return Err(invalid("tail-interval-ms", "must be at least 1"));
+        }
         Ok(Self {
             data_dir: args.data_dir.clone(),
+            postgres_url,
+            tail_interval: Duration::from_millis(args.tail_interval_ms),
             engine,
             hnsw: HnswParams {
                 max_connections: args.hnsw_m,

@@ -13,7 +13,7 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
@@ -25,6 +25,7 @@ use crate::api::matcher::MatcherService;
 use crate::api::{AppState, Catalog};
 use crate::config::ServeConfig;
 use crate::index::FrameIndex;
+use crate::model::{ChangeKind, ChangeSeq};
 use crate::pb;
 use crate::store::{self, Store};
 use crate::telemetry::{self, MetricsPipeline};
@@ -136,7 +137,10 @@ async fn serve_grpc(
     shutdown: impl Future<Output = ()> + Send,
     pipeline: &MetricsPipeline,
 ) -> Result<(), Error> {
-    let store = Store::open_embedded(&config.data_dir).await?;
+    let store = match &config.postgres_url {
+        Some(url) => Store::open_postgres(url).await?,
+        None => Store::open_embedded(&config.data_dir).await?,
+    };
     tracing::info!(store = %store.describe(), engine = %config.engine, "store open");
     let default_org = store.default_org().await?;
     let catalog = Catalog::new(store.list_banks().await?, store.list_orgs().await?);
@@ -164,7 +168,11 @@ async fn serve_grpc(
     let banks = pb::banks_server::BanksServer::new(BanksService::new(state.clone()))
         .max_decoding_message_size(max_message);
 
-    let loader = tokio::spawn(load_index(state.clone(), reporter.clone()));
+    let loader = tokio::spawn(load_index(
+        state.clone(),
+        reporter.clone(),
+        config.tail_interval,
+    ));
 
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let server = Server::builder()
@@ -198,8 +206,9 @@ async fn serve_grpc(
     }
 }
 
-/// Loads every active frame from the store into the index, then marks the server ready.
-async fn load_index(state: AppState, reporter: HealthReporter) {
+/// Loads every active frame from the store into the index, then marks the server ready. With a
+/// shared (PostgreSQL) store it then follows the change log for as long as the server runs.
+async fn load_index(state: AppState, reporter: HealthReporter, tail_interval: Duration) {
     let started = Instant::now();
     match state.store.load_active_frames().await {
         Ok((frames, seq)) => {
@@ -219,9 +228,129 @@ async fn load_index(state: AppState, reporter: HealthReporter) {
                 elapsed_ms = started.elapsed().as_millis() as u64,
                 "index loaded; serving"
             );
+            if matches!(state.store, Store::Postgres(_)) {
+                follow_changes(state, reporter, seq, tail_interval).await;
+            }
         }
         Err(error) => {
             tracing::error!(%error, "reading frames from the store failed; staying NOT_SERVING");
         }
     }
+}
+
+/// Applies the writes of every replica sharing the store, in change-log order, to this replica's
+/// index and catalogue (DESIGN.md §3). Polls every `interval` and wakes at once on a PostgreSQL
+/// notification. This replica's own writes come back through the log too; applying them again is
+/// a no-op (inserts and withdrawals are idempotent).
+///
+/// While the store is unreachable the replica keeps matching from memory: `Banks` (the write
+/// path) reports NOT_SERVING in gRPC health, `Matcher` stays SERVING, and both recover when the
+/// store answers again. Runs until the task is aborted at shutdown.
+async fn follow_changes(
+    state: AppState,
+    reporter: HealthReporter,
+    mut applied: ChangeSeq,
+    interval: Duration,
+) {
+    let mut wake: Option<tokio::sync::mpsc::Receiver<ChangeSeq>> = None;
+    let mut store_ok = true;
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    loop {
+        if wake.is_none() && store_ok {
+            wake = state.store.listen_changes().await.ok().flatten();
+        }
+        tokio::select! {
+            _ = ticker.tick() => {}
+            seq = next_notification(&mut wake) => {
+                if seq.is_none() {
+                    // The listening connection is gone; polling goes on and it is reopened.
+                    wake = None;
+                }
+            }
+        }
+        match catch_up(&state, &mut applied).await {
+            Ok(()) if !store_ok => {
+                store_ok = true;
+                reporter
+                    .set_service_status("framematch.v1.Banks", tonic_health::ServingStatus::Serving)
+                    .await;
+                tracing::info!(change_seq = applied.0, "store reachable again; caught up");
+            }
+            Ok(()) => {}
+            Err(error) if store_ok => {
+                store_ok = false;
+                wake = None;
+                reporter
+                    .set_service_status(
+                        "framematch.v1.Banks",
+                        tonic_health::ServingStatus::NotServing,
+                    )
+                    .await;
+                tracing::warn!(
+                    error = &error as &dyn std::error::Error,
+                    change_seq = applied.0,
+                    "store unreachable; matching from memory"
+                );
+            }
+            Err(_) => {}
+        }
+    }
+}
+
+/// The next notification, or never when there is no listener.
+async fn next_notification(
+    wake: &mut Option<tokio::sync::mpsc::Receiver<ChangeSeq>>,
+) -> Option<ChangeSeq> {
+    match wake {
+        Some(receiver) => receiver.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Applies every change after `applied`, advancing it change by change.
+async fn catch_up(state: &AppState, applied: &mut ChangeSeq) -> Result<(), store::Error> {
+    const BATCH: usize = 1000;
+    loop {
+        let changes = state.store.changes_since(*applied, BATCH).await?;
+        if changes.is_empty() {
+            return Ok(());
+        }
+        for change in changes {
+            apply_change(state, &change.kind).await?;
+            *applied = change.seq;
+        }
+    }
+}
+
+/// Applies one change to the index and catalogue. Idempotent.
+async fn apply_change(state: &AppState, kind: &ChangeKind) -> Result<(), store::Error> {
+    match kind {
+        ChangeKind::OrgCreated(id) => {
+            if let Some(org) = state
+                .store
+                .list_orgs()
+                .await?
+                .into_iter()
+                .find(|o| o.id == *id)
+            {
+                state.catalog.write().insert_org(org);
+            }
+        }
+        ChangeKind::BankCreated(id) => {
+            let bank = state.store.get_bank(*id).await?;
+            state.catalog.write().insert_bank(bank);
+        }
+        ChangeKind::ReferenceAdded { reference, bank } => {
+            let frames = state.store.reference_frames(*reference).await?;
+            state
+                .index
+                .write()
+                .insert_reference(*reference, *bank, &frames);
+        }
+        ChangeKind::ReferenceWithdrawn { reference, .. } => {
+            state.index.write().withdraw(*reference);
+        }
+    }
+    Ok(())
 }

@@ -9,5 +9,6 @@ mod index_conformance;
 mod loadgen;
 mod matching;
 mod pdq_conformance;
+mod replicas;
 mod telemetry;
 mod video;
