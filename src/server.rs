@@ -56,6 +56,10 @@ pub enum Error {
     },
 }
 
+/// After the grace period, how long the UNAVAILABLE answers of aborted streams get to reach their
+/// clients before connections are dropped.
+const FINAL_FLUSH: Duration = Duration::from_secs(2);
+
 /// Fully qualified names of the services health reports on.
 const SERVICES: [&str; 2] = ["framematch.v1.Matcher", "framematch.v1.Banks"];
 
@@ -194,13 +198,24 @@ async fn serve_grpc(
     if let Some(result) = result {
         return result.map_err(Error::from);
     }
+    // Shutdown: refuse new work and stop accepting connections, give open streams the grace
+    // period, then end what is left with UNAVAILABLE and give those answers a moment to leave.
     tracing::info!(grace = ?config.shutdown_grace, "shutting down");
+    state.begin_shutdown();
     set_health(&reporter, false).await;
     let _ = stop_tx.send(());
-    match tokio::time::timeout(config.shutdown_grace, server).await {
+    if let Ok(result) = tokio::time::timeout(config.shutdown_grace, &mut server).await {
+        return result.map_err(Error::from);
+    }
+    tracing::warn!(
+        streams = state.open_streams(),
+        "shutdown grace period over; ending open streams with UNAVAILABLE"
+    );
+    state.abort_streams();
+    match tokio::time::timeout(FINAL_FLUSH, server).await {
         Ok(result) => result.map_err(Error::from),
         Err(_) => {
-            tracing::warn!("shutdown grace period over; dropping open streams");
+            tracing::warn!("connections still open after the final flush; dropping them");
             Ok(())
         }
     }

@@ -79,7 +79,13 @@ impl Matcher for MatcherService {
                 // Held for the stream's life: counts towards max_concurrent_streams.
                 let _permit = permit;
                 let open = state.metrics.stream_opened(Rpc::MatchVideo);
-                let result = run_stream(&state, &mut inbound, &tx).await;
+                // A stream still open when the shutdown grace period ends is told so.
+                let result = tokio::select! {
+                    result = run_stream(&state, &mut inbound, &tx) => result,
+                    () = state.streams_aborted() => Err(Status::unavailable(
+                        "the server is shutting down and the grace period for open streams is over; retry on another replica",
+                    )),
+                };
                 let code = result.as_ref().map_err(Status::code).copied();
                 if let Err(status) = result {
                     // The client may be gone already; then there is nobody left to tell.

@@ -127,6 +127,10 @@ pub struct AppState {
     queued: Arc<AtomicUsize>,
     streams: Arc<Semaphore>,
     ready: Arc<AtomicBool>,
+    /// Set when shutdown starts: no new work is accepted.
+    closing: Arc<AtomicBool>,
+    /// Set when the shutdown grace period is over: open streams end with UNAVAILABLE.
+    abort: Arc<tokio::sync::watch::Sender<bool>>,
 }
 
 impl AppState {
@@ -152,7 +156,26 @@ impl AppState {
             queued: Arc::new(AtomicUsize::new(0)),
             streams: Arc::new(Semaphore::new(config.limits.max_concurrent_streams)),
             ready: Arc::new(AtomicBool::new(false)),
+            closing: Arc::new(AtomicBool::new(false)),
+            abort: Arc::new(tokio::sync::watch::channel(false).0),
         }
+    }
+
+    /// Shutdown has started: from now on new requests get UNAVAILABLE, open streams go on.
+    pub fn begin_shutdown(&self) {
+        self.closing.store(true, Ordering::Release);
+    }
+
+    /// The grace period is over: open streams end with UNAVAILABLE.
+    pub fn abort_streams(&self) {
+        self.abort.send_replace(true);
+    }
+
+    /// Completes once [`AppState::abort_streams`] has been called.
+    pub async fn streams_aborted(&self) {
+        let mut abort = self.abort.subscribe();
+        // An error means the sender is gone, which cannot happen while `self` holds it.
+        let _ = abort.wait_for(|aborted| *aborted).await;
     }
 
     /// Marks the index as loaded: requests are served from now on.
@@ -167,12 +190,14 @@ impl AppState {
         RpcCall::start(rpc, &org, &self.metrics)
     }
 
-    /// UNAVAILABLE until the index is loaded.
+    /// UNAVAILABLE until the index is loaded, and again once shutdown has started.
     ///
     /// # Errors
-    /// [`Error::NotReady`] while loading.
+    /// [`Error::NotReady`] while loading, [`Error::ShuttingDown`] after shutdown started.
     pub fn ensure_ready(&self) -> Result<(), Error> {
-        if self.ready.load(Ordering::Acquire) {
+        if self.closing.load(Ordering::Acquire) {
+            Err(Error::ShuttingDown)
+        } else if self.ready.load(Ordering::Acquire) {
             Ok(())
         } else {
             Err(Error::NotReady)

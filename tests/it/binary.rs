@@ -21,6 +21,11 @@ impl Served {
     /// Starts the binary on 127.0.0.1:0 over `data_dir`, reads the bound address from its first
     /// line of output, and waits for SERVING.
     async fn start(data_dir: &Path) -> Self {
+        Self::start_with(data_dir, &[]).await
+    }
+
+    /// As [`Served::start`], with extra `serve` flags.
+    async fn start_with(data_dir: &Path, extra: &[&str]) -> Self {
         let mut child = Command::new(BIN)
             .args([
                 "serve",
@@ -31,6 +36,7 @@ impl Served {
                 "--data-dir",
             ])
             .arg(data_dir)
+            .args(extra)
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
@@ -282,4 +288,95 @@ fn invalid_configuration_exits_64() {
     assert!(err.contains("--index-engine"), "{err}");
     let (code, _, _) = run(&["serve", "--max-distance", "200"]);
     assert_eq!(code, 64);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_lets_open_streams_finish_within_the_grace_then_ends_them_unavailable() {
+    use tonic_health::pb::HealthCheckRequest;
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::health_client::HealthClient;
+
+    let dir = tempfile::tempdir().expect("temp dir");
+    let served = Served::start_with(dir.path(), &["--shutdown-grace-ms", "1500"]).await;
+    let channel = tonic::transport::Channel::from_shared(served.url.clone())
+        .expect("url")
+        .connect()
+        .await
+        .expect("connect");
+    let mut health = HealthClient::new(channel.clone());
+    let mut statuses = health
+        .watch(HealthCheckRequest {
+            service: "framematch.v1.Matcher".into(),
+        })
+        .await
+        .expect("watch")
+        .into_inner();
+    let frame = |i: u32| pb::MatchRequest {
+        options: None,
+        frame: Some(support::pdq_frame(
+            i,
+            u64::from(i) * 1000,
+            &hash(i as usize),
+            100,
+        )),
+    };
+    let (tx, rx) = tokio::sync::mpsc::channel::<pb::MatchRequest>(4);
+    let mut matcher = pb::matcher_client::MatcherClient::new(channel.clone());
+    tx.send(frame(0)).await.expect("send");
+    let mut answers = matcher
+        .match_video(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .expect("stream opens")
+        .into_inner();
+    answers
+        .message()
+        .await
+        .expect("answer")
+        .expect("frame 0 answered");
+
+    let pid = served.child.id().to_string();
+    let sent = Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .expect("kill -TERM");
+    assert!(sent.success());
+    // Health flips to NOT_SERVING as soon as shutdown starts.
+    loop {
+        let update = statuses
+            .message()
+            .await
+            .expect("health stream")
+            .expect("an update");
+        if update.status == ServingStatus::NotServing as i32 {
+            break;
+        }
+    }
+    // The open stream still works within the grace period.
+    tx.send(frame(1)).await.expect("send");
+    answers
+        .message()
+        .await
+        .expect("still answered during the grace period")
+        .expect("frame 1 answered");
+    // Then it is ended with UNAVAILABLE (the client keeps its side open).
+    let ended = loop {
+        match answers.message().await {
+            Ok(Some(_)) => continue,
+            Ok(None) => panic!("the stream ended without a status"),
+            Err(status) => break status,
+        }
+    };
+    assert_eq!(ended.code(), tonic::Code::Unavailable, "{ended:?}");
+    assert!(
+        ended.message().contains("grace period"),
+        "{}",
+        ended.message()
+    );
+    drop(tx);
+    let mut child = served.child;
+    let status = tokio::task::spawn_blocking(move || child.wait())
+        .await
+        .expect("join")
+        .expect("wait");
+    assert!(status.success(), "exit 0 after SIGTERM: {status:?}");
 }
