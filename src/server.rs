@@ -13,6 +13,7 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use tokio::net::TcpListener;
@@ -158,6 +159,12 @@ async fn serve_grpc(
         pipeline.metrics(),
     );
     pipeline.observe_index(&state.index);
+    let lag_ms = Arc::new(AtomicU64::new(0));
+    let store_kind = match &state.store {
+        Store::Embedded(_) => "embedded",
+        Store::Postgres(_) => "postgres",
+    };
+    pipeline.observe_replica_lag(store_kind, Arc::clone(&lag_ms));
 
     let (reporter, health) = tonic_health::server::health_reporter();
     set_health(&reporter, false).await;
@@ -176,6 +183,7 @@ async fn serve_grpc(
         state.clone(),
         reporter.clone(),
         config.tail_interval,
+        lag_ms,
     ));
 
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
@@ -223,7 +231,12 @@ async fn serve_grpc(
 
 /// Loads every active frame from the store into the index, then marks the server ready. With a
 /// shared (PostgreSQL) store it then follows the change log for as long as the server runs.
-async fn load_index(state: AppState, reporter: HealthReporter, tail_interval: Duration) {
+async fn load_index(
+    state: AppState,
+    reporter: HealthReporter,
+    tail_interval: Duration,
+    lag_ms: Arc<AtomicU64>,
+) {
     let started = Instant::now();
     match state.store.load_active_frames().await {
         Ok((frames, seq)) => {
@@ -244,7 +257,7 @@ async fn load_index(state: AppState, reporter: HealthReporter, tail_interval: Du
                 "index loaded; serving"
             );
             if matches!(state.store, Store::Postgres(_)) {
-                follow_changes(state, reporter, seq, tail_interval).await;
+                follow_changes(state, reporter, seq, tail_interval, lag_ms).await;
             }
         }
         Err(error) => {
@@ -266,7 +279,9 @@ async fn follow_changes(
     reporter: HealthReporter,
     mut applied: ChangeSeq,
     interval: Duration,
+    lag_ms: Arc<AtomicU64>,
 ) {
+    let mut synced = Instant::now();
     let mut wake: Option<tokio::sync::mpsc::Receiver<ChangeSeq>> = None;
     let mut store_ok = true;
     let mut ticker = tokio::time::interval(interval);
@@ -284,7 +299,16 @@ async fn follow_changes(
                 }
             }
         }
-        match catch_up(&state, &mut applied).await {
+        let outcome = catch_up(&state, &mut applied).await;
+        if outcome.is_ok() {
+            synced = Instant::now();
+        }
+        // Caught up: no lag. Otherwise the index may miss whatever happened since the last sync.
+        lag_ms.store(
+            u64::try_from(synced.elapsed().as_millis()).unwrap_or(u64::MAX),
+            Ordering::Relaxed,
+        );
+        match outcome {
             Ok(()) if !store_ok => {
                 store_ok = true;
                 reporter

@@ -20,6 +20,7 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use opentelemetry::KeyValue;
@@ -251,8 +252,9 @@ pub struct MetricsPipeline {
     meter: Meter,
     metrics: Metrics,
     // Kept so their callbacks stay registered for the provider's life.
+    /// Observable gauges stay registered while they are held.
+    lag_gauges: parking_lot::Mutex<Vec<ObservableGauge<f64>>>,
     observers: parking_lot::Mutex<Vec<ObservableGauge<u64>>>,
-    _replica_lag: ObservableGauge<f64>,
 }
 
 impl std::fmt::Debug for MetricsPipeline {
@@ -295,31 +297,40 @@ impl MetricsPipeline {
         let provider = builder.build();
         let meter = provider.meter(SCOPE);
         let metrics = Metrics::new(&meter);
-        // The embedded store is the only copy: the index applies a write right after its commit,
-        // in the same process, so there is no replica to lag. With PostgreSQL replicas (issue #5
-        // item 3) this becomes the age of the last change applied from the change log.
-        let replica_lag = meter
-            .f64_observable_gauge("framematch.replica.lag")
-            .with_unit("s")
-            .with_description(
-                "How far this server's index is behind the store's change log; always 0 with \
-                 the embedded store, which is its own source",
-            )
-            .with_callback(|observer| observer.observe(0.0, &[KeyValue::new("store", "embedded")]))
-            .build();
         Ok(Self {
             provider,
             registry,
             meter,
             metrics,
+            lag_gauges: parking_lot::Mutex::new(Vec::new()),
             observers: parking_lot::Mutex::new(Vec::new()),
-            _replica_lag: replica_lag,
         })
     }
 
     /// The instruments, to record into.
     pub fn metrics(&self) -> Metrics {
         self.metrics.clone()
+    }
+
+    /// Reports `framematch.replica.lag`: how far this server's index may be behind the store's
+    /// change log, in seconds, labelled with the store kind. `lag_ms` is kept by the change-log
+    /// follower: 0 while it is caught up, else the time since it last was. The embedded store is
+    /// its own source (the index applies each write right after its commit), so it stays 0 there.
+    pub fn observe_replica_lag(&self, store: &'static str, lag_ms: Arc<AtomicU64>) {
+        let gauge = self
+            .meter
+            .f64_observable_gauge("framematch.replica.lag")
+            .with_unit("s")
+            .with_description(
+                "How far this server's index may be behind the store's change log: 0 while caught \
+                 up, else the time since it last was; always 0 with the embedded store",
+            )
+            .with_callback(move |observer| {
+                let seconds = lag_ms.load(Ordering::Relaxed) as f64 / 1000.0;
+                observer.observe(seconds, &[KeyValue::new("store", store)]);
+            })
+            .build();
+        self.lag_gauges.lock().push(gauge);
     }
 
     /// Reports the index's size (`framematch.index.frames`) and tombstones

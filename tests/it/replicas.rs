@@ -278,6 +278,14 @@ async fn a_replica_that_loses_the_database_keeps_matching_and_recovers() {
         .expect("reference")
         .id;
 
+    let lag = |text: &str| -> f64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix("framematch_replica_lag_seconds{store=\"postgres\"} "))
+            .unwrap_or_else(|| panic!("replica lag in {text}"))
+            .parse()
+            .expect("a number")
+    };
+    assert!(lag(&server.scrape().await) < 5.0);
     cluster.pg_ctl(&["stop", "-m", "fast"]);
     health_becomes(
         &server,
@@ -285,6 +293,15 @@ async fn a_replica_that_loses_the_database_keeps_matching_and_recovers() {
         ServingStatus::NotServing as i32,
     )
     .await;
+    // The lag metric grows while the database is away (it counts from the last sync).
+    let started = Instant::now();
+    while lag(&server.scrape().await) <= 0.5 {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "lag never grew"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     // Matching goes on from memory, and the matcher stays SERVING.
     assert!(matches(&server, &hash(3), id).await);
     health_becomes(
@@ -311,6 +328,7 @@ async fn a_replica_that_loses_the_database_keeps_matching_and_recovers() {
         ServingStatus::Serving as i32,
     )
     .await;
+    assert!(lag(&server.scrape().await) < 5.0, "caught up again");
     let again = support::add_reference(&server, "b", vec![support::pdq_frame(0, 0, &hash(5), 100)])
         .await
         .expect("writes work again")
