@@ -380,3 +380,112 @@ async fn sigterm_lets_open_streams_finish_within_the_grace_then_ends_them_unavai
         .expect("wait");
     assert!(status.success(), "exit 0 after SIGTERM: {status:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_server_processes_on_one_postgres_database_converge() {
+    let Ok(admin_url) = std::env::var("FRAMEMATCH_TEST_POSTGRES_URL") else {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI must set FRAMEMATCH_TEST_POSTGRES_URL (.ci/run starts a cluster)"
+        );
+        eprintln!("skipping: FRAMEMATCH_TEST_POSTGRES_URL is not set");
+        return;
+    };
+    // A database of this test's own on the test cluster.
+    let name = format!("fm_processes_{}", uuid::Uuid::new_v4().simple());
+    let (client, connection) = tokio_postgres::connect(&admin_url, tokio_postgres::NoTls)
+        .await
+        .expect("connect");
+    tokio::spawn(connection);
+    client
+        .batch_execute(&format!("CREATE DATABASE {name}"))
+        .await
+        .expect("create database");
+    let base = admin_url.rsplit_once('/').expect("path").0;
+    let url = format!("{base}/{name}");
+
+    let (dir_a, dir_b) = (
+        tempfile::tempdir().expect("dir"),
+        tempfile::tempdir().expect("dir"),
+    );
+    let a = Served::start_with(dir_a.path(), &["--store", &url]).await;
+    let b = Served::start_with(
+        dir_b.path(),
+        &["--store", &url, "--tail-interval-ms", "200"],
+    )
+    .await;
+    a.banks()
+        .await
+        .create_bank(pb::CreateBankRequest {
+            name: "shared".into(),
+            category: pb::Category::Terrorism as i32,
+            description: String::new(),
+        })
+        .await
+        .expect("create bank on A");
+    let messages = vec![
+        pb::AddReferenceRequest {
+            item: Some(pb::add_reference_request::Item::Header(
+                pb::ReferenceHeader {
+                    bank: "shared".into(),
+                    external_id: String::new(),
+                    note: String::new(),
+                },
+            )),
+        },
+        pb::AddReferenceRequest {
+            item: Some(pb::add_reference_request::Item::Frame(support::pdq_frame(
+                0,
+                0,
+                &hash(7),
+                100,
+            ))),
+        },
+    ];
+    let id = a
+        .banks()
+        .await
+        .add_reference(tokio_stream::iter(messages))
+        .await
+        .expect("add on A")
+        .into_inner()
+        .reference
+        .expect("reference")
+        .id;
+    let started = std::time::Instant::now();
+    let mut matcher = b.matcher().await;
+    loop {
+        let result = matcher
+            .match_image(pb::MatchImageRequest {
+                options: None,
+                frame: Some(support::pdq_frame(0, 0, &hash(7), 100)),
+            })
+            .await
+            .expect("match on B")
+            .into_inner()
+            .result
+            .expect("result");
+        if result
+            .matches
+            .iter()
+            .any(|m| m.source.as_ref().map(|s| s.reference_id) == Some(id))
+        {
+            break;
+        }
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(10),
+            "B never matched A's reference"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    eprintln!(
+        "process B matched process A's reference after {:?}",
+        started.elapsed()
+    );
+    assert!(a.terminate().success());
+    assert!(b.terminate().success());
+    client
+        .batch_execute(&format!("DROP DATABASE {name} WITH (FORCE)"))
+        .await
+        .expect("drop database");
+}
