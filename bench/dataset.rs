@@ -449,7 +449,7 @@ fn render_real() -> Real {
                         // is a multiple of the stride, over the transforms in turn.
                         for (i, pic) in pictures.iter().enumerate() {
                             let global = j * FRAMES_PER_CLIP + i;
-                            if global % QUERY_STRIDE != 0 {
+                            if !global.is_multiple_of(QUERY_STRIDE) {
                                 continue;
                             }
                             for kind in QueryKind::TRANSFORMS {

@@ -5,6 +5,7 @@ mod support;
 
 mod binary;
 mod errors;
+mod helm;
 mod index_conformance;
 mod loadgen;
 mod matching;
