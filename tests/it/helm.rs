@@ -712,3 +712,73 @@ fn rendered_manifests_pass_strict_kubernetes_schemas() {
         }
     }
 }
+
+/// Copies the chart, recursively, so a test can add files to the copy.
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).expect("create dir");
+    for entry in std::fs::read_dir(from).expect("read chart dir") {
+        let entry = entry.expect("dir entry");
+        let target = to.join(entry.file_name());
+        if entry.file_type().expect("file type").is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), &target).expect("copy chart file");
+        }
+    }
+}
+
+/// NOTES.txt is only rendered by `helm install` (which needs a cluster), so a copy of the chart
+/// renders it through `tpl` into a document `helm template` can show.
+#[test]
+fn notes_render_for_every_mode() {
+    let Some(helm) = helm() else { return };
+    let dir = tempfile::tempdir().expect("temp dir");
+    let chart = dir.path().join("framematch");
+    copy_dir(&chart_dir(), &chart);
+    std::fs::create_dir_all(chart.join("notes")).expect("notes dir");
+    std::fs::copy(
+        chart.join("templates/NOTES.txt"),
+        chart.join("notes/NOTES.txt"),
+    )
+    .expect("copy NOTES.txt");
+    std::fs::write(
+        chart.join("templates/notes-render.yaml"),
+        "notes: {{ tpl (.Files.Get \"notes/NOTES.txt\") . | toJson }}\n",
+    )
+    .expect("write notes-render.yaml");
+    for (sets, expected) in [
+        (EMBEDDED, "on PVC data-fm-framematch-0 (10Gi)"),
+        (
+            &["store.embedded.persistence.enabled=false"][..],
+            "WARNING: persistence is off",
+        ),
+        (POSTGRES_URL, "The chart created that Secret"),
+        (
+            EVERYTHING,
+            "dns:///fm-framematch-headless.moderation.svc:50051",
+        ),
+    ] {
+        let output = Command::new(&helm)
+            .args(["template", RELEASE])
+            .arg(&chart)
+            .args([
+                "--namespace",
+                NAMESPACE,
+                "--kube-version",
+                RENDER_KUBE_VERSION,
+            ])
+            .args(["--show-only", "templates/notes-render.yaml"])
+            .args(set_args(sets))
+            .output()
+            .expect("run helm template");
+        assert!(
+            output.status.success(),
+            "{sets:?}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let doc: Value = serde_norway::from_slice(&output.stdout).expect("YAML");
+        let notes = str_at(&doc, "notes");
+        assert!(notes.contains(expected), "{sets:?}: {notes}");
+        assert!(notes.contains("grpc.health.v1"), "{notes}");
+    }
+}
