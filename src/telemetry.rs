@@ -835,6 +835,8 @@ mod tests {
         metrics.hashed("image", Duration::from_millis(3));
         metrics.store_write("create_bank", Duration::from_millis(4));
         let open = metrics.stream_opened(Rpc::MatchVideo);
+        let lag_ms = Arc::new(AtomicU64::new(1500));
+        pipeline.observe_replica_lag("postgres", Arc::clone(&lag_ms));
         let text = pipeline.encode().expect("encode");
         for expected in [
             "framematch_frames_matched_total{outcome=\"matched\"} 1",
@@ -842,13 +844,15 @@ mod tests {
             "framematch_hash_duration_seconds_count{input=\"image\"} 1",
             "framematch_store_write_duration_seconds_count{operation=\"create_bank\"} 1",
             "framematch_streams_open{rpc=\"MatchVideo\"} 1",
-            "framematch_replica_lag_seconds{store=\"embedded\"} 0",
+            "framematch_replica_lag_seconds{store=\"postgres\"} 1.5",
         ] {
             assert!(text.contains(expected), "missing {expected:?} in\n{text}");
         }
         drop(open);
+        lag_ms.store(0, Ordering::Relaxed);
         let text = pipeline.encode().expect("encode");
         assert!(text.contains("framematch_streams_open{rpc=\"MatchVideo\"} 0"));
+        assert!(text.contains("framematch_replica_lag_seconds{store=\"postgres\"} 0"));
     }
 
     #[test]
