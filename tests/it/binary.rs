@@ -489,3 +489,116 @@ async fn two_server_processes_on_one_postgres_database_converge() {
         .await
         .expect("drop database");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_is_not_serving_until_the_index_is_loaded() {
+    use tonic_health::pb::HealthCheckRequest;
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::health_client::HealthClient;
+
+    let Ok(admin_url) = std::env::var("FRAMEMATCH_TEST_POSTGRES_URL") else {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI must set FRAMEMATCH_TEST_POSTGRES_URL (.ci/run starts a cluster)"
+        );
+        eprintln!("skipping: FRAMEMATCH_TEST_POSTGRES_URL is not set");
+        return;
+    };
+    let name = format!("fm_loading_{}", uuid::Uuid::new_v4().simple());
+    let (admin, connection) = tokio_postgres::connect(&admin_url, tokio_postgres::NoTls)
+        .await
+        .expect("connect");
+    tokio::spawn(connection);
+    admin
+        .batch_execute(&format!("CREATE DATABASE {name}"))
+        .await
+        .expect("create database");
+    let url = format!("{}/{name}", admin_url.rsplit_once('/').expect("path").0);
+    // A first run creates the schema.
+    let dir = tempfile::tempdir().expect("dir");
+    let first =
+        Served::start_with(dir.path(), &["--store", &url, "--shutdown-grace-ms", "200"]).await;
+    assert!(first.terminate().success());
+
+    // Hold the frames table so the next server's initial load waits for us: deterministic.
+    let (mut holder, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .expect("connect");
+    tokio::spawn(connection);
+    let lock = holder.transaction().await.expect("begin");
+    lock.batch_execute("LOCK TABLE frames IN ACCESS EXCLUSIVE MODE")
+        .await
+        .expect("lock frames");
+
+    let mut child = Command::new(BIN)
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--metrics-listen",
+            "127.0.0.1:0",
+        ])
+        .args(["--store", &url])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn");
+    let stdout = child.stdout.take().expect("stdout");
+    let line = tokio::task::spawn_blocking(move || {
+        let mut line = String::new();
+        BufReader::new(stdout).read_line(&mut line).expect("line");
+        line
+    })
+    .await
+    .expect("reader");
+    let address = line
+        .trim()
+        .strip_prefix("listening on ")
+        .expect("address")
+        .to_string();
+    let channel = tonic::transport::Channel::from_shared(format!("http://{address}"))
+        .expect("url")
+        .connect()
+        .await
+        .expect("connect");
+    let mut health = HealthClient::new(channel.clone());
+    let mut statuses = health
+        .watch(HealthCheckRequest {
+            service: "framematch.v1.Matcher".into(),
+        })
+        .await
+        .expect("watch")
+        .into_inner();
+    let first_status = statuses.message().await.expect("stream").expect("status");
+    assert_eq!(first_status.status, ServingStatus::NotServing as i32);
+    let early = pb::matcher_client::MatcherClient::new(channel.clone())
+        .match_image(pb::MatchImageRequest {
+            options: None,
+            frame: Some(support::pdq_frame(0, 0, &hash(1), 100)),
+        })
+        .await
+        .expect_err("no matching while loading");
+    assert_eq!(early.code(), tonic::Code::Unavailable);
+    assert!(early.message().contains("loading"), "{}", early.message());
+
+    lock.rollback().await.expect("release");
+    loop {
+        let update = statuses.message().await.expect("stream").expect("status");
+        if update.status == ServingStatus::Serving as i32 {
+            break;
+        }
+    }
+    let pid = child.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .expect("kill")
+            .success()
+    );
+    assert!(child.wait().expect("wait").success());
+    admin
+        .batch_execute(&format!("DROP DATABASE {name} WITH (FORCE)"))
+        .await
+        .expect("drop database");
+}
