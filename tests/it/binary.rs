@@ -383,27 +383,10 @@ async fn sigterm_lets_open_streams_finish_within_the_grace_then_ends_them_unavai
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_server_processes_on_one_postgres_database_converge() {
-    let Ok(admin_url) = std::env::var("FRAMEMATCH_TEST_POSTGRES_URL") else {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "CI must set FRAMEMATCH_TEST_POSTGRES_URL (.ci/run starts a cluster)"
-        );
-        eprintln!("skipping: FRAMEMATCH_TEST_POSTGRES_URL is not set");
+    let Some(database) = support::Database::create().await else {
         return;
     };
-    // A database of this test's own on the test cluster.
-    let name = format!("fm_processes_{}", uuid::Uuid::new_v4().simple());
-    let (client, connection) = tokio_postgres::connect(&admin_url, tokio_postgres::NoTls)
-        .await
-        .expect("connect");
-    tokio::spawn(connection);
-    client
-        .batch_execute(&format!("CREATE DATABASE {name}"))
-        .await
-        .expect("create database");
-    let base = admin_url.rsplit_once('/').expect("path").0;
-    let url = format!("{base}/{name}");
-
+    let url = database.url.clone();
     let (dir_a, dir_b) = (
         tempfile::tempdir().expect("dir"),
         tempfile::tempdir().expect("dir"),
@@ -484,10 +467,7 @@ async fn two_server_processes_on_one_postgres_database_converge() {
     );
     assert!(a.terminate().success());
     assert!(b.terminate().success());
-    client
-        .batch_execute(&format!("DROP DATABASE {name} WITH (FORCE)"))
-        .await
-        .expect("drop database");
+    database.drop_now().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -496,24 +476,10 @@ async fn health_is_not_serving_until_the_index_is_loaded() {
     use tonic_health::pb::health_check_response::ServingStatus;
     use tonic_health::pb::health_client::HealthClient;
 
-    let Ok(admin_url) = std::env::var("FRAMEMATCH_TEST_POSTGRES_URL") else {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "CI must set FRAMEMATCH_TEST_POSTGRES_URL (.ci/run starts a cluster)"
-        );
-        eprintln!("skipping: FRAMEMATCH_TEST_POSTGRES_URL is not set");
+    let Some(database) = support::Database::create().await else {
         return;
     };
-    let name = format!("fm_loading_{}", uuid::Uuid::new_v4().simple());
-    let (admin, connection) = tokio_postgres::connect(&admin_url, tokio_postgres::NoTls)
-        .await
-        .expect("connect");
-    tokio::spawn(connection);
-    admin
-        .batch_execute(&format!("CREATE DATABASE {name}"))
-        .await
-        .expect("create database");
-    let url = format!("{}/{name}", admin_url.rsplit_once('/').expect("path").0);
+    let url = database.url.clone();
     // A first run creates the schema.
     let dir = tempfile::tempdir().expect("dir");
     let first =
@@ -597,8 +563,5 @@ async fn health_is_not_serving_until_the_index_is_loaded() {
             .success()
     );
     assert!(child.wait().expect("wait").success());
-    admin
-        .batch_execute(&format!("DROP DATABASE {name} WITH (FORCE)"))
-        .await
-        .expect("drop database");
+    database.drop_now().await;
 }

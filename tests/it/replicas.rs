@@ -7,60 +7,7 @@ use std::time::{Duration, Instant};
 use framematch::hash::PdqHash;
 use framematch::pb;
 
-use crate::support::{self, TestServer};
-
-/// A fresh database on the test cluster, dropped when this value is.
-struct Database {
-    admin_url: String,
-    name: String,
-    url: String,
-}
-
-impl Database {
-    /// `None` (after saying why) when no test cluster is configured outside CI.
-    async fn create() -> Option<Self> {
-        let Ok(admin_url) = std::env::var("FRAMEMATCH_TEST_POSTGRES_URL") else {
-            assert!(
-                std::env::var_os("CI").is_none(),
-                "CI must set FRAMEMATCH_TEST_POSTGRES_URL (.ci/run starts a cluster)"
-            );
-            eprintln!(
-                "skipping: FRAMEMATCH_TEST_POSTGRES_URL is not set (eval \"$(.ci/postgres-start)\")"
-            );
-            return None;
-        };
-        let name = format!("fm_replicas_{}", uuid::Uuid::new_v4().simple());
-        let (client, connection) = tokio_postgres::connect(&admin_url, tokio_postgres::NoTls)
-            .await
-            .expect("connect to the test cluster");
-        tokio::spawn(connection);
-        client
-            .batch_execute(&format!("CREATE DATABASE {name}"))
-            .await
-            .expect("create database");
-        let base = admin_url
-            .rsplit_once('/')
-            .map(|(base, _)| base.to_string())
-            .expect("URL has a database path");
-        let url = format!("{base}/{name}");
-        Some(Self {
-            admin_url,
-            name,
-            url,
-        })
-    }
-
-    async fn drop_now(self) {
-        let (client, connection) = tokio_postgres::connect(&self.admin_url, tokio_postgres::NoTls)
-            .await
-            .expect("connect to the test cluster");
-        tokio::spawn(connection);
-        client
-            .batch_execute(&format!("DROP DATABASE {} WITH (FORCE)", self.name))
-            .await
-            .expect("drop database");
-    }
-}
+use crate::support::{self, Database, TestServer};
 
 async fn replica(database: &Database) -> TestServer {
     let url = database.url.clone();

@@ -321,3 +321,58 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String, String) {
         .expect("status code");
     (status, head.to_string(), body.to_string())
 }
+
+/// A fresh database of one test's own on the test PostgreSQL cluster; `drop_now` removes it.
+pub struct Database {
+    admin_url: String,
+    name: String,
+    /// Its URL.
+    pub url: String,
+}
+
+impl Database {
+    /// `None` (after saying why) when no test cluster is configured outside CI.
+    pub async fn create() -> Option<Self> {
+        let Ok(admin_url) = std::env::var("FRAMEMATCH_TEST_POSTGRES_URL") else {
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "CI must set FRAMEMATCH_TEST_POSTGRES_URL (.ci/run starts a cluster)"
+            );
+            eprintln!(
+                "skipping: FRAMEMATCH_TEST_POSTGRES_URL is not set (eval \"$(.ci/postgres-start)\")"
+            );
+            return None;
+        };
+        let name = format!("fm_test_{}", uuid::Uuid::new_v4().simple());
+        let (client, connection) = tokio_postgres::connect(&admin_url, tokio_postgres::NoTls)
+            .await
+            .expect("connect to the test cluster");
+        tokio::spawn(connection);
+        client
+            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .await
+            .expect("create database");
+        let base = admin_url
+            .rsplit_once('/')
+            .map(|(base, _)| base.to_string())
+            .expect("URL has a database path");
+        let url = format!("{base}/{name}");
+        Some(Self {
+            admin_url,
+            name,
+            url,
+        })
+    }
+
+    /// Drops the database.
+    pub async fn drop_now(self) {
+        let (client, connection) = tokio_postgres::connect(&self.admin_url, tokio_postgres::NoTls)
+            .await
+            .expect("connect to the test cluster");
+        tokio::spawn(connection);
+        client
+            .batch_execute(&format!("DROP DATABASE {} WITH (FORCE)", self.name))
+            .await
+            .expect("drop database");
+    }
+}
