@@ -19,13 +19,14 @@ pub mod status;
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use parking_lot::RwLock;
 use tokio::sync::Semaphore;
 
 use crate::config::{Limits, ServeConfig};
 use crate::hash::border;
+use crate::hash::pdq::DecodeLimits;
 use crate::index::FrameIndex;
 use crate::matching::{self, ContentSignal, FrameHit, MatchParams, QueryFrame};
 use crate::model::{Bank, BankId, FrameSignal, OrgId, Organisation};
@@ -268,75 +269,18 @@ impl AppState {
         input: FrameInput,
         dihedral: bool,
     ) -> Result<QueryFrame, Error> {
-        let FrameInput {
-            frame_index,
-            timestamp_ms,
-            content,
-        } = input;
-        let from_hashes = |hashes: border::Hashes| {
-            let full = &hashes.full;
-            QueryFrame {
-                signal: FrameSignal {
-                    frame_index,
-                    timestamp_ms,
-                    hash: full.hash(),
-                    quality: full.quality(),
-                },
-                variants: dihedral.then(|| full.dihedral()),
-                content: hashes.content.as_ref().map(|c| ContentSignal {
-                    hash: c.hash(),
-                    quality: c.quality(),
-                    variants: dihedral.then(|| c.dihedral()),
-                }),
-            }
-        };
-        match content {
-            Content::Pdq {
-                hash,
-                quality,
-                variants,
-                content,
-            } => Ok(QueryFrame {
-                signal: FrameSignal {
-                    frame_index,
-                    timestamp_ms,
-                    hash,
-                    quality,
-                },
-                variants: if dihedral { variants.map(|v| *v) } else { None },
-                content: content.map(|c| ContentSignal {
-                    variants: if dihedral { c.variants } else { None },
-                    ..*c
-                }),
-            }),
-            Content::Image(bytes) => {
-                let limits = self.limits.decode_limits();
-                let (hashes, elapsed) = self
-                    .run_blocking(move || {
-                        let started = Instant::now();
-                        (border::hash_image_bytes(&bytes, &limits), started.elapsed())
-                    })
-                    .await?;
-                let hashes = hashes?;
-                self.metrics.hashed("image", elapsed);
-                Ok(from_hashes(hashes))
-            }
-            Content::Rgb {
-                width,
-                height,
-                data,
-            } => {
-                let (hashes, elapsed) = self
-                    .run_blocking(move || {
-                        let started = Instant::now();
-                        (border::hash_rgb(width, height, &data), started.elapsed())
-                    })
-                    .await?;
-                let hashes = hashes?;
-                self.metrics.hashed("rgb", elapsed);
-                Ok(from_hashes(hashes))
-            }
+        if matches!(input.content, Content::Pdq { .. }) {
+            return query_frame(input, dihedral, &self.limits.decode_limits())
+                .map(|(query, _)| query);
         }
+        let limits = self.limits.decode_limits();
+        let (query, hashed) = self
+            .run_blocking(move || query_frame(input, dihedral, &limits))
+            .await??;
+        if let Some((input, elapsed)) = hashed {
+            self.metrics.hashed(input, elapsed);
+        }
+        Ok(query)
     }
 
     /// Hashes (if needed) and searches one upload frame, and counts it in the frame metrics.
@@ -350,23 +294,28 @@ impl AppState {
         filter: &Arc<BankFilter>,
     ) -> Result<(QueryFrame, Vec<FrameHit>), Error> {
         let started = Instant::now();
-        let query = self.frame_signal(input, params.dihedral).await?;
         let index = Arc::clone(&self.index);
         let params = Arc::clone(params);
         let filter = Arc::clone(filter);
-        // The scan is CPU work of up to a millisecond per million frames: keep it off the async
-        // workers. The read lock lives only inside this closure.
+        let limits = self.limits.decode_limits();
         let min_quality = params.min_quality;
-        let (query, hits, searched) = self
-            .run_blocking(move || {
+        // Hashing (when the frame carries pixels) and the search are CPU work of milliseconds:
+        // both run in one job on the blocking pool, off the async workers. The index read lock
+        // lives only inside this closure.
+        let (query, hashed, hits, searched) = self
+            .run_blocking(move || -> Result<_, Error> {
+                let (query, hashed) = query_frame(input, params.dihedral, &limits)?;
                 let search_started = Instant::now();
                 let hits = {
                     let index = index.read();
                     matching::search_frame(&index, &query, &params, &|bank| filter.allows(bank))
                 };
-                (query, hits, search_started.elapsed())
+                Ok((query, hashed, hits, search_started.elapsed()))
             })
-            .await?;
+            .await??;
+        if let Some((input, elapsed)) = hashed {
+            self.metrics.hashed(input, elapsed);
+        }
         // Same order as the stream summary: a low-quality frame is counted as such even when its
         // content area matched.
         let outcome = if query.signal.quality < min_quality {
@@ -386,6 +335,71 @@ impl AppState {
         );
         Ok((query, hits))
     }
+}
+
+/// The input kind ("image" or "rgb") and how long hashing it took, for the hashing metric.
+type Hashed = (&'static str, Duration);
+
+/// Turns a validated frame into the signals it is searched with, hashing pixels when it carries
+/// them (synchronous: callers run it on the blocking pool). The second value names the input kind
+/// and the hashing time, when there was hashing to do.
+fn query_frame(
+    input: FrameInput,
+    dihedral: bool,
+    limits: &DecodeLimits,
+) -> Result<(QueryFrame, Option<Hashed>), Error> {
+    let FrameInput {
+        frame_index,
+        timestamp_ms,
+        content,
+    } = input;
+    let started = Instant::now();
+    let (hashes, kind) = match content {
+        Content::Pdq {
+            hash,
+            quality,
+            variants,
+            content,
+        } => {
+            let query = QueryFrame {
+                signal: FrameSignal {
+                    frame_index,
+                    timestamp_ms,
+                    hash,
+                    quality,
+                },
+                variants: if dihedral { variants.map(|v| *v) } else { None },
+                content: content.map(|c| ContentSignal {
+                    variants: if dihedral { c.variants } else { None },
+                    ..*c
+                }),
+            };
+            return Ok((query, None));
+        }
+        Content::Image(bytes) => (border::hash_image_bytes(&bytes, limits)?, "image"),
+        Content::Rgb {
+            width,
+            height,
+            data,
+        } => (border::hash_rgb(width, height, &data)?, "rgb"),
+    };
+    let elapsed = started.elapsed();
+    let full = &hashes.full;
+    let query = QueryFrame {
+        signal: FrameSignal {
+            frame_index,
+            timestamp_ms,
+            hash: full.hash(),
+            quality: full.quality(),
+        },
+        variants: dihedral.then(|| full.dihedral()),
+        content: hashes.content.as_ref().map(|c| ContentSignal {
+            hash: c.hash(),
+            quality: c.quality(),
+            variants: dihedral.then(|| c.dihedral()),
+        }),
+    };
+    Ok((query, Some((kind, elapsed))))
 }
 
 /// Decrements the hashing-queue count when a job leaves, however it leaves.
