@@ -33,11 +33,10 @@ use std::time::Duration;
 use parking_lot::Mutex;
 use rusqlite::{Connection, OpenFlags, OptionalExtension, Row, Transaction, TransactionBehavior};
 
-use super::{DEFAULT_ORG_NAME, Error, NewBank, StoreStats};
-use crate::hash::PdqHash;
+use super::{DEFAULT_ORG_NAME, Error, NewBank, StoreStats, rows};
 use crate::model::{
-    Bank, BankId, Category, Change, ChangeKind, ChangeSeq, FrameSignal, IndexedFrame, NewReference,
-    OrgId, Organisation, Reference, ReferenceId, ReferenceState, Visibility, now_ms,
+    Bank, BankId, Change, ChangeKind, ChangeSeq, FrameSignal, IndexedFrame, NewReference, OrgId,
+    Organisation, Reference, ReferenceId, ReferenceState, Visibility, now_ms,
 };
 
 /// File name of the database inside the data directory.
@@ -296,7 +295,7 @@ impl EmbeddedStore {
                     &new.name,
                     new.category.as_str(),
                     new.owner.0,
-                    visibility_text(&new.visibility),
+                    rows::visibility_text(&new.visibility),
                     &new.description,
                     created_ms,
                 ));
@@ -833,45 +832,16 @@ fn last_seq(conn: &Connection) -> Result<ChangeSeq, Error> {
 }
 
 fn change_from_row(row: &Row<'_>) -> Result<Change, Error> {
-    let seq = ChangeSeq(row.get(0)?);
-    let text: String = row.get(1)?;
-    let org: Option<i64> = row.get(2)?;
-    let bank: Option<i64> = row.get(3)?;
-    let reference: Option<i64> = row.get(4)?;
-    let kind = match (text.as_str(), org, bank, reference) {
-        ("org_created", Some(org), _, _) => ChangeKind::OrgCreated(OrgId(org)),
-        ("bank_created", _, Some(bank), _) => ChangeKind::BankCreated(BankId(bank)),
-        ("reference_added", _, Some(bank), Some(reference)) => ChangeKind::ReferenceAdded {
-            reference: ReferenceId(reference),
-            bank: BankId(bank),
-        },
-        ("reference_withdrawn", _, Some(bank), Some(reference)) => ChangeKind::ReferenceWithdrawn {
-            reference: ReferenceId(reference),
-            bank: BankId(bank),
-        },
-        _ => {
-            return Err(Error::Corrupt {
-                detail: format!(
-                    "change {} has kind {text:?} with org {org:?}, bank {bank:?}, reference {reference:?}",
-                    seq.0
-                ),
-            });
-        }
-    };
-    Ok(Change {
-        seq,
-        kind,
-        actor: OrgId(row.get(5)?),
-        at_ms: row.get(6)?,
-    })
-}
-
-fn visibility_text(visibility: &Visibility) -> &'static str {
-    match visibility {
-        Visibility::Private => "private",
-        Visibility::SharedWith(_) => "shared",
-        Visibility::Public => "public",
-    }
+    let kind: String = row.get(1)?;
+    rows::change(
+        row.get(0)?,
+        &kind,
+        row.get(2)?,
+        row.get(3)?,
+        row.get(4)?,
+        row.get(5)?,
+        row.get(6)?,
+    )
 }
 
 const BANK_SELECT: &str =
@@ -902,29 +872,13 @@ impl BankRow {
     }
 
     fn into_bank(self, shares: Vec<OrgId>) -> Result<Bank, Error> {
-        let category: Category = self.category.parse().map_err(|_| Error::Corrupt {
-            detail: format!("bank {} has unknown category {:?}", self.id, self.category),
-        })?;
-        let visibility = match (self.visibility.as_str(), shares.is_empty()) {
-            ("private", true) => Visibility::Private,
-            ("public", true) => Visibility::Public,
-            ("shared", _) => Visibility::SharedWith(shares),
-            (other, _) => {
-                return Err(Error::Corrupt {
-                    detail: format!(
-                        "bank {} has visibility {other:?} with {} shares",
-                        self.id,
-                        shares.len()
-                    ),
-                });
-            }
-        };
-        Ok(Bank {
-            id: BankId(self.id),
+        rows::bank(rows::BankColumns {
+            id: self.id,
             name: self.name,
-            category,
-            owner: OrgId(self.owner),
-            visibility,
+            category: &self.category,
+            owner: self.owner,
+            visibility: &self.visibility,
+            shares,
             description: self.description,
             created_ms: self.created_ms,
         })
@@ -975,20 +929,8 @@ fn read_reference(conn: &Connection, id: ReferenceId) -> Result<Reference, Error
             key: id.to_string(),
         })?;
     let (bank, external_id, note, added_by, added_ms, frame_count, withdrawn_ms, reason) = row;
-    let state = match (withdrawn_ms, reason) {
-        (None, None) => ReferenceState::Active,
-        (Some(at_ms), Some(reason)) => ReferenceState::Withdrawn { reason, at_ms },
-        (at_ms, reason) => {
-            return Err(Error::Corrupt {
-                detail: format!(
-                    "reference {id} has withdrawal time {at_ms:?} but reason {reason:?}"
-                ),
-            });
-        }
-    };
-    let frame_count = u32::try_from(frame_count).map_err(|_| Error::Corrupt {
-        detail: format!("reference {id} has frame count {frame_count}"),
-    })?;
+    let state = rows::reference_state(id, withdrawn_ms, reason)?;
+    let frame_count = rows::frame_count(id, frame_count)?;
     Ok(Reference {
         id,
         bank: BankId(bank),
@@ -1009,35 +951,27 @@ fn frame_from_row(
     reference: ReferenceId,
 ) -> Result<FrameSignal, Error> {
     let frame_index: i64 = row.get(first)?;
-    let timestamp_ms: i64 = row.get(first + 1)?;
     let hash = row.get_ref(first + 2)?;
-    let quality: i64 = row.get(first + 3)?;
-    let corrupt = |what: String| Error::Corrupt {
-        detail: format!("reference {reference} frame {frame_index}: {what}"),
-    };
-    let hash = hash
-        .as_blob()
-        .map_err(|_| corrupt(format!("hash is stored as {}", hash.data_type())))
-        .and_then(|bytes| {
-            PdqHash::try_from_slice(bytes)
-                .map_err(|_| corrupt(format!("hash is {} bytes, expected 32", bytes.len())))
-        })?;
-    Ok(FrameSignal {
-        frame_index: u32::try_from(frame_index)
-            .map_err(|_| corrupt("frame index out of range".to_string()))?,
-        timestamp_ms: u64::try_from(timestamp_ms)
-            .map_err(|_| corrupt(format!("timestamp {timestamp_ms} ms is negative")))?,
-        hash,
-        quality: u8::try_from(quality)
-            .ok()
-            .filter(|q| *q <= super::MAX_QUALITY)
-            .ok_or_else(|| corrupt(format!("quality {quality} is not 0 to 100")))?,
-    })
+    let bytes = hash.as_blob().map_err(|_| Error::Corrupt {
+        detail: format!(
+            "reference {reference} frame {frame_index}: hash is stored as {}",
+            hash.data_type()
+        ),
+    })?;
+    rows::frame(
+        reference,
+        frame_index,
+        row.get(first + 1)?,
+        bytes,
+        row.get(first + 3)?,
+    )
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::hash::PdqHash;
+    use crate::model::Category;
     use crate::store::Store;
 
     type TestResult = Result<(), Box<dyn std::error::Error>>;

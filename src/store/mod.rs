@@ -27,6 +27,7 @@
 
 pub mod embedded;
 pub mod postgres;
+mod rows;
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};

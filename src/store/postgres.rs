@@ -63,11 +63,10 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::{AsyncMessage, Config, IsolationLevel, NoTls, Row};
 use tokio_stream::StreamExt;
 
-use super::{DEFAULT_ORG_NAME, Error, NewBank, StoreStats};
-use crate::hash::PdqHash;
+use super::{DEFAULT_ORG_NAME, Error, NewBank, StoreStats, rows};
 use crate::model::{
-    Bank, BankId, Category, Change, ChangeKind, ChangeSeq, FrameSignal, IndexedFrame, NewReference,
-    OrgId, Organisation, Reference, ReferenceId, ReferenceState, Visibility, now_ms,
+    Bank, BankId, Change, ChangeKind, ChangeSeq, FrameSignal, IndexedFrame, NewReference, OrgId,
+    Organisation, Reference, ReferenceId, ReferenceState, Visibility, now_ms,
 };
 
 /// The `NOTIFY` channel every write signals on, with its change's sequence number as payload.
@@ -405,7 +404,7 @@ impl PostgresStore {
                         &new.name,
                         &new.category.as_str(),
                         &new.owner.0,
-                        &visibility_text(&new.visibility),
+                        &rows::visibility_text(&new.visibility),
                         &new.description,
                         &created_ms,
                     ],
@@ -1163,45 +1162,15 @@ async fn last_seq(client: &impl GenericClient) -> Result<ChangeSeq, Error> {
 }
 
 fn change_from_row(row: &Row) -> Result<Change, Error> {
-    let seq = ChangeSeq(row.try_get(0)?);
-    let text: &str = row.try_get(1)?;
-    let org: Option<i64> = row.try_get(2)?;
-    let bank: Option<i64> = row.try_get(3)?;
-    let reference: Option<i64> = row.try_get(4)?;
-    let kind = match (text, org, bank, reference) {
-        ("org_created", Some(org), _, _) => ChangeKind::OrgCreated(OrgId(org)),
-        ("bank_created", _, Some(bank), _) => ChangeKind::BankCreated(BankId(bank)),
-        ("reference_added", _, Some(bank), Some(reference)) => ChangeKind::ReferenceAdded {
-            reference: ReferenceId(reference),
-            bank: BankId(bank),
-        },
-        ("reference_withdrawn", _, Some(bank), Some(reference)) => ChangeKind::ReferenceWithdrawn {
-            reference: ReferenceId(reference),
-            bank: BankId(bank),
-        },
-        _ => {
-            return Err(Error::Corrupt {
-                detail: format!(
-                    "change {} has kind {text:?} with org {org:?}, bank {bank:?}, reference {reference:?}",
-                    seq.0
-                ),
-            });
-        }
-    };
-    Ok(Change {
-        seq,
-        kind,
-        actor: OrgId(row.try_get(5)?),
-        at_ms: row.try_get(6)?,
-    })
-}
-
-fn visibility_text(visibility: &Visibility) -> &'static str {
-    match visibility {
-        Visibility::Private => "private",
-        Visibility::SharedWith(_) => "shared",
-        Visibility::Public => "public",
-    }
+    rows::change(
+        row.try_get(0)?,
+        row.try_get(1)?,
+        row.try_get(2)?,
+        row.try_get(3)?,
+        row.try_get(4)?,
+        row.try_get(5)?,
+        row.try_get(6)?,
+    )
 }
 
 /// A bank with its sorted shares, in one statement.
@@ -1211,32 +1180,14 @@ const BANK_SELECT: &str = "SELECT b.id, b.name, b.category, b.owner_org, b.visib
     FROM banks AS b";
 
 fn bank_from_row(row: &Row) -> Result<Bank, Error> {
-    let id: i64 = row.try_get(0)?;
-    let category: &str = row.try_get(2)?;
-    let visibility: &str = row.try_get(4)?;
     let shares: Vec<i64> = row.try_get(7)?;
-    let category: Category = category.parse().map_err(|_| Error::Corrupt {
-        detail: format!("bank {id} has unknown category {category:?}"),
-    })?;
-    let visibility = match (visibility, shares.is_empty()) {
-        ("private", true) => Visibility::Private,
-        ("public", true) => Visibility::Public,
-        ("shared", _) => Visibility::SharedWith(shares.into_iter().map(OrgId).collect()),
-        (other, _) => {
-            return Err(Error::Corrupt {
-                detail: format!(
-                    "bank {id} has visibility {other:?} with {} shares",
-                    shares.len()
-                ),
-            });
-        }
-    };
-    Ok(Bank {
-        id: BankId(id),
+    rows::bank(rows::BankColumns {
+        id: row.try_get(0)?,
         name: row.try_get(1)?,
-        category,
-        owner: OrgId(row.try_get(3)?),
-        visibility,
+        category: row.try_get(2)?,
+        owner: row.try_get(3)?,
+        visibility: row.try_get(4)?,
+        shares: shares.into_iter().map(OrgId).collect(),
         description: row.try_get(5)?,
         created_ms: row.try_get(6)?,
     })
@@ -1257,23 +1208,8 @@ async fn read_reference(client: &impl GenericClient, id: ReferenceId) -> Result<
             kind: "reference",
             key: id.to_string(),
         })?;
-    let withdrawn_ms: Option<i64> = row.try_get(6)?;
-    let reason: Option<String> = row.try_get(7)?;
-    let state = match (withdrawn_ms, reason) {
-        (None, None) => ReferenceState::Active,
-        (Some(at_ms), Some(reason)) => ReferenceState::Withdrawn { reason, at_ms },
-        (at_ms, reason) => {
-            return Err(Error::Corrupt {
-                detail: format!(
-                    "reference {id} has withdrawal time {at_ms:?} but reason {reason:?}"
-                ),
-            });
-        }
-    };
-    let frame_count: i64 = row.try_get(5)?;
-    let frame_count = u32::try_from(frame_count).map_err(|_| Error::Corrupt {
-        detail: format!("reference {id} has frame count {frame_count}"),
-    })?;
+    let state = rows::reference_state(id, row.try_get(6)?, row.try_get(7)?)?;
+    let frame_count = rows::frame_count(id, row.try_get(5)?)?;
     Ok(Reference {
         id,
         bank: BankId(row.try_get(0)?),
@@ -1289,26 +1225,14 @@ async fn read_reference(client: &impl GenericClient, id: ReferenceId) -> Result<
 /// Reads `frame_index, timestamp_ms, hash, quality` starting at column `first`, checking every
 /// value against its domain type. The hash is borrowed from the row, not allocated.
 fn frame_from_row(row: &Row, first: usize, reference: ReferenceId) -> Result<FrameSignal, Error> {
-    let frame_index: i64 = row.try_get(first)?;
-    let timestamp_ms: i64 = row.try_get(first + 1)?;
-    let hash: &[u8] = row.try_get(first + 2)?;
     let quality: i16 = row.try_get(first + 3)?;
-    let corrupt = |what: String| Error::Corrupt {
-        detail: format!("reference {reference} frame {frame_index}: {what}"),
-    };
-    let hash = PdqHash::try_from_slice(hash)
-        .map_err(|_| corrupt(format!("hash is {} bytes, expected 32", hash.len())))?;
-    Ok(FrameSignal {
-        frame_index: u32::try_from(frame_index)
-            .map_err(|_| corrupt("frame index out of range".to_string()))?,
-        timestamp_ms: u64::try_from(timestamp_ms)
-            .map_err(|_| corrupt(format!("timestamp {timestamp_ms} ms is negative")))?,
-        hash,
-        quality: u8::try_from(quality)
-            .ok()
-            .filter(|q| *q <= super::MAX_QUALITY)
-            .ok_or_else(|| corrupt(format!("quality {quality} is not 0 to 100")))?,
-    })
+    rows::frame(
+        reference,
+        row.try_get(first)?,
+        row.try_get(first + 1)?,
+        row.try_get(first + 2)?,
+        i64::from(quality),
+    )
 }
 
 /// A fresh database per test on the server named by `FRAMEMATCH_TEST_POSTGRES_URL`, so tests
@@ -1431,6 +1355,9 @@ pub(crate) mod test_support {
 #[cfg(test)]
 mod tests {
     use std::collections::HashSet;
+
+    use crate::hash::PdqHash;
+    use crate::model::Category;
     use std::time::Instant;
 
     use super::test_support::{TestDatabase, admin_url, with_dbname};
