@@ -26,6 +26,13 @@ impl Served {
 
     /// As [`Served::start`], with extra `serve` flags.
     async fn start_with(data_dir: &Path, extra: &[&str]) -> Self {
+        let served = Self::spawn(data_dir, extra).await;
+        support::wait_serving(&served.url).await;
+        served
+    }
+
+    /// Starts the binary and reads its address, without waiting for SERVING.
+    async fn spawn(data_dir: &Path, extra: &[&str]) -> Self {
         let mut child = Command::new(BIN)
             .args([
                 "serve",
@@ -57,7 +64,6 @@ impl Served {
             .unwrap_or_else(|| panic!("first line names the address: {first_line:?}"))
             .to_string();
         let url = format!("http://{address}");
-        support::wait_serving(&url).await;
         Self { child, url }
     }
 
@@ -89,6 +95,28 @@ impl Served {
         assert!(status.success());
         self.child.wait().expect("wait")
     }
+}
+
+/// A connected channel to `served` and a watch on the Matcher's gRPC health.
+async fn watch_matcher_health(
+    served: &Served,
+) -> (
+    tonic::transport::Channel,
+    tonic::Streaming<tonic_health::pb::HealthCheckResponse>,
+) {
+    let channel = tonic::transport::Channel::from_shared(served.url.clone())
+        .expect("url")
+        .connect()
+        .await
+        .expect("connect");
+    let statuses = tonic_health::pb::health_client::HealthClient::new(channel.clone())
+        .watch(tonic_health::pb::HealthCheckRequest {
+            service: "framematch.v1.Matcher".into(),
+        })
+        .await
+        .expect("watch")
+        .into_inner();
+    (channel, statuses)
 }
 
 fn hash(seed: usize) -> PdqHash {
@@ -292,25 +320,11 @@ fn invalid_configuration_exits_64() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_lets_open_streams_finish_within_the_grace_then_ends_them_unavailable() {
-    use tonic_health::pb::HealthCheckRequest;
     use tonic_health::pb::health_check_response::ServingStatus;
-    use tonic_health::pb::health_client::HealthClient;
 
     let dir = tempfile::tempdir().expect("temp dir");
     let served = Served::start_with(dir.path(), &["--shutdown-grace-ms", "1500"]).await;
-    let channel = tonic::transport::Channel::from_shared(served.url.clone())
-        .expect("url")
-        .connect()
-        .await
-        .expect("connect");
-    let mut health = HealthClient::new(channel.clone());
-    let mut statuses = health
-        .watch(HealthCheckRequest {
-            service: "framematch.v1.Matcher".into(),
-        })
-        .await
-        .expect("watch")
-        .into_inner();
+    let (channel, mut statuses) = watch_matcher_health(&served).await;
     let frame = |i: u32| pb::MatchRequest {
         options: None,
         frame: Some(support::pdq_frame(
@@ -472,9 +486,7 @@ async fn two_server_processes_on_one_postgres_database_converge() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_is_not_serving_until_the_index_is_loaded() {
-    use tonic_health::pb::HealthCheckRequest;
     use tonic_health::pb::health_check_response::ServingStatus;
-    use tonic_health::pb::health_client::HealthClient;
 
     let Some(database) = support::Database::create().await else {
         return;
@@ -496,45 +508,8 @@ async fn health_is_not_serving_until_the_index_is_loaded() {
         .await
         .expect("lock frames");
 
-    let mut child = Command::new(BIN)
-        .args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--metrics-listen",
-            "127.0.0.1:0",
-        ])
-        .args(["--store", &url])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn");
-    let stdout = child.stdout.take().expect("stdout");
-    let line = tokio::task::spawn_blocking(move || {
-        let mut line = String::new();
-        BufReader::new(stdout).read_line(&mut line).expect("line");
-        line
-    })
-    .await
-    .expect("reader");
-    let address = line
-        .trim()
-        .strip_prefix("listening on ")
-        .expect("address")
-        .to_string();
-    let channel = tonic::transport::Channel::from_shared(format!("http://{address}"))
-        .expect("url")
-        .connect()
-        .await
-        .expect("connect");
-    let mut health = HealthClient::new(channel.clone());
-    let mut statuses = health
-        .watch(HealthCheckRequest {
-            service: "framematch.v1.Matcher".into(),
-        })
-        .await
-        .expect("watch")
-        .into_inner();
+    let loading = Served::spawn(dir.path(), &["--store", &url]).await;
+    let (channel, mut statuses) = watch_matcher_health(&loading).await;
     let first_status = statuses.message().await.expect("stream").expect("status");
     assert_eq!(first_status.status, ServingStatus::NotServing as i32);
     let early = pb::matcher_client::MatcherClient::new(channel.clone())
@@ -554,14 +529,6 @@ async fn health_is_not_serving_until_the_index_is_loaded() {
             break;
         }
     }
-    let pid = child.id().to_string();
-    assert!(
-        Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .expect("kill")
-            .success()
-    );
-    assert!(child.wait().expect("wait").success());
+    assert!(loading.terminate().success());
     database.drop_now().await;
 }
