@@ -12,6 +12,8 @@ const PROTOS: &[&str] = &[
     "proto/framematch/v1/common.proto",
     "proto/framematch/v1/match.proto",
     "proto/framematch/v1/banks.proto",
+    "proto/framematch/v1/admin.proto",
+    "proto/framematch/v1/exchange.proto",
 ];
 
 fn main() -> anyhow::Result<()> {

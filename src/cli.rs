@@ -101,6 +101,31 @@ pub enum Command {
     },
     /// Print the server's counts.
     Stats,
+    /// Manage organisations (admin key).
+    Org {
+        /// The organisation command.
+        #[command(subcommand)]
+        command: OrgCommand,
+    },
+    /// Manage API keys (admin key).
+    Key {
+        /// The key command.
+        #[command(subcommand)]
+        command: KeyCommand,
+    },
+    /// Print the audit trail (admin key): `seq<TAB>time<TAB>actor<TAB>actor_key<TAB>kind<TAB>
+    /// bank<TAB>reference<TAB>key<TAB>organisation<TAB>detail`, oldest first.
+    Audit {
+        /// Only changes to this bank and its references.
+        #[arg(long)]
+        bank: Option<String>,
+        /// Only changes after this change-log position.
+        #[arg(long, default_value_t = 0)]
+        after: i64,
+        /// At most this many entries (all of them by default).
+        #[arg(long)]
+        limit: Option<u32>,
+    },
     /// Load generator (issue #6): runs concurrent MatchVideo streams against the server and prints
     /// frames/s, per-frame p50/p99 latency, errors and the server's CPU time per frame.
     Bench(BenchArgs),
@@ -259,9 +284,93 @@ pub enum BankCommand {
         /// Free text.
         #[arg(long, default_value = "")]
         description: String,
+        /// Who else may see it: private (default), shared (with `--share-with`) or public.
+        #[arg(long, default_value = "private")]
+        visibility: VisibilityArg,
+        /// An organisation to share it with (repeatable; with `--visibility shared`).
+        #[arg(long = "share-with")]
+        share_with: Vec<String>,
+        /// Owning organisation (admin keys only; default: the key's organisation).
+        #[arg(long)]
+        owner: Option<String>,
     },
-    /// List banks: `id<TAB>name<TAB>category<TAB>owner`.
+    /// Change who may see a bank; prints the bank as `list` does.
+    Share {
+        /// Bank name.
+        name: String,
+        /// private, shared (with `--share-with`) or public.
+        #[arg(long)]
+        visibility: VisibilityArg,
+        /// An organisation to share it with (repeatable; with `--visibility shared`).
+        #[arg(long = "share-with")]
+        share_with: Vec<String>,
+    },
+    /// List the banks the key may see:
+    /// `id<TAB>name<TAB>category<TAB>owner<TAB>visibility<TAB>shared_with` (comma-separated,
+    /// shown only to the bank's owner and admins).
     List,
+}
+
+/// A bank visibility on the command line.
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+pub enum VisibilityArg {
+    /// Only the owning organisation.
+    Private,
+    /// The owner and the organisations named with `--share-with`.
+    Shared,
+    /// Every organisation.
+    Public,
+}
+
+impl VisibilityArg {
+    fn to_pb(self) -> pb::Visibility {
+        match self {
+            VisibilityArg::Private => pb::Visibility::Private,
+            VisibilityArg::Shared => pb::Visibility::Shared,
+            VisibilityArg::Public => pb::Visibility::Public,
+        }
+    }
+}
+
+/// `framematch org …`
+#[derive(Debug, Subcommand)]
+pub enum OrgCommand {
+    /// Create an organisation; prints `id<TAB>name`.
+    Create {
+        /// Unique name.
+        name: String,
+    },
+    /// List organisations: `id<TAB>name`.
+    List,
+}
+
+/// `framematch key …`
+#[derive(Debug, Subcommand)]
+pub enum KeyCommand {
+    /// Create an API key; prints `id<TAB>secret`. The secret is shown once: the server keeps only
+    /// its digest.
+    Create {
+        /// The organisation it acts for.
+        #[arg(long)]
+        org: String,
+        /// matcher, contributor or admin.
+        #[arg(long)]
+        role: crate::model::Role,
+        /// Free text naming its use.
+        #[arg(long, default_value = "")]
+        label: String,
+    },
+    /// Revoke an API key: it stops working at once.
+    Revoke {
+        /// The key's id.
+        id: i64,
+    },
+    /// List keys: `id<TAB>organisation<TAB>role<TAB>label<TAB>created_ms<TAB>active|revoked`.
+    List {
+        /// Only this organisation's keys.
+        #[arg(long)]
+        org: Option<String>,
+    },
 }
 
 /// `framematch ref …`
@@ -655,17 +764,39 @@ pub async fn bank(command: BankCommand, server: &str) -> Result<(), Error> {
             name,
             category,
             description,
+            visibility,
+            share_with,
+            owner,
         } => {
             let bank = client
                 .create_bank(pb::CreateBankRequest {
                     name: name.clone(),
                     category: crate::api::convert::category_to_pb(category) as i32,
                     description,
+                    visibility: visibility.to_pb() as i32,
+                    shared_with: share_with,
+                    owner: owner.unwrap_or_default(),
                 })
                 .await
                 .map_err(|s| rpc_error(format!("creating bank {name}"), s))?
                 .into_inner();
             println!("{}\t{}", bank.id, bank.name);
+        }
+        BankCommand::Share {
+            name,
+            visibility,
+            share_with,
+        } => {
+            let bank = client
+                .update_bank(pb::UpdateBankRequest {
+                    bank: name.clone(),
+                    visibility: visibility.to_pb() as i32,
+                    shared_with: share_with,
+                })
+                .await
+                .map_err(|s| rpc_error(format!("changing who may see bank {name}"), s))?
+                .into_inner();
+            println!("{}", bank_line(&bank));
         }
         BankCommand::List => {
             let banks = client
@@ -675,17 +806,172 @@ pub async fn bank(command: BankCommand, server: &str) -> Result<(), Error> {
                 .into_inner()
                 .banks;
             for bank in banks {
+                println!("{}", bank_line(&bank));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn bank_line(bank: &pb::Bank) -> String {
+    let visibility = match pb::Visibility::try_from(bank.visibility) {
+        Ok(pb::Visibility::Private) => "private",
+        Ok(pb::Visibility::Shared) => "shared",
+        Ok(pb::Visibility::Public) => "public",
+        Ok(pb::Visibility::Unspecified) | Err(_) => "unspecified",
+    };
+    format!(
+        "{}\t{}\t{}\t{}\t{}\t{}",
+        bank.id,
+        bank.name,
+        category_name(bank.category),
+        bank.owner,
+        visibility,
+        bank.shared_with.join(",")
+    )
+}
+
+/// `framematch org …`
+///
+/// # Errors
+/// Connection and RPC failures.
+pub async fn org(command: OrgCommand, server: &str) -> Result<(), Error> {
+    let mut client = pb::admin_client::AdminClient::new(connect(server).await?);
+    match command {
+        OrgCommand::Create { name } => {
+            let org = client
+                .create_organisation(pb::CreateOrganisationRequest { name: name.clone() })
+                .await
+                .map_err(|s| rpc_error(format!("creating organisation {name}"), s))?
+                .into_inner();
+            println!("{}\t{}", org.id, org.name);
+        }
+        OrgCommand::List => {
+            let orgs = client
+                .list_organisations(pb::ListOrganisationsRequest {})
+                .await
+                .map_err(|s| rpc_error("listing organisations", s))?
+                .into_inner()
+                .organisations;
+            for org in orgs {
+                println!("{}\t{}", org.id, org.name);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `framematch key …`
+///
+/// # Errors
+/// Connection and RPC failures.
+pub async fn key(command: KeyCommand, server: &str) -> Result<(), Error> {
+    let mut client = pb::admin_client::AdminClient::new(connect(server).await?);
+    match command {
+        KeyCommand::Create { org, role, label } => {
+            let created = client
+                .create_api_key(pb::CreateApiKeyRequest {
+                    organisation: org.clone(),
+                    role: crate::api::admin::role_to_pb(role) as i32,
+                    label,
+                })
+                .await
+                .map_err(|s| rpc_error(format!("creating a {role} key for {org}"), s))?
+                .into_inner();
+            let id = created.key.map_or(0, |k| k.id);
+            println!("{id}\t{}", created.secret);
+        }
+        KeyCommand::Revoke { id } => {
+            client
+                .revoke_api_key(pb::RevokeApiKeyRequest { id })
+                .await
+                .map_err(|s| rpc_error(format!("revoking key {id}"), s))?;
+        }
+        KeyCommand::List { org } => {
+            let keys = client
+                .list_api_keys(pb::ListApiKeysRequest {
+                    organisation: org.unwrap_or_default(),
+                })
+                .await
+                .map_err(|s| rpc_error("listing keys", s))?
+                .into_inner()
+                .keys;
+            for key in keys {
+                let role = crate::api::admin::role_from_pb(key.role)
+                    .map_or("unspecified", crate::model::Role::as_str);
                 println!(
-                    "{}\t{}\t{}\t{}",
-                    bank.id,
-                    bank.name,
-                    category_name(bank.category),
-                    bank.owner
+                    "{}\t{}\t{}\t{}\t{}\t{}",
+                    key.id,
+                    key.organisation,
+                    role,
+                    key.label,
+                    key.created_ms,
+                    if key.revoked_ms == 0 {
+                        "active"
+                    } else {
+                        "revoked"
+                    }
                 );
             }
         }
     }
     Ok(())
+}
+
+/// `framematch audit …`: pages through the whole trail unless `limit` is given.
+///
+/// # Errors
+/// Connection and RPC failures.
+pub async fn audit(
+    bank: Option<String>,
+    after: i64,
+    limit: Option<u32>,
+    server: &str,
+) -> Result<(), Error> {
+    let mut client = pb::admin_client::AdminClient::new(connect(server).await?);
+    let mut after = after;
+    let mut left = limit.map(u64::from);
+    loop {
+        let page = client
+            .audit(pb::AuditRequest {
+                bank: bank.clone().unwrap_or_default(),
+                after_seq: after,
+                limit: left.map_or(0, |n| u32::try_from(n).unwrap_or(u32::MAX)),
+            })
+            .await
+            .map_err(|s| rpc_error("reading the audit trail", s))?
+            .into_inner();
+        if page.entries.is_empty() {
+            return Ok(());
+        }
+        let mut stdout = std::io::stdout().lock();
+        for entry in &page.entries {
+            let line = format!(
+                "{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\n",
+                entry.seq,
+                entry.at_ms,
+                entry.actor,
+                entry.actor_key,
+                entry.kind,
+                entry.bank,
+                entry.reference_id,
+                entry.key_id,
+                entry.organisation,
+                entry.detail.replace(['\t', '\n'], " ")
+            );
+            if stdout.write_all(line.as_bytes()).is_err() {
+                // A closed pipe (`| head`): the reader has what it wanted.
+                return Ok(());
+            }
+        }
+        after = page.last_seq;
+        if let Some(n) = &mut left {
+            *n = n.saturating_sub(page.entries.len() as u64);
+            if *n == 0 {
+                return Ok(());
+            }
+        }
+    }
 }
 
 fn category_name(value: i32) -> &'static str {

@@ -128,6 +128,116 @@ pub struct ServeArgs {
     /// Log format: `text` or `json`.
     #[arg(long, env = "FRAMEMATCH_LOG_FORMAT", default_value = "text")]
     pub log_format: String,
+    /// Local development only: accept every request without an API key, as an admin of the
+    /// default organisation. Never use it on a network anyone else can reach.
+    #[arg(long, env = "FRAMEMATCH_INSECURE_NO_AUTH")]
+    pub insecure_no_auth: bool,
+    /// The secret of the admin key created on first start with an empty store (at least 24
+    /// printable characters). Without it a random one is generated and printed once. Ignored once
+    /// any key exists.
+    #[arg(long, env = "FRAMEMATCH_BOOTSTRAP_ADMIN_KEY", hide_env_values = true)]
+    pub bootstrap_admin_key: Option<String>,
+    /// Follow a partner framematch at this URL (`http://host:port`): mirror the banks it shares
+    /// with the organisation of `--follow-key` into this server, and keep them up to date.
+    #[arg(long, env = "FRAMEMATCH_FOLLOW")]
+    pub follow: Option<String>,
+    /// The API key (a matcher key is enough) the partner gave this platform, sent as
+    /// `authorization: Bearer <key>` to the partner named by `--follow`.
+    #[arg(long, env = "FRAMEMATCH_FOLLOW_KEY", hide_env_values = true)]
+    pub follow_key: Option<String>,
+    /// Local organisations (comma-separated names) that may match against the mirrored banks;
+    /// default the default organisation. Admins match against every bank anyway.
+    #[arg(long, env = "FRAMEMATCH_FOLLOW_SHARE_WITH", value_delimiter = ',')]
+    pub follow_share_with: Vec<String>,
+}
+
+/// What `--follow` asks for: the partner to mirror and how (see [`crate::follow`]).
+#[derive(Clone, PartialEq, Eq)]
+pub struct FollowConfig {
+    /// The partner's URL, without a trailing slash: also the name under which its cursor and
+    /// mirrored ids are kept.
+    pub url: String,
+    /// The API key sent to the partner.
+    pub key: String,
+    /// Local organisations the mirrored banks are shared with (empty: the default organisation).
+    pub share_with: Vec<String>,
+}
+
+impl std::fmt::Debug for FollowConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the key.
+        f.debug_struct("FollowConfig")
+            .field("url", &self.url)
+            .field("share_with", &self.share_with)
+            .finish_non_exhaustive()
+    }
+}
+
+impl FollowConfig {
+    /// Validates `--follow`, `--follow-key` and `--follow-share-with`.
+    ///
+    /// # Errors
+    /// The flag and what is wrong with it.
+    pub fn parse(url: &str, key: &str, share_with: &[String]) -> Result<Self, Error> {
+        let url = url.trim().trim_end_matches('/');
+        // TLS is not built into this binary yet: an https partner would only fail at every
+        // reconnect, so it is refused here.
+        if !url.starts_with("http://") {
+            return Err(invalid(
+                "follow",
+                format!("{url:?}: must be an http://host:port URL"),
+            ));
+        }
+        match url.parse::<tonic::transport::Uri>() {
+            Ok(uri) if uri.host().is_some_and(|h| !h.is_empty()) => {}
+            _ => {
+                return Err(invalid(
+                    "follow",
+                    format!("{url:?} is not a URL with a host (e.g. http://partner.example:50051)"),
+                ));
+            }
+        }
+        if url.len() > crate::store::MAX_SOURCE_BYTES {
+            return Err(invalid(
+                "follow",
+                format!(
+                    "is {} bytes long; at most {} are accepted",
+                    url.len(),
+                    crate::store::MAX_SOURCE_BYTES
+                ),
+            ));
+        }
+        if key.is_empty()
+            || key.len() > crate::auth::MAX_SECRET_CHARS
+            || !key.bytes().all(|b| b.is_ascii_graphic())
+        {
+            return Err(invalid(
+                "follow-key",
+                format!(
+                    "must be the partner's API key: 1 to {} printable ASCII characters without spaces",
+                    crate::auth::MAX_SECRET_CHARS
+                ),
+            ));
+        }
+        let mut orgs = Vec::new();
+        for name in share_with {
+            let name = name.trim();
+            if name.is_empty() {
+                return Err(invalid(
+                    "follow-share-with",
+                    "an empty organisation name (write names separated by commas)",
+                ));
+            }
+            if !orgs.iter().any(|o: &String| o == name) {
+                orgs.push(name.to_string());
+            }
+        }
+        Ok(Self {
+            url: url.to_string(),
+            key: key.to_string(),
+            share_with: orgs,
+        })
+    }
 }
 
 /// Log output format.
@@ -181,6 +291,12 @@ pub struct ServeConfig {
     pub log_format: LogFormat,
     /// Where `serve` binds the Prometheus endpoint when the caller does not bind it.
     pub metrics_listen: SocketAddr,
+    /// Accept requests without API keys (`--insecure-no-auth`).
+    pub insecure_no_auth: bool,
+    /// The first admin key's secret, when the operator chose it.
+    pub bootstrap_admin_key: Option<String>,
+    /// The partner to follow (`--follow`), if any.
+    pub follow: Option<FollowConfig>,
     /// Where metrics are exported over OTLP (spans are the process-wide subscriber's business,
     /// see [`crate::telemetry::Tracing`]). Not read from the environment here: `main` fills it
     /// from the `OTEL_*` variables, tests set it directly.
@@ -204,6 +320,9 @@ impl ServeConfig {
             shutdown_grace: Duration::from_secs(10),
             log_format: LogFormat::Text,
             metrics_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            insecure_no_auth: false,
+            bootstrap_admin_key: None,
+            follow: None,
             otlp: OtlpConfig::default(),
         }
     }
@@ -285,6 +404,19 @@ impl TryFrom<&ServeArgs> for ServeConfig {
         if args.tail_interval_ms == 0 {
             return Err(invalid("tail-interval-ms", "must be at least 1"));
         }
+        if let Some(secret) = &args.bootstrap_admin_key {
+            crate::auth::validate_secret(secret)
+                .map_err(|reason| invalid("bootstrap-admin-key", reason))?;
+        }
+        let follow = match (&args.follow, &args.follow_key) {
+            (Some(url), Some(key)) => Some(FollowConfig::parse(url, key, &args.follow_share_with)?),
+            (Some(_), None) => return Err(invalid("follow-key", "is required with --follow")),
+            (None, Some(_)) => return Err(invalid("follow", "is required with --follow-key")),
+            (None, None) if !args.follow_share_with.is_empty() => {
+                return Err(invalid("follow", "is required with --follow-share-with"));
+            }
+            (None, None) => None,
+        };
         Ok(Self {
             data_dir: args.data_dir.clone(),
             postgres_url,
@@ -316,6 +448,9 @@ impl TryFrom<&ServeArgs> for ServeConfig {
             shutdown_grace: Duration::from_millis(args.shutdown_grace_ms),
             log_format,
             metrics_listen: args.metrics_listen,
+            insecure_no_auth: args.insecure_no_auth,
+            bootstrap_admin_key: args.bootstrap_admin_key.clone(),
+            follow,
             otlp: OtlpConfig::default(),
         })
     }

@@ -18,6 +18,7 @@
 //!   [`hash::vpdq`] reads and writes vPDQ files and compares two videos as vPDQ does.
 //! - [`loadgen`]: the `framematch bench` load generator (many MatchVideo streams; issue #6).
 //! - [`config`]: flags and environment, validated once; [`cli`]: the command line.
+//! - [`follow`]: `serve --follow`: mirrors the banks a partner server shares, from its change feed.
 //! - [`telemetry`]: logs, one span per RPC or stream, metrics (Prometheus `/metrics` and OTLP).
 //! - [`pb`]: generated protobuf code, nothing else.
 //!
@@ -36,8 +37,10 @@
 #![forbid(unsafe_code)]
 
 pub mod api;
+pub mod auth;
 pub mod cli;
 pub mod config;
+pub mod follow;
 pub mod hash;
 pub mod index;
 pub mod loadgen;

@@ -32,6 +32,11 @@ fn main() -> ExitCode {
         Command::Bank { command } => client(cli::bank(command, &cli.server)),
         Command::Ref { command } => client(cli::reference(command, &cli.server)),
         Command::Stats => client(cli::stats(&cli.server)),
+        Command::Org { command } => client(cli::org(command, &cli.server)),
+        Command::Key { command } => client(cli::key(command, &cli.server)),
+        Command::Audit { bank, after, limit } => {
+            client(cli::audit(bank, after, limit, &cli.server))
+        }
         Command::Bench(args) => client(cli::bench(args, &cli.server)),
         Command::Match {
             banks,

@@ -35,6 +35,10 @@ id_type!(
     /// One known video or image in a bank.
     ReferenceId
 );
+id_type!(
+    /// An API key (its public number, not the secret).
+    KeyId
+);
 
 /// Position of an entry in the append-only change log. Strictly increasing, starting at 1.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
@@ -106,6 +110,106 @@ pub enum Visibility {
     SharedWith(Vec<OrgId>),
     /// Every organisation.
     Public,
+}
+
+/// What an API key may do (DESIGN.md §2). Ordered: each role may do everything the ones before
+/// it may.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Role {
+    /// May match against the banks its organisation can see, read them and follow their changes.
+    Matcher,
+    /// May also create banks for its organisation and add and withdraw references in them.
+    Contributor,
+    /// Manages organisations, keys and every bank.
+    Admin,
+}
+
+impl Role {
+    /// Every role, weakest first.
+    pub const ALL: [Role; 3] = [Role::Matcher, Role::Contributor, Role::Admin];
+
+    /// The stable text form used in the store and on the command line.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Role::Matcher => "matcher",
+            Role::Contributor => "contributor",
+            Role::Admin => "admin",
+        }
+    }
+}
+
+impl fmt::Display for Role {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A role name that is not one of [`Role::ALL`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown role {0:?}; expected one of matcher, contributor, admin")]
+pub struct UnknownRole(pub String);
+
+impl FromStr for Role {
+    type Err = UnknownRole;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        Role::ALL
+            .into_iter()
+            .find(|r| r.as_str() == text)
+            .ok_or_else(|| UnknownRole(text.to_string()))
+    }
+}
+
+/// SHA-256 digest of an API key's secret: all the store ever keeps of it.
+pub type KeyDigest = [u8; 32];
+
+/// An API key as stored: never the secret itself.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ApiKey {
+    /// Its public number.
+    pub id: KeyId,
+    /// The organisation it acts for.
+    pub org: OrgId,
+    /// What it may do.
+    pub role: Role,
+    /// SHA-256 of the secret.
+    pub digest: KeyDigest,
+    /// Free text naming its use ("upload pipeline eu-west"), up to 256 bytes.
+    pub label: String,
+    /// Creation time, milliseconds since the Unix epoch.
+    pub created_ms: i64,
+    /// Revocation time; `None` while the key works.
+    pub revoked_ms: Option<i64>,
+}
+
+/// What a new API key is made of, before the store gives it an id.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NewApiKey {
+    /// The organisation it acts for; must exist.
+    pub org: OrgId,
+    /// What it may do.
+    pub role: Role,
+    /// SHA-256 of the secret; unique.
+    pub digest: KeyDigest,
+    /// Free text, up to 256 bytes.
+    pub label: String,
+}
+
+/// Who made a change: the organisation, and the key it used (`None` for the server itself, e.g.
+/// the bootstrap, the default organisation, or `--insecure-no-auth`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Actor {
+    /// The organisation acting.
+    pub org: OrgId,
+    /// The key it authenticated with.
+    pub key: Option<KeyId>,
+}
+
+impl Actor {
+    /// The server acting for an organisation without a key.
+    pub const fn system(org: OrgId) -> Self {
+        Self { org, key: None }
+    }
 }
 
 /// An organisation taking part.
@@ -220,6 +324,22 @@ pub enum ChangeKind {
         /// Its bank.
         bank: BankId,
     },
+    /// A bank's visibility (or description) changed.
+    BankUpdated(BankId),
+    /// An API key was created.
+    KeyCreated {
+        /// The key.
+        key: KeyId,
+        /// The organisation it acts for.
+        org: OrgId,
+    },
+    /// An API key was revoked.
+    KeyRevoked {
+        /// The key.
+        key: KeyId,
+        /// The organisation it acted for.
+        org: OrgId,
+    },
 }
 
 /// One entry of the append-only change log.
@@ -230,7 +350,10 @@ pub struct Change {
     /// What happened.
     pub kind: ChangeKind,
     /// Who did it.
-    pub actor: OrgId,
+    pub actor: Actor,
+    /// Human-readable particulars for the audit trail: the withdrawal reason, the new visibility,
+    /// the key's role (empty when there is nothing to add).
+    pub detail: String,
     /// When, milliseconds since the Unix epoch.
     pub at_ms: i64,
 }

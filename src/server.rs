@@ -21,12 +21,18 @@ use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::Server;
 use tonic_health::server::HealthReporter;
 
+use tonic::service::interceptor::InterceptedService;
+
+use crate::api::admin::AdminService;
 use crate::api::banks::BanksService;
+use crate::api::exchange::ExchangeService;
 use crate::api::matcher::MatcherService;
 use crate::api::{AppState, Catalog};
+use crate::auth::{self, Authenticator, KeyRing};
 use crate::config::ServeConfig;
+use crate::follow::Follower;
 use crate::index::FrameIndex;
-use crate::model::{ChangeKind, ChangeSeq};
+use crate::model::{Actor, ChangeKind, ChangeSeq, NewApiKey, Role};
 use crate::pb;
 use crate::store::{self, Store};
 use crate::telemetry::{self, MetricsPipeline};
@@ -46,6 +52,9 @@ pub enum Error {
     /// The metrics pipeline could not be built.
     #[error("telemetry: {0}")]
     Telemetry(#[from] telemetry::Error),
+    /// `--follow` cannot start.
+    #[error(transparent)]
+    Follow(#[from] crate::follow::Error),
     /// The metrics endpoint's address could not be bound.
     #[error("cannot listen for metrics on {address}: {source}")]
     MetricsListen {
@@ -62,7 +71,12 @@ pub enum Error {
 const FINAL_FLUSH: Duration = Duration::from_secs(2);
 
 /// Fully qualified names of the services health reports on.
-const SERVICES: [&str; 2] = ["framematch.v1.Matcher", "framematch.v1.Banks"];
+const SERVICES: [&str; 4] = [
+    "framematch.v1.Matcher",
+    "framematch.v1.Banks",
+    "framematch.v1.Admin",
+    "framematch.v1.Exchange",
+];
 
 async fn set_health(reporter: &HealthReporter, serving: bool) {
     for service in SERVICES.into_iter().chain([""]) {
@@ -158,6 +172,14 @@ async fn serve_grpc(
         &config,
         pipeline.metrics(),
     );
+    load_keys(&state, config.bootstrap_admin_key.as_deref()).await?;
+    let follower = match &config.follow {
+        Some(follow) => Some(Follower::prepare(&state, follow)?),
+        None => None,
+    };
+    if let Some(follower) = &follower {
+        pipeline.observe_follow(follower.progress());
+    }
     pipeline.observe_index(&state.index);
     let lag_ms = Arc::new(AtomicU64::new(0));
     let store_kind = match &state.store {
@@ -173,18 +195,39 @@ async fn serve_grpc(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()?;
 
+    // Every service but health and reflection sits behind the API-key interceptor.
     let max_message = config.limits.max_message_bytes();
-    let matcher = pb::matcher_server::MatcherServer::new(MatcherService::new(state.clone()))
-        .max_decoding_message_size(max_message);
-    let banks = pb::banks_server::BanksServer::new(BanksService::new(state.clone()))
-        .max_decoding_message_size(max_message);
+    let authenticator = Authenticator::new(state.auth_mode());
+    let matcher = InterceptedService::new(
+        pb::matcher_server::MatcherServer::new(MatcherService::new(state.clone()))
+            .max_decoding_message_size(max_message),
+        authenticator.clone(),
+    );
+    let banks = InterceptedService::new(
+        pb::banks_server::BanksServer::new(BanksService::new(state.clone()))
+            .max_decoding_message_size(max_message),
+        authenticator.clone(),
+    );
+    let admin = InterceptedService::new(
+        pb::admin_server::AdminServer::new(AdminService::new(state.clone())),
+        authenticator.clone(),
+    );
+    let exchange = InterceptedService::new(
+        pb::exchange_server::ExchangeServer::new(ExchangeService::new(state.clone())),
+        authenticator,
+    );
 
+    // The partner follower writes through the store and then the index: it starts once the
+    // index is loaded.
+    let (index_loaded, loaded) = tokio::sync::oneshot::channel();
     let loader = tokio::spawn(load_index(
         state.clone(),
         reporter.clone(),
         config.tail_interval,
         lag_ms,
+        index_loaded,
     ));
+    let follower = follower.map(|follower| follower.spawn(loaded));
 
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let server = Server::builder()
@@ -192,6 +235,8 @@ async fn serve_grpc(
         .add_service(reflection)
         .add_service(matcher)
         .add_service(banks)
+        .add_service(admin)
+        .add_service(exchange)
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
             // A dropped sender also means stop.
             let _ = stop_rx.await;
@@ -203,6 +248,9 @@ async fn serve_grpc(
         () = shutdown => None,
     };
     loader.abort();
+    if let Some(follower) = follower {
+        follower.stop().await;
+    }
     if let Some(result) = result {
         return result.map_err(Error::from);
     }
@@ -229,6 +277,65 @@ async fn serve_grpc(
     }
 }
 
+/// Loads the working API keys into the key ring. On first start (no key in the store, and keys
+/// required) creates the bootstrap admin key of the default organisation: the operator's
+/// `FRAMEMATCH_BOOTSTRAP_ADMIN_KEY`, or a random secret printed once on standard output.
+async fn load_keys(state: &AppState, chosen: Option<&str>) -> Result<(), Error> {
+    let mut keys = state.store.list_api_keys().await?;
+    if state.auth_required && keys.iter().all(|key| key.revoked_ms.is_some()) {
+        if keys.is_empty() {
+            let secret = chosen.map_or_else(auth::generate_secret, str::to_string);
+            let created = state
+                .store
+                .create_api_key(
+                    NewApiKey {
+                        org: state.default_org,
+                        role: Role::Admin,
+                        digest: auth::digest(&secret),
+                        label: "bootstrap".to_string(),
+                    },
+                    Actor::system(state.default_org),
+                )
+                .await;
+            match created {
+                Ok(key) => {
+                    if chosen.is_none() {
+                        use std::io::Write as _;
+                        // Shown once: the store keeps only its digest. A closed stdout only
+                        // loses the copy; the log says where to look.
+                        let mut stdout = std::io::stdout().lock();
+                        let _ = writeln!(stdout, "bootstrap admin key: {secret}");
+                        let _ = stdout.flush();
+                    }
+                    tracing::warn!(
+                        key = key.id.0,
+                        chosen = chosen.is_some(),
+                        "created the bootstrap admin key (organisation \"{}\"); its secret is shown only once",
+                        crate::store::DEFAULT_ORG_NAME
+                    );
+                }
+                // Another replica on the same database bootstrapped first with the same secret.
+                Err(store::Error::AlreadyExists { .. }) => {}
+                Err(error) => return Err(error.into()),
+            }
+            keys = state.store.list_api_keys().await?;
+        } else {
+            tracing::warn!(
+                "every API key is revoked; only a new store (or --insecure-no-auth) gets a new admin key"
+            );
+        }
+    } else if chosen.is_some() {
+        tracing::info!("FRAMEMATCH_BOOTSTRAP_ADMIN_KEY ignored: the store already has API keys");
+    }
+    if !state.auth_required {
+        tracing::warn!(
+            "--insecure-no-auth: every request is accepted as an admin of the default organisation; for local development only"
+        );
+    }
+    *state.keys.write() = KeyRing::new(keys);
+    Ok(())
+}
+
 /// Loads every active frame from the store into the index, then marks the server ready. With a
 /// shared (PostgreSQL) store it then follows the change log for as long as the server runs.
 async fn load_index(
@@ -236,6 +343,7 @@ async fn load_index(
     reporter: HealthReporter,
     tail_interval: Duration,
     lag_ms: Arc<AtomicU64>,
+    index_loaded: tokio::sync::oneshot::Sender<()>,
 ) {
     let started = Instant::now();
     match state.store.load_active_frames().await {
@@ -256,6 +364,8 @@ async fn load_index(
                 elapsed_ms = started.elapsed().as_millis() as u64,
                 "index loaded; serving"
             );
+            // No receiver when no partner is followed.
+            let _ = index_loaded.send(());
             if matches!(state.store, Store::Postgres(_)) {
                 follow_changes(state, reporter, seq, tail_interval, lag_ms).await;
             }
@@ -359,6 +469,7 @@ async fn catch_up(state: &AppState, applied: &mut ChangeSeq) -> Result<(), store
             apply_change(state, &change.kind).await?;
             *applied = change.seq;
         }
+        state.note_change();
     }
 }
 
@@ -389,6 +500,14 @@ async fn apply_change(state: &AppState, kind: &ChangeKind) -> Result<(), store::
         }
         ChangeKind::ReferenceWithdrawn { reference, .. } => {
             state.index.write().withdraw(*reference);
+        }
+        ChangeKind::BankUpdated(id) => {
+            let bank = state.store.get_bank(*id).await?;
+            state.catalog.write().insert_bank(bank);
+        }
+        ChangeKind::KeyCreated { key, .. } | ChangeKind::KeyRevoked { key, .. } => {
+            let key = state.store.get_api_key(*key).await?;
+            state.keys.write().apply(&key);
         }
     }
     Ok(())

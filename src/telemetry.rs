@@ -25,7 +25,8 @@ use std::time::{Duration, Instant};
 
 use opentelemetry::KeyValue;
 use opentelemetry::metrics::{
-    Counter, Histogram, Meter, MeterProvider as _, ObservableGauge, UpDownCounter,
+    Counter, Histogram, Meter, MeterProvider as _, ObservableCounter, ObservableGauge,
+    UpDownCounter,
 };
 use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_otlp::WithExportConfig as _;
@@ -255,6 +256,7 @@ pub struct MetricsPipeline {
     /// Observable gauges stay registered while they are held.
     lag_gauges: parking_lot::Mutex<Vec<ObservableGauge<f64>>>,
     observers: parking_lot::Mutex<Vec<ObservableGauge<u64>>>,
+    follow_counters: parking_lot::Mutex<Vec<ObservableCounter<u64>>>,
 }
 
 impl std::fmt::Debug for MetricsPipeline {
@@ -304,6 +306,7 @@ impl MetricsPipeline {
             metrics,
             lag_gauges: parking_lot::Mutex::new(Vec::new()),
             observers: parking_lot::Mutex::new(Vec::new()),
+            follow_counters: parking_lot::Mutex::new(Vec::new()),
         })
     }
 
@@ -363,6 +366,50 @@ impl MetricsPipeline {
             })
             .build();
         self.observers.lock().extend([frames, tombstones]);
+    }
+
+    /// Reports partner following (`--follow`, [`crate::follow`]), labelled with the partner's
+    /// URL: `framematch.follow.seq` (the partner's change-log position mirrored so far),
+    /// `framematch.follow.connected` (1 while the change stream is open) and
+    /// `framematch.follow.events` (events applied, by kind; `rejected` counts malformed ones).
+    pub fn observe_follow(&self, progress: Arc<crate::follow::FollowProgress>) {
+        let partner = KeyValue::new("partner", progress.partner.clone());
+        let (seq_progress, seq_partner) = (Arc::clone(&progress), partner.clone());
+        let seq = self
+            .meter
+            .u64_observable_gauge("framematch.follow.seq")
+            .with_description(
+                "The followed partner's change-log position up to which its changes are mirrored",
+            )
+            .with_callback(move |observer| {
+                observer.observe(seq_progress.applied_seq(), std::slice::from_ref(&seq_partner));
+            })
+            .build();
+        let (up_progress, up_partner) = (Arc::clone(&progress), partner.clone());
+        let connected = self
+            .meter
+            .u64_observable_gauge("framematch.follow.connected")
+            .with_description("1 while the change stream from the followed partner is open, else 0")
+            .with_callback(move |observer| {
+                observer.observe(
+                    u64::from(up_progress.is_connected()),
+                    std::slice::from_ref(&up_partner),
+                );
+            })
+            .build();
+        let events = self
+            .meter
+            .u64_observable_counter("framematch.follow.events")
+            .with_unit("{event}")
+            .with_description("Change events from the followed partner applied here, by kind")
+            .with_callback(move |observer| {
+                for (kind, count) in progress.event_counts() {
+                    observer.observe(count, &[partner.clone(), KeyValue::new("kind", kind)]);
+                }
+            })
+            .build();
+        self.observers.lock().extend([seq, connected]);
+        self.follow_counters.lock().push(events);
     }
 
     /// The Prometheus registry the exporter writes into.
@@ -612,6 +659,22 @@ pub enum Rpc {
     GetReference,
     /// `framematch.v1.Banks/Stats`.
     Stats,
+    /// `framematch.v1.Banks/UpdateBank`.
+    UpdateBank,
+    /// `framematch.v1.Admin/CreateOrganisation`.
+    CreateOrganisation,
+    /// `framematch.v1.Admin/ListOrganisations`.
+    ListOrganisations,
+    /// `framematch.v1.Admin/CreateApiKey`.
+    CreateApiKey,
+    /// `framematch.v1.Admin/RevokeApiKey`.
+    RevokeApiKey,
+    /// `framematch.v1.Admin/ListApiKeys`.
+    ListApiKeys,
+    /// `framematch.v1.Admin/Audit`.
+    Audit,
+    /// `framematch.v1.Exchange/Changes`.
+    Changes,
 }
 
 impl Rpc {
@@ -626,6 +689,14 @@ impl Rpc {
             Rpc::WithdrawReference => "WithdrawReference",
             Rpc::GetReference => "GetReference",
             Rpc::Stats => "Stats",
+            Rpc::UpdateBank => "UpdateBank",
+            Rpc::CreateOrganisation => "CreateOrganisation",
+            Rpc::ListOrganisations => "ListOrganisations",
+            Rpc::CreateApiKey => "CreateApiKey",
+            Rpc::RevokeApiKey => "RevokeApiKey",
+            Rpc::ListApiKeys => "ListApiKeys",
+            Rpc::Audit => "Audit",
+            Rpc::Changes => "Changes",
         }
     }
 
@@ -638,7 +709,15 @@ impl Rpc {
             | Rpc::AddReference
             | Rpc::WithdrawReference
             | Rpc::GetReference
-            | Rpc::Stats => "framematch.v1.Banks",
+            | Rpc::Stats
+            | Rpc::UpdateBank => "framematch.v1.Banks",
+            Rpc::CreateOrganisation
+            | Rpc::ListOrganisations
+            | Rpc::CreateApiKey
+            | Rpc::RevokeApiKey
+            | Rpc::ListApiKeys
+            | Rpc::Audit => "framematch.v1.Admin",
+            Rpc::Changes => "framematch.v1.Exchange",
         }
     }
 
@@ -653,6 +732,14 @@ impl Rpc {
             Rpc::WithdrawReference => "framematch.v1.Banks/WithdrawReference",
             Rpc::GetReference => "framematch.v1.Banks/GetReference",
             Rpc::Stats => "framematch.v1.Banks/Stats",
+            Rpc::UpdateBank => "framematch.v1.Banks/UpdateBank",
+            Rpc::CreateOrganisation => "framematch.v1.Admin/CreateOrganisation",
+            Rpc::ListOrganisations => "framematch.v1.Admin/ListOrganisations",
+            Rpc::CreateApiKey => "framematch.v1.Admin/CreateApiKey",
+            Rpc::RevokeApiKey => "framematch.v1.Admin/RevokeApiKey",
+            Rpc::ListApiKeys => "framematch.v1.Admin/ListApiKeys",
+            Rpc::Audit => "framematch.v1.Admin/Audit",
+            Rpc::Changes => "framematch.v1.Exchange/Changes",
         }
     }
 

@@ -144,7 +144,10 @@ frames_per_call() { python3 -c 'import json,sys; print(json.load(open(sys.argv[1
 
 # --- server --------------------------------------------------------------------------------------
 say "starting framematch serve on 127.0.0.1"
-"$bin" serve --listen 127.0.0.1:0 --metrics-listen 127.0.0.1:0 --data-dir "$work/store" \
+# A fresh store: the server makes this the bootstrap admin key; the CLI and ghz send it.
+api_key="fmk_ghz_$(python3 -c 'import secrets; print(secrets.token_hex(24))')"
+export FRAMEMATCH_API_KEY="$api_key"
+FRAMEMATCH_BOOTSTRAP_ADMIN_KEY="$api_key" "$bin" serve --listen 127.0.0.1:0 --metrics-listen 127.0.0.1:0 --data-dir "$work/store" \
     --shutdown-grace-ms 2000 >"$work/server.out" 2>"$out/server.log" &
 server_pid=$!
 grpc_addr=""
@@ -181,7 +184,7 @@ for scenario in "${scenarios[@]}"; do
     curl -fsS "http://$metrics_addr/metrics" >"$out/$scenario.metrics.before"
     # The config gives the call and concurrency; the command line wins for the rest.
     "$ghz" --config "$here/$scenario.json" --data-file "$data/$scenario.json" \
-        "$@" --format json --output "$out/$scenario.json" "$grpc_addr" \
+        "$@" --metadata "{\"authorization\":\"Bearer $api_key\"}" --format json --output "$out/$scenario.json" "$grpc_addr" \
         || { echo "run.sh: ghz failed to run $scenario" >&2; status=1; continue; }
     curl -fsS "http://$metrics_addr/metrics" >"$out/$scenario.metrics.after"
     python3 "$here/check_report.py" --name "$scenario" --report "$out/$scenario.json" \

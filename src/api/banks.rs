@@ -11,7 +11,8 @@ use std::time::Instant;
 
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::model::{FrameSignal, NewReference, ReferenceId, Visibility};
+use crate::auth::{self, Caller};
+use crate::model::{FrameSignal, NewReference, Reference, ReferenceId, Role};
 use crate::pb;
 use crate::pb::banks_server::Banks;
 use crate::store::NewBank;
@@ -36,6 +37,23 @@ impl BanksService {
     pub fn new(state: AppState) -> Self {
         Self { state }
     }
+
+    /// A reference by id, if the caller may see its bank; NOT_FOUND otherwise, exactly as for an
+    /// id that does not exist.
+    async fn visible_reference(&self, caller: &Caller, id: i64) -> Result<Reference, Error> {
+        let reference = match self.state.store.get_reference(ReferenceId(id)).await {
+            Ok(reference) => reference,
+            Err(crate::store::Error::NotFound { .. }) => {
+                return Err(Error::UnknownReference { id });
+            }
+            Err(other) => return Err(other.into()),
+        };
+        let catalog = self.state.catalog.read();
+        match catalog.bank(reference.bank) {
+            Some(bank) if caller.can_see(bank) => Ok(reference),
+            _ => Err(Error::UnknownReference { id }),
+        }
+    }
 }
 
 fn check_text(field: &'static str, text: &str, limit: usize) -> Result<(), Error> {
@@ -56,16 +74,35 @@ impl Banks for BanksService {
         &self,
         request: Request<pb::CreateBankRequest>,
     ) -> Result<Response<pb::Bank>, Status> {
-        let call = self.state.rpc_call(Rpc::CreateBank);
+        let caller = auth::caller_of(&request)?;
+        let call = self.state.rpc_call(Rpc::CreateBank, &caller);
         call.run(async {
             self.state.ensure_ready()?;
+            caller.require(Role::Contributor).map_err(Error::from)?;
             let pb::CreateBankRequest {
                 name,
                 category,
                 description,
+                visibility,
+                shared_with,
+                owner,
             } = request.into_inner();
             let category = convert::category_from_pb(category)?;
             check_text("description", &description, MAX_NOTE_BYTES)?;
+            let (visibility, owner) = {
+                let catalog = self.state.catalog.read();
+                let visibility =
+                    convert::visibility_from_pb(&catalog, visibility, &shared_with, true)?;
+                let owner = if owner.is_empty() {
+                    caller.org
+                } else {
+                    caller.require(Role::Admin).map_err(Error::from)?;
+                    catalog
+                        .org_id(&owner)
+                        .ok_or(Error::UnknownOrg { name: owner })?
+                };
+                (visibility, owner)
+            };
             let started = Instant::now();
             let created = self
                 .state
@@ -74,29 +111,31 @@ impl Banks for BanksService {
                     NewBank {
                         name,
                         category,
-                        owner: self.state.default_org,
-                        visibility: Visibility::Public,
+                        owner,
+                        visibility,
                         description,
                     },
-                    self.state.default_org,
+                    caller.actor(),
                 )
                 .await;
             self.state
                 .metrics
                 .store_write("create_bank", started.elapsed());
             let bank = created.map_err(Error::from)?;
+            self.state.note_change();
             let mut catalog = self.state.catalog.write();
             catalog.insert_bank(bank.clone());
-            Ok(Response::new(convert::bank_to_pb(&catalog, &bank)))
+            Ok(Response::new(convert::bank_to_pb(&catalog, &bank, true)))
         })
         .await
     }
 
     async fn list_banks(
         &self,
-        _request: Request<pb::ListBanksRequest>,
+        request: Request<pb::ListBanksRequest>,
     ) -> Result<Response<pb::ListBanksResponse>, Status> {
-        let call = self.state.rpc_call(Rpc::ListBanks);
+        let caller = auth::caller_of(&request)?;
+        let call = self.state.rpc_call(Rpc::ListBanks, &caller);
         call.run(async {
             self.state.ensure_ready()?;
             let banks = self.state.store.list_banks().await.map_err(Error::from)?;
@@ -104,9 +143,51 @@ impl Banks for BanksService {
             Ok(Response::new(pb::ListBanksResponse {
                 banks: banks
                     .iter()
-                    .map(|b| convert::bank_to_pb(&catalog, b))
+                    .filter(|bank| caller.can_see(bank))
+                    .map(|bank| {
+                        convert::bank_to_pb(&catalog, bank, caller.may_change(bank).is_ok())
+                    })
                     .collect(),
             }))
+        })
+        .await
+    }
+
+    async fn update_bank(
+        &self,
+        request: Request<pb::UpdateBankRequest>,
+    ) -> Result<Response<pb::Bank>, Status> {
+        let caller = auth::caller_of(&request)?;
+        let call = self.state.rpc_call(Rpc::UpdateBank, &caller);
+        call.run(async {
+            self.state.ensure_ready()?;
+            let pb::UpdateBankRequest {
+                bank,
+                visibility,
+                shared_with,
+            } = request.into_inner();
+            let (bank_id, visibility) = {
+                let catalog = self.state.catalog.read();
+                let bank = catalog.visible_bank(&caller, &bank)?;
+                caller.may_change(bank).map_err(Error::from)?;
+                let visibility =
+                    convert::visibility_from_pb(&catalog, visibility, &shared_with, false)?;
+                (bank.id, visibility)
+            };
+            let started = Instant::now();
+            let updated = self
+                .state
+                .store
+                .update_bank_visibility(bank_id, visibility, caller.actor())
+                .await;
+            self.state
+                .metrics
+                .store_write("update_bank", started.elapsed());
+            let bank = updated.map_err(Error::from)?;
+            self.state.note_change();
+            let mut catalog = self.state.catalog.write();
+            catalog.insert_bank(bank.clone());
+            Ok(Response::new(convert::bank_to_pb(&catalog, &bank, true)))
         })
         .await
     }
@@ -115,7 +196,8 @@ impl Banks for BanksService {
         &self,
         request: Request<Streaming<pb::AddReferenceRequest>>,
     ) -> Result<Response<pb::AddReferenceResponse>, Status> {
-        let call = self.state.rpc_call(Rpc::AddReference);
+        let caller = auth::caller_of(&request)?;
+        let call = self.state.rpc_call(Rpc::AddReference, &caller);
         call.run(async {
             self.state.ensure_ready()?;
             let _open = self.state.metrics.stream_opened(Rpc::AddReference);
@@ -139,12 +221,12 @@ impl Banks for BanksService {
             } = header;
             check_text("external_id", &external_id, MAX_EXTERNAL_ID_BYTES)?;
             check_text("note", &note, MAX_NOTE_BYTES)?;
-            let bank_id = self
-                .state
-                .catalog
-                .read()
-                .bank_id(&bank)
-                .ok_or(Error::UnknownBank { name: bank })?;
+            let bank_id = {
+                let catalog = self.state.catalog.read();
+                let bank = catalog.visible_bank(&caller, &bank)?;
+                caller.may_change(bank).map_err(Error::from)?;
+                bank.id
+            };
 
             let mut frames: Vec<FrameSignal> = Vec::new();
             let mut received: u32 = 0;
@@ -192,13 +274,16 @@ impl Banks for BanksService {
             let added = self
                 .state
                 .store
-                .add_reference(NewReference {
-                    bank: bank_id,
-                    external_id,
-                    note,
-                    added_by: self.state.default_org,
-                    frames,
-                })
+                .add_reference(
+                    NewReference {
+                        bank: bank_id,
+                        external_id,
+                        note,
+                        added_by: caller.org,
+                        frames,
+                    },
+                    caller.actor(),
+                )
                 .await;
             self.state
                 .metrics
@@ -216,6 +301,7 @@ impl Banks for BanksService {
                 .index
                 .write()
                 .insert_reference(reference.id, bank_id, &stored);
+            self.state.note_change();
             let catalog = self.state.catalog.read();
             Ok(Response::new(pb::AddReferenceResponse {
                 reference: Some(convert::reference_to_pb(&catalog, &reference)),
@@ -231,13 +317,21 @@ impl Banks for BanksService {
         &self,
         request: Request<pb::WithdrawReferenceRequest>,
     ) -> Result<Response<pb::Reference>, Status> {
-        let call = self.state.rpc_call(Rpc::WithdrawReference);
+        let caller = auth::caller_of(&request)?;
+        let call = self.state.rpc_call(Rpc::WithdrawReference, &caller);
         call.run(async {
             self.state.ensure_ready()?;
             let pb::WithdrawReferenceRequest {
                 reference_id,
                 reason,
             } = request.into_inner();
+            let existing = self.visible_reference(&caller, reference_id).await?;
+            {
+                let catalog = self.state.catalog.read();
+                if let Some(bank) = catalog.bank(existing.bank) {
+                    caller.may_change(bank).map_err(Error::from)?;
+                }
+            }
             if reason.trim().is_empty() {
                 return Err(Error::MissingField {
                     field: "reason (say why the reference is withdrawn)",
@@ -250,13 +344,14 @@ impl Banks for BanksService {
             let withdrawn = self
                 .state
                 .store
-                .withdraw_reference(id, &reason, self.state.default_org)
+                .withdraw_reference(id, &reason, caller.actor())
                 .await;
             self.state
                 .metrics
                 .store_write("withdraw_reference", started.elapsed());
             let reference = withdrawn.map_err(Error::from)?;
             self.state.index.write().withdraw(id);
+            self.state.note_change();
             let catalog = self.state.catalog.read();
             Ok(Response::new(convert::reference_to_pb(
                 &catalog, &reference,
@@ -269,16 +364,12 @@ impl Banks for BanksService {
         &self,
         request: Request<pb::GetReferenceRequest>,
     ) -> Result<Response<pb::Reference>, Status> {
-        let call = self.state.rpc_call(Rpc::GetReference);
+        let caller = auth::caller_of(&request)?;
+        let call = self.state.rpc_call(Rpc::GetReference, &caller);
         call.run(async {
             self.state.ensure_ready()?;
             let pb::GetReferenceRequest { reference_id } = request.into_inner();
-            let reference = self
-                .state
-                .store
-                .get_reference(ReferenceId(reference_id))
-                .await
-                .map_err(Error::from)?;
+            let reference = self.visible_reference(&caller, reference_id).await?;
             let catalog = self.state.catalog.read();
             Ok(Response::new(convert::reference_to_pb(
                 &catalog, &reference,
@@ -289,9 +380,10 @@ impl Banks for BanksService {
 
     async fn stats(
         &self,
-        _request: Request<pb::StatsRequest>,
+        request: Request<pb::StatsRequest>,
     ) -> Result<Response<pb::StatsResponse>, Status> {
-        let call = self.state.rpc_call(Rpc::Stats);
+        let caller = auth::caller_of(&request)?;
+        let call = self.state.rpc_call(Rpc::Stats, &caller);
         call.run(async {
             self.state.ensure_ready()?;
             let stats = self.state.store.stats().await.map_err(Error::from)?;

@@ -8,7 +8,7 @@ use crate::config::Limits;
 use crate::hash::pdq::Dihedral;
 use crate::hash::{PDQ_BITS, PdqHash};
 use crate::matching::{ContentSignal, FrameHit, MatchParams, QueryFrame, VerdictData};
-use crate::model::{Bank, Category, Reference, ReferenceState};
+use crate::model::{Bank, Category, FrameSignal, Reference, ReferenceState, Visibility};
 use crate::pb;
 
 use super::{Catalog, Error};
@@ -436,7 +436,22 @@ pub fn verdict_to_pb(catalog: &Catalog, v: &VerdictData) -> pb::Verdict {
 }
 
 /// A bank for the wire.
-pub fn bank_to_pb(catalog: &Catalog, bank: &Bank) -> pb::Bank {
+///
+/// The list of organisations a bank is shared with is told only to callers that may change the
+/// bank (`show_shares`): a partner learns that a bank is shared with it, not with whom else.
+pub fn bank_to_pb(catalog: &Catalog, bank: &Bank, show_shares: bool) -> pb::Bank {
+    let (visibility, shared_with) = match &bank.visibility {
+        Visibility::Private => (pb::Visibility::Private, Vec::new()),
+        Visibility::Public => (pb::Visibility::Public, Vec::new()),
+        Visibility::SharedWith(orgs) => (
+            pb::Visibility::Shared,
+            if show_shares {
+                orgs.iter().map(|org| catalog.org_name(*org)).collect()
+            } else {
+                Vec::new()
+            },
+        ),
+    };
     pb::Bank {
         id: bank.id.0,
         name: bank.name.clone(),
@@ -444,6 +459,69 @@ pub fn bank_to_pb(catalog: &Catalog, bank: &Bank) -> pb::Bank {
         owner: catalog.org_name(bank.owner),
         description: bank.description.clone(),
         created_ms: bank.created_ms,
+        visibility: visibility as i32,
+        shared_with,
+    }
+}
+
+/// A visibility from the wire: `VISIBILITY_UNSPECIFIED` is private when `default_private`, and
+/// an error otherwise; organisation names must exist; `shared_with` goes with SHARED only.
+///
+/// # Errors
+/// [`Error::InvalidField`] for an unknown value or a list that does not fit the visibility;
+/// [`Error::UnknownOrg`] for a name the server does not know.
+pub fn visibility_from_pb(
+    catalog: &Catalog,
+    value: i32,
+    shared_with: &[String],
+    default_private: bool,
+) -> Result<Visibility, Error> {
+    let visibility = pb::Visibility::try_from(value).map_err(|_| Error::InvalidField {
+        field: "visibility",
+        reason: format!("{value} is not a known visibility"),
+    })?;
+    let needs_list = matches!(visibility, pb::Visibility::Shared);
+    if !needs_list && !shared_with.is_empty() {
+        return Err(Error::InvalidField {
+            field: "shared_with",
+            reason: "lists organisations, so visibility must be VISIBILITY_SHARED".to_string(),
+        });
+    }
+    match visibility {
+        pb::Visibility::Unspecified if default_private => Ok(Visibility::Private),
+        pb::Visibility::Unspecified => Err(Error::MissingField {
+            field: "visibility (VISIBILITY_PRIVATE, VISIBILITY_SHARED or VISIBILITY_PUBLIC)",
+        }),
+        pb::Visibility::Private => Ok(Visibility::Private),
+        pb::Visibility::Public => Ok(Visibility::Public),
+        pb::Visibility::Shared => {
+            if shared_with.is_empty() {
+                return Err(Error::InvalidField {
+                    field: "shared_with",
+                    reason: "is empty; VISIBILITY_SHARED needs at least one organisation"
+                        .to_string(),
+                });
+            }
+            shared_with
+                .iter()
+                .map(|name| {
+                    catalog
+                        .org_id(name)
+                        .ok_or_else(|| Error::UnknownOrg { name: name.clone() })
+                })
+                .collect::<Result<Vec<_>, _>>()
+                .map(Visibility::SharedWith)
+        }
+    }
+}
+
+/// A stored frame for the wire (export and the change feed).
+pub fn stored_frame_to_pb(frame: &FrameSignal) -> pb::StoredFrame {
+    pb::StoredFrame {
+        frame_index: frame.frame_index,
+        timestamp_ms: frame.timestamp_ms,
+        pdq: frame.hash.as_bytes().to_vec(),
+        quality: u32::from(frame.quality),
     }
 }
 

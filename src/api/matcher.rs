@@ -16,7 +16,11 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument as _;
 
-use crate::matching::{MatchParams, Session};
+use crate::auth::{self, Caller};
+use futures_util::future::{self, BoxFuture, FutureExt as _};
+use futures_util::stream::{FuturesOrdered, StreamExt as _};
+
+use crate::matching::{FrameHit, MatchParams, QueryFrame, Session};
 use crate::pb;
 use crate::pb::matcher_server::Matcher;
 use crate::telemetry::Rpc;
@@ -42,6 +46,9 @@ impl MatcherService {
 
 type ResponseTx = mpsc::Sender<Result<pb::MatchResponse, Status>>;
 
+/// One frame's signals and hits, or why it could not be matched.
+type Matched = Result<(QueryFrame, Vec<FrameHit>), Status>;
+
 #[tonic::async_trait]
 impl Matcher for MatcherService {
     type MatchVideoStream = ReceiverStream<Result<pb::MatchResponse, Status>>;
@@ -50,7 +57,8 @@ impl Matcher for MatcherService {
         &self,
         request: Request<Streaming<pb::MatchRequest>>,
     ) -> Result<Response<Self::MatchVideoStream>, Status> {
-        let call = self.state.rpc_call(Rpc::MatchVideo);
+        let caller = auth::caller_of(&request)?;
+        let call = self.state.rpc_call(Rpc::MatchVideo, &caller);
         let opened = call.span().in_scope(|| -> Result<_, Status> {
             self.state.ensure_ready()?;
             Arc::clone(&self.state.streams)
@@ -81,7 +89,7 @@ impl Matcher for MatcherService {
                 let open = state.metrics.stream_opened(Rpc::MatchVideo);
                 // A stream still open when the shutdown grace period ends is told so.
                 let result = tokio::select! {
-                    result = run_stream(&state, &mut inbound, &tx) => result,
+                    result = run_stream(&state, &caller, &mut inbound, &tx) => result,
                     () = state.streams_aborted() => Err(Status::unavailable(
                         "the server is shutting down and the grace period for open streams is over; retry on another replica",
                     )),
@@ -105,12 +113,13 @@ impl Matcher for MatcherService {
         &self,
         request: Request<pb::MatchImageRequest>,
     ) -> Result<Response<pb::MatchImageResponse>, Status> {
-        let call = self.state.rpc_call(Rpc::MatchImage);
+        let caller = auth::caller_of(&request)?;
+        let call = self.state.rpc_call(Rpc::MatchImage, &caller);
         call.run(async {
             self.state.ensure_ready()?;
             let pb::MatchImageRequest { options, frame } = request.into_inner();
             let (params, banks) = convert::match_params(options, &self.state.match_defaults)?;
-            let filter = Arc::new(self.state.bank_filter(&banks)?);
+            let filter = Arc::new(self.state.bank_filter(&caller, &banks)?);
             let frame = frame.ok_or(Error::MissingField { field: "frame" })?;
             let input = FrameInput::try_from_pb(frame, &self.state.limits)?;
             let params = Arc::new(params);
@@ -127,74 +136,141 @@ impl Matcher for MatcherService {
     }
 }
 
+/// Opens the stream's session on its first message, and validates one message's frame.
+fn accept_frame(
+    state: &AppState,
+    caller: &Caller,
+    stream: &mut Option<(Session, Arc<MatchParams>, Arc<BankFilter>)>,
+    message: pb::MatchRequest,
+) -> Result<(FrameInput, Arc<MatchParams>, Arc<BankFilter>), Status> {
+    let pb::MatchRequest { options, frame } = message;
+    let (_, params, filter) = match stream {
+        Some(open) => {
+            if options.is_some() {
+                return Err(Error::Protocol(
+                    "options are only read from the first message of a stream",
+                )
+                .into());
+            }
+            open
+        }
+        None => {
+            let (params, banks) = convert::match_params(options, &state.match_defaults)?;
+            let filter = state.bank_filter(caller, &banks)?;
+            let params = Arc::new(params);
+            stream.insert((Session::new((*params).clone()), params, Arc::new(filter)))
+        }
+    };
+    let frame = frame.ok_or(Error::MissingField { field: "frame" })?;
+    let input = FrameInput::try_from_pb(frame, &state.limits)?;
+    Ok((input, Arc::clone(params), Arc::clone(filter)))
+}
+
+/// Records one matched frame in the session and sends its result and any verdict it changed.
+/// Returns false when the client has gone.
+async fn answer_frame(
+    state: &AppState,
+    session: &mut Session,
+    params: &MatchParams,
+    query: &QueryFrame,
+    hits: &[FrameHit],
+    tx: &ResponseTx,
+) -> bool {
+    let changed = {
+        let index = state.index.read();
+        session.record(&query.signal, hits, &|reference| {
+            index.reference_frame_count(reference, params.min_quality)
+        })
+    };
+    let mut responses = Vec::with_capacity(1 + changed.len());
+    {
+        let catalog = state.catalog.read();
+        responses.push(pb::MatchResponse {
+            result: Some(pb::match_response::Result::Frame(
+                convert::frame_result_to_pb(&catalog, query, hits, params),
+            )),
+        });
+        // Verdicts as soon as they are known (issue #3): the upload service may stop early.
+        responses.extend(changed.iter().map(|v| pb::MatchResponse {
+            result: Some(pb::match_response::Result::Verdict(convert::verdict_to_pb(
+                &catalog, v,
+            ))),
+        }));
+    }
+    for response in responses {
+        if tx.send(Ok(response)).await.is_err() {
+            return false;
+        }
+    }
+    true
+}
+
 /// Reads one upload's frames, answers each, then sends the verdicts and the summary.
 ///
 /// Returns `Ok` when the stream ended normally or the client left; an error ends the stream with
 /// that status.
 async fn run_stream(
     state: &AppState,
+    caller: &Caller,
     inbound: &mut Streaming<pb::MatchRequest>,
     tx: &ResponseTx,
 ) -> Result<(), Status> {
     let mut stream: Option<(Session, Arc<MatchParams>, Arc<BankFilter>)> = None;
     let mut received: u32 = 0;
-    while let Some(message) = inbound.message().await? {
-        received = received.saturating_add(1);
-        if received > state.limits.max_frames_per_stream {
-            return Err(Error::OverLimit {
-                what: "MatchVideo stream",
-                actual: u64::from(received),
-                limit: u64::from(state.limits.max_frames_per_stream),
-                unit: "frames",
-            }
-            .into());
-        }
-        let pb::MatchRequest { options, frame } = message;
-        let (session, params, filter) = match &mut stream {
-            Some(open) => {
-                if options.is_some() {
-                    return Err(Error::Protocol(
-                        "options are only read from the first message of a stream",
-                    )
-                    .into());
+    // Frames are hashed and searched concurrently, up to `stream_pipeline` at a time, and answered
+    // (and recorded in the session) strictly in the order they arrived. An invalid frame becomes
+    // an error in that same order, so every frame before it is still answered.
+    let mut in_flight: FuturesOrdered<BoxFuture<'static, Matched>> = FuturesOrdered::new();
+    let mut inbound_open = true;
+    loop {
+        tokio::select! {
+            biased;
+            Some(done) = in_flight.next(), if !in_flight.is_empty() => {
+                let (query, hits) = done?;
+                let Some((session, params, _)) = stream.as_mut() else {
+                    return Err(Status::internal("a frame was matched before the stream opened"));
+                };
+                if !answer_frame(state, session, params, &query, &hits, tx).await {
+                    return Ok(());
                 }
-                open
             }
-            None => {
-                let (params, banks) = convert::match_params(options, &state.match_defaults)?;
-                let filter = state.bank_filter(&banks)?;
-                let params = Arc::new(params);
-                stream.insert((Session::new((*params).clone()), params, Arc::new(filter)))
+            message = inbound.message(), if inbound_open && in_flight.len() < state.stream_pipeline => {
+                let Some(message) = message? else {
+                    inbound_open = false;
+                    continue;
+                };
+                received = received.saturating_add(1);
+                if received > state.limits.max_frames_per_stream {
+                    let over = Error::OverLimit {
+                        what: "MatchVideo stream",
+                        actual: u64::from(received),
+                        limit: u64::from(state.limits.max_frames_per_stream),
+                        unit: "frames",
+                    };
+                    in_flight.push_back(future::ready(Err(over.into())).boxed());
+                    inbound_open = false;
+                    continue;
+                }
+                match accept_frame(state, caller, &mut stream, message) {
+                    Ok((input, params, filter)) => {
+                        let state = state.clone();
+                        in_flight.push_back(
+                            async move {
+                                state
+                                    .match_frame(input, &params, &filter)
+                                    .await
+                                    .map_err(Status::from)
+                            }
+                            .boxed(),
+                        );
+                    }
+                    Err(status) => {
+                        in_flight.push_back(future::ready(Err(status)).boxed());
+                        inbound_open = false;
+                    }
+                }
             }
-        };
-        let frame = frame.ok_or(Error::MissingField { field: "frame" })?;
-        let input = FrameInput::try_from_pb(frame, &state.limits)?;
-        let (query, hits) = state.match_frame(input, params, filter).await?;
-        let changed = {
-            let index = state.index.read();
-            session.record(&query.signal, &hits, &|reference| {
-                index.reference_frame_count(reference, params.min_quality)
-            })
-        };
-        let mut responses = Vec::with_capacity(1 + changed.len());
-        {
-            let catalog = state.catalog.read();
-            responses.push(pb::MatchResponse {
-                result: Some(pb::match_response::Result::Frame(
-                    convert::frame_result_to_pb(&catalog, &query, &hits, params),
-                )),
-            });
-            // Verdicts as soon as they are known (issue #3): the upload service may stop early.
-            responses.extend(changed.iter().map(|v| pb::MatchResponse {
-                result: Some(pb::match_response::Result::Verdict(convert::verdict_to_pb(
-                    &catalog, v,
-                ))),
-            }));
-        }
-        for response in responses {
-            if tx.send(Ok(response)).await.is_err() {
-                return Ok(());
-            }
+            else => break,
         }
     }
 

@@ -11,8 +11,10 @@
 //! (the index and catalogue locks are `parking_lot` locks taken inside synchronous blocks); writes
 //! are durable in the store before they are applied to the index and acknowledged.
 
+pub mod admin;
 pub mod banks;
 pub mod convert;
+pub mod exchange;
 pub mod matcher;
 pub mod status;
 
@@ -24,6 +26,7 @@ use std::time::{Duration, Instant};
 use parking_lot::RwLock;
 use tokio::sync::Semaphore;
 
+use crate::auth::{AuthMode, Caller, KeyRing};
 use crate::config::{Limits, ServeConfig};
 use crate::hash::border;
 use crate::hash::pdq::DecodeLimits;
@@ -43,6 +46,7 @@ pub struct Catalog {
     banks: HashMap<BankId, Bank>,
     bank_ids: HashMap<String, BankId>,
     orgs: HashMap<OrgId, String>,
+    org_ids: HashMap<String, OrgId>,
 }
 
 impl Catalog {
@@ -50,7 +54,7 @@ impl Catalog {
     pub fn new(banks: Vec<Bank>, orgs: Vec<Organisation>) -> Self {
         let mut catalog = Self::default();
         for org in orgs {
-            catalog.orgs.insert(org.id, org.name);
+            catalog.insert_org(org);
         }
         for bank in banks {
             catalog.insert_bank(bank);
@@ -66,7 +70,34 @@ impl Catalog {
 
     /// Adds or renames an organisation.
     pub fn insert_org(&mut self, org: Organisation) {
-        self.orgs.insert(org.id, org.name);
+        if let Some(old) = self.orgs.insert(org.id, org.name.clone()) {
+            self.org_ids.remove(&old);
+        }
+        self.org_ids.insert(org.name, org.id);
+    }
+
+    /// An organisation's id by name.
+    pub fn org_id(&self, name: &str) -> Option<OrgId> {
+        self.org_ids.get(name).copied()
+    }
+
+    /// Every bank, in no particular order.
+    pub fn banks(&self) -> impl Iterator<Item = &Bank> {
+        self.banks.values()
+    }
+
+    /// A bank by name, if `caller` may see it. A bank it may not see is reported exactly like one
+    /// that does not exist, so that its existence does not leak.
+    ///
+    /// # Errors
+    /// [`Error::UnknownBank`].
+    pub fn visible_bank(&self, caller: &Caller, name: &str) -> Result<&Bank, Error> {
+        self.bank_id(name)
+            .and_then(|id| self.banks.get(&id))
+            .filter(|bank| caller.can_see(bank))
+            .ok_or_else(|| Error::UnknownBank {
+                name: name.to_string(),
+            })
     }
 
     /// A bank by id.
@@ -116,8 +147,16 @@ pub struct AppState {
     pub index: Arc<RwLock<FrameIndex>>,
     /// Bank and organisation names.
     pub catalog: Arc<RwLock<Catalog>>,
-    /// The organisation writes are attributed to until API keys arrive (issue #4).
+    /// The working API keys (also read by the authentication interceptor).
+    pub keys: Arc<RwLock<KeyRing>>,
+    /// The organisation created with the store ("local"): owner of the bootstrap admin key, and
+    /// every caller's organisation under `--insecure-no-auth`.
     pub default_org: OrgId,
+    /// Whether API keys are checked (false only under `--insecure-no-auth`).
+    pub auth_required: bool,
+    /// Bumped after every change this process applies: its own writes and those the replica
+    /// tailer or the partner follower brings in. Change-feed streams wait on it.
+    pub changed: Arc<tokio::sync::watch::Sender<u64>>,
     /// Request limits.
     pub limits: Arc<Limits>,
     /// Defaults for unset match options.
@@ -125,6 +164,9 @@ pub struct AppState {
     /// Metric instruments (issue #5).
     pub metrics: Metrics,
     workers: Arc<Semaphore>,
+    /// Most frames of one MatchVideo stream in flight at once (hashing and searching on the
+    /// blocking pool), so one stream with many frames uses every core.
+    pub stream_pipeline: usize,
     queued: Arc<AtomicUsize>,
     streams: Arc<Semaphore>,
     ready: Arc<AtomicBool>,
@@ -149,11 +191,15 @@ impl AppState {
             store,
             index: Arc::new(RwLock::new(index)),
             catalog: Arc::new(RwLock::new(catalog)),
+            keys: Arc::new(RwLock::new(KeyRing::default())),
             default_org,
+            auth_required: !config.insecure_no_auth,
+            changed: Arc::new(tokio::sync::watch::channel(0).0),
             limits: Arc::new(config.limits.clone()),
             match_defaults: Arc::new(config.match_defaults.clone()),
             metrics,
             workers: Arc::new(Semaphore::new(config.hash_workers.max(1))),
+            stream_pipeline: config.hash_workers.max(1) * 2,
             queued: Arc::new(AtomicUsize::new(0)),
             streams: Arc::new(Semaphore::new(config.limits.max_concurrent_streams)),
             ready: Arc::new(AtomicBool::new(false)),
@@ -184,10 +230,24 @@ impl AppState {
         self.ready.store(true, Ordering::Release);
     }
 
-    /// Opens the span of one RPC, attributed to the organisation requests act for (today always
-    /// the default one; API keys will name it, issue #4).
-    pub fn rpc_call(&self, rpc: Rpc) -> RpcCall {
-        let org = self.catalog.read().org_name(self.default_org);
+    /// How the authentication interceptor identifies callers.
+    pub fn auth_mode(&self) -> AuthMode {
+        if self.auth_required {
+            AuthMode::Keys(Arc::clone(&self.keys))
+        } else {
+            AuthMode::Insecure(self.default_org)
+        }
+    }
+
+    /// Records that this process has applied a change, waking change-feed streams.
+    pub fn note_change(&self) {
+        self.changed
+            .send_modify(|generation| *generation = generation.wrapping_add(1));
+    }
+
+    /// Opens the span of one RPC, attributed to the caller's organisation.
+    pub fn rpc_call(&self, rpc: Rpc, caller: &Caller) -> RpcCall {
+        let org = self.catalog.read().org_name(caller.org);
         RpcCall::start(rpc, &org, &self.metrics)
     }
 
@@ -212,22 +272,28 @@ impl AppState {
             .saturating_sub(self.streams.available_permits())
     }
 
-    /// Resolves bank names to a filter.
+    /// The banks a match request searches: the named ones, or when none is named every bank the
+    /// caller may see. Admins with no names search everything.
     ///
     /// # Errors
-    /// [`Error::UnknownBank`] for a name the catalogue does not have.
-    pub fn bank_filter(&self, names: &[String]) -> Result<BankFilter, Error> {
-        if names.is_empty() {
-            return Ok(BankFilter::All);
-        }
+    /// [`Error::UnknownBank`] for a name the catalogue does not have or the caller may not see.
+    pub fn bank_filter(&self, caller: &Caller, names: &[String]) -> Result<BankFilter, Error> {
         let catalog = self.catalog.read();
+        if names.is_empty() {
+            if caller.is_admin() {
+                return Ok(BankFilter::All);
+            }
+            return Ok(BankFilter::Only(
+                catalog
+                    .banks()
+                    .filter(|bank| caller.can_see(bank))
+                    .map(|bank| bank.id)
+                    .collect(),
+            ));
+        }
         names
             .iter()
-            .map(|name| {
-                catalog
-                    .bank_id(name)
-                    .ok_or_else(|| Error::UnknownBank { name: name.clone() })
-            })
+            .map(|name| catalog.visible_bank(caller, name).map(|bank| bank.id))
             .collect::<Result<HashSet<_>, _>>()
             .map(BankFilter::Only)
     }

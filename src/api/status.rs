@@ -71,6 +71,22 @@ pub enum Error {
     /// A hashing worker died (a bug).
     #[error("hashing worker failed: {0}")]
     Worker(String),
+    /// The caller's key may not do this.
+    #[error(transparent)]
+    Denied(#[from] crate::auth::Denied),
+    /// A reference that does not exist, or that lives in a bank the caller may not see (the two
+    /// are indistinguishable on purpose).
+    #[error("reference {id} not found")]
+    UnknownReference {
+        /// The id asked for.
+        id: i64,
+    },
+    /// An organisation name that does not exist.
+    #[error("organisation {name:?} not found")]
+    UnknownOrg {
+        /// The name asked for.
+        name: String,
+    },
 }
 
 impl From<Error> for Status {
@@ -107,7 +123,10 @@ pub fn code_of(error: &Error) -> Code {
             Code::InvalidArgument
         }
         Error::OverLimit { .. } | Error::Busy { .. } => Code::ResourceExhausted,
-        Error::UnknownBank { .. } => Code::NotFound,
+        Error::UnknownBank { .. } | Error::UnknownReference { .. } | Error::UnknownOrg { .. } => {
+            Code::NotFound
+        }
+        Error::Denied(_) => Code::PermissionDenied,
         Error::Hash(e) => pdq_code(e),
         Error::Store(e) => store_code(e),
         Error::NotReady | Error::ShuttingDown => Code::Unavailable,
@@ -133,7 +152,9 @@ fn store_code(error: &store::Error) -> Code {
     match error {
         store::Error::NotFound { .. } => Code::NotFound,
         store::Error::AlreadyExists { .. } => Code::AlreadyExists,
-        store::Error::AlreadyWithdrawn { .. } => Code::FailedPrecondition,
+        store::Error::AlreadyWithdrawn { .. } | store::Error::AlreadyRevoked { .. } => {
+            Code::FailedPrecondition
+        }
         store::Error::InvalidInput { .. } => Code::InvalidArgument,
         store::Error::Corrupt { .. } => Code::DataLoss,
         // Start-up conditions: a request never sees them, but the mapping stays total.
@@ -238,6 +259,15 @@ mod tests {
             (Error::NotReady, Code::Unavailable),
             (Error::ShuttingDown, Code::Unavailable),
             (Error::Worker("x".into()), Code::Internal),
+            (Error::UnknownReference { id: 4 }, Code::NotFound),
+            (Error::UnknownOrg { name: "o".into() }, Code::NotFound),
+            (
+                Error::Denied(crate::auth::Denied::Role {
+                    needed: crate::model::Role::Admin,
+                    actual: crate::model::Role::Matcher,
+                }),
+                Code::PermissionDenied,
+            ),
         ];
         for (error, code) in cases {
             assert_eq!(code_of(&error), code, "{error}");

@@ -11,7 +11,8 @@
 //!   `COMMIT` returns, so a write whose method returned `Ok` survives `kill -9` and power loss.
 //!   Both settings are read back at open and refused if they did not take.
 //! - Every write runs in one `BEGIN IMMEDIATE` transaction on the single writer connection and
-//!   appends exactly one row to `changes` inside it. SQLite has one writer at a time and
+//!   appends exactly one row to `changes` inside it (the follow cursor, local bookkeeping,
+//!   appends none). SQLite has one writer at a time and
 //!   `changes.seq` is `AUTOINCREMENT`, so sequence numbers become visible strictly in order: a
 //!   reader never sees seq `n + 1` before `n`, and a tailer never misses an entry.
 //! - The data directory is fsynced after the database file is created, so the file's directory
@@ -35,8 +36,9 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension, Row, Transaction, Trans
 
 use super::{DEFAULT_ORG_NAME, Error, NewBank, StoreStats, rows};
 use crate::model::{
-    Bank, BankId, Change, ChangeKind, ChangeSeq, FrameSignal, IndexedFrame, NewReference, OrgId,
-    Organisation, Reference, ReferenceId, ReferenceState, Visibility, now_ms,
+    Actor, ApiKey, Bank, BankId, Change, ChangeKind, ChangeSeq, FrameSignal, IndexedFrame,
+    KeyDigest, KeyId, NewApiKey, NewReference, OrgId, Organisation, Reference, ReferenceId,
+    ReferenceState, Visibility, now_ms,
 };
 
 /// File name of the database inside the data directory.
@@ -128,6 +130,63 @@ CREATE TABLE changes (
     actor        INTEGER NOT NULL REFERENCES organisations (id),
     at_ms        INTEGER NOT NULL
 ) STRICT;
+",
+    // 2: issue #4: key labels; the acting key, the key concerned and a detail on every change,
+    // with the kinds bank_updated, key_created and key_revoked; partner mirroring bookkeeping.
+    r"
+ALTER TABLE api_keys ADD COLUMN label TEXT NOT NULL DEFAULT '';
+
+-- SQLite cannot change a CHECK constraint in place: rebuild the log. Every seq is copied, and
+-- so is the AUTOINCREMENT high-water mark in sqlite_sequence (DROP TABLE deletes the old
+-- table's entry, RENAME carries the new one's over), so no sequence number is ever reused.
+CREATE TABLE changes_v2 (
+    seq          INTEGER PRIMARY KEY AUTOINCREMENT,
+    kind         TEXT    NOT NULL CHECK (kind IN
+                     ('org_created', 'bank_created', 'reference_added', 'reference_withdrawn',
+                      'bank_updated', 'key_created', 'key_revoked')),
+    org_id       INTEGER REFERENCES organisations (id),
+    bank_id      INTEGER REFERENCES banks (id),
+    reference_id INTEGER REFERENCES refs (id),
+    -- The key a key_created or key_revoked change concerns.
+    key_id       INTEGER REFERENCES api_keys (id),
+    actor        INTEGER NOT NULL REFERENCES organisations (id),
+    -- The key the actor used; NULL for the server itself.
+    actor_key    INTEGER REFERENCES api_keys (id),
+    detail       TEXT    NOT NULL DEFAULT '',
+    at_ms        INTEGER NOT NULL
+) STRICT;
+INSERT INTO changes_v2 (seq, kind, org_id, bank_id, reference_id, actor, at_ms)
+    SELECT seq, kind, org_id, bank_id, reference_id, actor, at_ms FROM changes ORDER BY seq;
+DELETE FROM sqlite_sequence WHERE name = 'changes_v2';
+INSERT INTO sqlite_sequence (name, seq)
+    SELECT 'changes_v2', seq FROM sqlite_sequence WHERE name = 'changes';
+DROP TABLE changes;
+ALTER TABLE changes_v2 RENAME TO changes;
+-- The audit trail of one bank.
+CREATE INDEX changes_by_bank ON changes (bank_id, seq);
+
+-- How far each followed partner feed has been mirrored.
+CREATE TABLE follows (
+    source      TEXT    PRIMARY KEY,
+    cursor      INTEGER NOT NULL CHECK (cursor >= 0),
+    updated_ms  INTEGER NOT NULL
+) STRICT;
+
+-- Which local bank mirrors which bank of a partner feed.
+CREATE TABLE mirrored_banks (
+    source      TEXT    NOT NULL,
+    remote_id   INTEGER NOT NULL,
+    bank_id     INTEGER NOT NULL UNIQUE REFERENCES banks (id),
+    PRIMARY KEY (source, remote_id)
+) STRICT, WITHOUT ROWID;
+
+-- Which local reference mirrors which reference of a partner feed.
+CREATE TABLE mirrored_refs (
+    source       TEXT    NOT NULL,
+    remote_id    INTEGER NOT NULL,
+    reference_id INTEGER NOT NULL UNIQUE REFERENCES refs (id),
+    PRIMARY KEY (source, remote_id)
+) STRICT, WITHOUT ROWID;
 ",
 ];
 
@@ -251,8 +310,12 @@ impl EmbeddedStore {
     }
 
     /// See [`super::Store::create_org`].
-    pub(super) async fn create_org(&self, name: String) -> Result<Organisation, Error> {
-        self.write(move |tx| insert_org(tx, name)).await
+    pub(super) async fn create_org(
+        &self,
+        name: String,
+        actor: Option<Actor>,
+    ) -> Result<Organisation, Error> {
+        self.write(move |tx| insert_org(tx, name, actor)).await
     }
 
     /// See [`super::Store::list_orgs`].
@@ -273,62 +336,8 @@ impl EmbeddedStore {
     }
 
     /// See [`super::Store::create_bank`]. `new` is validated and its share list normalised.
-    pub(super) async fn create_bank(&self, new: NewBank, actor: OrgId) -> Result<Bank, Error> {
-        self.write(move |tx| {
-            require_org(tx, new.owner)?;
-            require_org(tx, actor)?;
-            let shares: &[OrgId] = match &new.visibility {
-                Visibility::SharedWith(orgs) => orgs,
-                Visibility::Private | Visibility::Public => &[],
-            };
-            for &org in shares {
-                require_org(tx, org)?;
-            }
-            let created_ms = now_ms();
-            let inserted = tx
-                .prepare_cached(
-                    "INSERT INTO banks
-                         (name, category, owner_org, visibility, description, created_ms)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-                )?
-                .execute((
-                    &new.name,
-                    new.category.as_str(),
-                    new.owner.0,
-                    rows::visibility_text(&new.visibility),
-                    &new.description,
-                    created_ms,
-                ));
-            match inserted {
-                Ok(_) => {}
-                Err(err) if is_unique_violation(&err) => {
-                    return Err(Error::AlreadyExists {
-                        kind: "bank",
-                        key: new.name,
-                    });
-                }
-                Err(err) => return Err(err.into()),
-            }
-            let id = BankId(tx.last_insert_rowid());
-            {
-                let mut share =
-                    tx.prepare_cached("INSERT INTO bank_shares (bank_id, org_id) VALUES (?1, ?2)")?;
-                for &org in shares {
-                    share.execute((id.0, org.0))?;
-                }
-            }
-            append_change(tx, &ChangeKind::BankCreated(id), actor, created_ms)?;
-            Ok(Bank {
-                id,
-                name: new.name,
-                category: new.category,
-                owner: new.owner,
-                visibility: new.visibility,
-                description: new.description,
-                created_ms,
-            })
-        })
-        .await
+    pub(super) async fn create_bank(&self, new: NewBank, actor: Actor) -> Result<Bank, Error> {
+        self.write(move |tx| insert_bank(tx, new, actor)).await
     }
 
     /// See [`super::Store::list_banks`].
@@ -364,18 +373,7 @@ impl EmbeddedStore {
 
     /// See [`super::Store::get_bank`].
     pub(super) async fn get_bank(&self, id: BankId) -> Result<Bank, Error> {
-        self.read(move |tx| {
-            let raw = tx
-                .prepare_cached(&format!("{BANK_SELECT} WHERE id = ?1"))?
-                .query_row([id.0], BankRow::from_row)
-                .optional()?
-                .ok_or_else(|| Error::NotFound {
-                    kind: "bank",
-                    key: id.to_string(),
-                })?;
-            finish_bank(tx, raw)
-        })
-        .await
+        self.read(move |tx| read_bank(tx, id)).await
     }
 
     /// See [`super::Store::bank_by_name`].
@@ -396,77 +394,12 @@ impl EmbeddedStore {
 
     /// See [`super::Store::add_reference`]. `new.frames` is validated, non-empty and already
     /// deduplicated.
-    pub(super) async fn add_reference(&self, new: NewReference) -> Result<Reference, Error> {
-        self.write(move |tx| {
-            let bank_exists = tx
-                .prepare_cached("SELECT 1 FROM banks WHERE id = ?1")?
-                .exists([new.bank.0])?;
-            if !bank_exists {
-                return Err(Error::NotFound {
-                    kind: "bank",
-                    key: new.bank.to_string(),
-                });
-            }
-            require_org(tx, new.added_by)?;
-            let frame_count = u32::try_from(new.frames.len()).map_err(|_| Error::InvalidInput {
-                field: "frames",
-                reason: format!("{} frames do not fit a u32 count", new.frames.len()),
-            })?;
-            let added_ms = now_ms();
-            tx.prepare_cached(
-                "INSERT INTO refs (bank_id, external_id, note, added_by, added_ms, frame_count)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-            )?
-            .execute((
-                new.bank.0,
-                &new.external_id,
-                &new.note,
-                new.added_by.0,
-                added_ms,
-                frame_count,
-            ))?;
-            let id = ReferenceId(tx.last_insert_rowid());
-            {
-                let mut insert = tx.prepare_cached(
-                    "INSERT INTO frames (reference_id, hash, frame_index, timestamp_ms, quality)
-                     VALUES (?1, ?2, ?3, ?4, ?5)",
-                )?;
-                for frame in &new.frames {
-                    let timestamp_ms =
-                        i64::try_from(frame.timestamp_ms).map_err(|_| Error::InvalidInput {
-                            field: "frames.timestamp_ms",
-                            reason: format!("{} ms does not fit an i64", frame.timestamp_ms),
-                        })?;
-                    insert.execute((
-                        id.0,
-                        frame.hash.as_bytes().as_slice(),
-                        frame.frame_index,
-                        timestamp_ms,
-                        frame.quality,
-                    ))?;
-                }
-            }
-            append_change(
-                tx,
-                &ChangeKind::ReferenceAdded {
-                    reference: id,
-                    bank: new.bank,
-                },
-                new.added_by,
-                added_ms,
-            )?;
-            Ok(Reference {
-                id,
-                bank: new.bank,
-                external_id: new.external_id,
-                note: new.note,
-                added_by: new.added_by,
-                added_ms,
-                state: ReferenceState::Active,
-                frame_count,
-            })
-        })
-        .await
+    pub(super) async fn add_reference(
+        &self,
+        new: NewReference,
+        actor: Actor,
+    ) -> Result<Reference, Error> {
+        self.write(move |tx| insert_reference(tx, new, actor)).await
     }
 
     /// See [`super::Store::withdraw_reference`]. `reason` is validated.
@@ -474,7 +407,7 @@ impl EmbeddedStore {
         &self,
         id: ReferenceId,
         reason: String,
-        actor: OrgId,
+        actor: Actor,
     ) -> Result<Reference, Error> {
         self.write(move |tx| {
             let (bank, withdrawn): (i64, bool) = tx
@@ -488,7 +421,7 @@ impl EmbeddedStore {
             if withdrawn {
                 return Err(Error::AlreadyWithdrawn { reference: id });
             }
-            require_org(tx, actor)?;
+            require_actor(tx, actor)?;
             let at_ms = now_ms();
             tx.prepare_cached(
                 "UPDATE refs SET withdrawn_ms = ?2, withdrawn_reason = ?3 WHERE id = ?1",
@@ -501,6 +434,7 @@ impl EmbeddedStore {
                     bank: BankId(bank),
                 },
                 actor,
+                &reason,
                 at_ms,
             )?;
             read_reference(tx, id)
@@ -508,9 +442,281 @@ impl EmbeddedStore {
         .await
     }
 
+    /// See [`super::Store::update_bank_visibility`]. `visibility` is normalised.
+    pub(super) async fn update_bank_visibility(
+        &self,
+        bank: BankId,
+        visibility: Visibility,
+        actor: Actor,
+    ) -> Result<Bank, Error> {
+        self.write(move |tx| {
+            require_bank(tx, bank)?;
+            let shares: &[OrgId] = match &visibility {
+                Visibility::SharedWith(orgs) => orgs,
+                Visibility::Private | Visibility::Public => &[],
+            };
+            for &org in shares {
+                require_org(tx, org)?;
+            }
+            require_actor(tx, actor)?;
+            tx.prepare_cached("UPDATE banks SET visibility = ?2 WHERE id = ?1")?
+                .execute((bank.0, rows::visibility_text(&visibility)))?;
+            tx.prepare_cached("DELETE FROM bank_shares WHERE bank_id = ?1")?
+                .execute([bank.0])?;
+            insert_shares(tx, bank, shares)?;
+            append_change(
+                tx,
+                &ChangeKind::BankUpdated(bank),
+                actor,
+                &rows::visibility_detail(&visibility),
+                now_ms(),
+            )?;
+            read_bank(tx, bank)
+        })
+        .await
+    }
+
+    /// See [`super::Store::create_api_key`]. The label is validated.
+    pub(super) async fn create_api_key(
+        &self,
+        new: NewApiKey,
+        actor: Actor,
+    ) -> Result<ApiKey, Error> {
+        self.write(move |tx| {
+            require_org(tx, new.org)?;
+            require_actor(tx, actor)?;
+            let created_ms = now_ms();
+            let inserted = tx
+                .prepare_cached(
+                    "INSERT INTO api_keys (org_id, role, key_hash, label, created_ms)
+                     VALUES (?1, ?2, ?3, ?4, ?5)",
+                )?
+                .execute((
+                    new.org.0,
+                    new.role.as_str(),
+                    new.digest.as_slice(),
+                    &new.label,
+                    created_ms,
+                ));
+            match inserted {
+                Ok(_) => {}
+                Err(err) if is_unique_violation(&err) => {
+                    return Err(Error::AlreadyExists {
+                        kind: "api key",
+                        key: "with this digest".to_string(),
+                    });
+                }
+                Err(err) => return Err(err.into()),
+            }
+            let id = KeyId(tx.last_insert_rowid());
+            append_change(
+                tx,
+                &ChangeKind::KeyCreated {
+                    key: id,
+                    org: new.org,
+                },
+                actor,
+                &rows::key_detail(new.role, &new.label),
+                created_ms,
+            )?;
+            Ok(ApiKey {
+                id,
+                org: new.org,
+                role: new.role,
+                digest: new.digest,
+                label: new.label,
+                created_ms,
+                revoked_ms: None,
+            })
+        })
+        .await
+    }
+
+    /// See [`super::Store::revoke_api_key`].
+    pub(super) async fn revoke_api_key(&self, id: KeyId, actor: Actor) -> Result<ApiKey, Error> {
+        self.write(move |tx| {
+            let key = read_api_key(tx, id)?;
+            if key.revoked_ms.is_some() {
+                return Err(Error::AlreadyRevoked { key: id });
+            }
+            require_actor(tx, actor)?;
+            let at_ms = now_ms();
+            tx.prepare_cached("UPDATE api_keys SET revoked_ms = ?2 WHERE id = ?1")?
+                .execute((id.0, at_ms))?;
+            append_change(
+                tx,
+                &ChangeKind::KeyRevoked {
+                    key: id,
+                    org: key.org,
+                },
+                actor,
+                &rows::key_detail(key.role, &key.label),
+                at_ms,
+            )?;
+            Ok(ApiKey {
+                revoked_ms: Some(at_ms),
+                ..key
+            })
+        })
+        .await
+    }
+
+    /// See [`super::Store::get_api_key`].
+    pub(super) async fn get_api_key(&self, id: KeyId) -> Result<ApiKey, Error> {
+        self.read(move |tx| read_api_key(tx, id)).await
+    }
+
+    /// See [`super::Store::api_key_by_digest`].
+    pub(super) async fn api_key_by_digest(
+        &self,
+        digest: KeyDigest,
+    ) -> Result<Option<ApiKey>, Error> {
+        self.read(move |tx| {
+            tx.prepare_cached(&format!("{KEY_SELECT} WHERE key_hash = ?1"))?
+                .query_row([digest.as_slice()], KeyRow::from_row)
+                .optional()?
+                .map(KeyRow::into_key)
+                .transpose()
+        })
+        .await
+    }
+
+    /// See [`super::Store::list_api_keys`].
+    pub(super) async fn list_api_keys(&self) -> Result<Vec<ApiKey>, Error> {
+        self.read(|tx| {
+            tx.prepare_cached(&format!("{KEY_SELECT} ORDER BY id"))?
+                .query_map([], KeyRow::from_row)?
+                .collect::<Result<Vec<_>, _>>()?
+                .into_iter()
+                .map(KeyRow::into_key)
+                .collect()
+        })
+        .await
+    }
+
+    /// See [`super::Store::follow_cursor`].
+    pub(super) async fn follow_cursor(&self, source: String) -> Result<ChangeSeq, Error> {
+        self.read(move |tx| {
+            let cursor: Option<i64> = tx
+                .prepare_cached("SELECT cursor FROM follows WHERE source = ?1")?
+                .query_row([&source], |row| row.get(0))
+                .optional()?;
+            Ok(ChangeSeq(cursor.unwrap_or(0)))
+        })
+        .await
+    }
+
+    /// See [`super::Store::set_follow_cursor`]. `seq` is not negative.
+    pub(super) async fn set_follow_cursor(
+        &self,
+        source: String,
+        seq: ChangeSeq,
+    ) -> Result<(), Error> {
+        self.write(move |tx| {
+            tx.prepare_cached(
+                "INSERT INTO follows (source, cursor, updated_ms) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (source) DO UPDATE
+                     SET cursor = excluded.cursor, updated_ms = excluded.updated_ms",
+            )?
+            .execute((&source, seq.0, now_ms()))?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// See [`super::Store::mirrored_bank`].
+    pub(super) async fn mirrored_bank(
+        &self,
+        source: String,
+        remote_id: i64,
+    ) -> Result<Option<Bank>, Error> {
+        self.read(move |tx| {
+            mirrored_bank_id(tx, &source, remote_id)?
+                .map(|bank| read_bank(tx, bank))
+                .transpose()
+        })
+        .await
+    }
+
+    /// See [`super::Store::create_mirrored_bank`]. `new` is validated and normalised.
+    pub(super) async fn create_mirrored_bank(
+        &self,
+        source: String,
+        remote_id: i64,
+        new: NewBank,
+        actor: Actor,
+    ) -> Result<Bank, Error> {
+        self.write(move |tx| {
+            if let Some(existing) = mirrored_bank_id(tx, &source, remote_id)? {
+                return read_bank(tx, existing);
+            }
+            let bank = insert_bank(tx, new, actor)?;
+            tx.prepare_cached(
+                "INSERT INTO mirrored_banks (source, remote_id, bank_id) VALUES (?1, ?2, ?3)",
+            )?
+            .execute((&source, remote_id, bank.id.0))?;
+            Ok(bank)
+        })
+        .await
+    }
+
+    /// See [`super::Store::mirrored_reference`].
+    pub(super) async fn mirrored_reference(
+        &self,
+        source: String,
+        remote_id: i64,
+    ) -> Result<Option<ReferenceId>, Error> {
+        self.read(move |tx| mirrored_reference_id(tx, &source, remote_id))
+            .await
+    }
+
+    /// See [`super::Store::add_mirrored_reference`]. `new` is validated and its frames
+    /// deduplicated.
+    pub(super) async fn add_mirrored_reference(
+        &self,
+        source: String,
+        remote_id: i64,
+        new: NewReference,
+        actor: Actor,
+    ) -> Result<(Reference, bool), Error> {
+        self.write(move |tx| {
+            if let Some(existing) = mirrored_reference_id(tx, &source, remote_id)? {
+                return Ok((read_reference(tx, existing)?, false));
+            }
+            let reference = insert_reference(tx, new, actor)?;
+            tx.prepare_cached(
+                "INSERT INTO mirrored_refs (source, remote_id, reference_id) VALUES (?1, ?2, ?3)",
+            )?
+            .execute((&source, remote_id, reference.id.0))?;
+            Ok((reference, true))
+        })
+        .await
+    }
+
     /// See [`super::Store::get_reference`].
     pub(super) async fn get_reference(&self, id: ReferenceId) -> Result<Reference, Error> {
         self.read(move |tx| read_reference(tx, id)).await
+    }
+
+    /// See [`super::Store::list_references`].
+    pub(super) async fn list_references(
+        &self,
+        bank: BankId,
+        include_withdrawn: bool,
+    ) -> Result<Vec<Reference>, Error> {
+        self.read(move |tx| {
+            require_bank(tx, bank)?;
+            let mut stmt = tx.prepare_cached(&format!(
+                "{REF_SELECT} WHERE bank_id = ?1 AND (?2 OR withdrawn_ms IS NULL) ORDER BY id"
+            ))?;
+            let mut rows = stmt.query((bank.0, include_withdrawn))?;
+            let mut references = Vec::new();
+            while let Some(row) = rows.next()? {
+                references.push(reference_from_row(row)?);
+            }
+            Ok(references)
+        })
+        .await
     }
 
     /// See [`super::Store::reference_frames`].
@@ -594,11 +800,36 @@ impl EmbeddedStore {
     ) -> Result<Vec<Change>, Error> {
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         self.read(move |tx| {
-            let mut stmt = tx.prepare_cached(
-                "SELECT seq, kind, org_id, bank_id, reference_id, actor, at_ms FROM changes
-                 WHERE seq > ?1 ORDER BY seq LIMIT ?2",
-            )?;
+            let mut stmt = tx.prepare_cached(&format!(
+                "{CHANGE_SELECT} WHERE seq > ?1 ORDER BY seq LIMIT ?2"
+            ))?;
             let mut rows = stmt.query((after.0, limit))?;
+            let mut changes = Vec::new();
+            while let Some(row) = rows.next()? {
+                changes.push(change_from_row(row)?);
+            }
+            Ok(changes)
+        })
+        .await
+    }
+
+    /// See [`super::Store::audit`].
+    pub(super) async fn audit(
+        &self,
+        bank: Option<BankId>,
+        after: ChangeSeq,
+        limit: usize,
+    ) -> Result<Vec<Change>, Error> {
+        let Some(bank) = bank else {
+            return self.changes_since(after, limit).await;
+        };
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.read(move |tx| {
+            require_bank(tx, bank)?;
+            let mut stmt = tx.prepare_cached(&format!(
+                "{CHANGE_SELECT} WHERE bank_id = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3"
+            ))?;
+            let mut rows = stmt.query((bank.0, after.0, limit))?;
             let mut changes = Vec::new();
             while let Some(row) = rows.next()? {
                 changes.push(change_from_row(row)?);
@@ -616,13 +847,14 @@ impl EmbeddedStore {
     /// See [`super::Store::stats`].
     pub(super) async fn stats(&self) -> Result<StoreStats, Error> {
         self.read(|tx| {
-            let counts: [i64; 6] = tx.query_row(
+            let counts: [i64; 7] = tx.query_row(
                 "SELECT (SELECT COUNT(*) FROM organisations),
                         (SELECT COUNT(*) FROM banks),
                         (SELECT COUNT(*) FROM refs WHERE withdrawn_ms IS NULL),
                         (SELECT COUNT(*) FROM refs WHERE withdrawn_ms IS NOT NULL),
                         (SELECT COALESCE(SUM(frame_count), 0) FROM refs),
-                        (SELECT COALESCE(MAX(seq), 0) FROM changes)",
+                        (SELECT COALESCE(MAX(seq), 0) FROM changes),
+                        (SELECT COUNT(*) FROM api_keys WHERE revoked_ms IS NULL)",
                 [],
                 |row| {
                     Ok([
@@ -632,6 +864,7 @@ impl EmbeddedStore {
                         row.get(3)?,
                         row.get(4)?,
                         row.get(5)?,
+                        row.get(6)?,
                     ])
                 },
             )?;
@@ -646,6 +879,7 @@ impl EmbeddedStore {
                 active_references: count(counts[2])?,
                 withdrawn_references: count(counts[3])?,
                 frames: count(counts[4])?,
+                api_keys: count(counts[6])?,
                 last_seq: ChangeSeq(counts[5]),
             })
         })
@@ -729,7 +963,7 @@ fn ensure_default_org(conn: &mut Connection) -> Result<OrgId, Error> {
     let id = match existing {
         Some(id) => OrgId(id),
         None => {
-            let org = insert_org(&tx, DEFAULT_ORG_NAME.to_string())?;
+            let org = insert_org(&tx, DEFAULT_ORG_NAME.to_string(), None)?;
             tracing::info!(org = %org.id, name = DEFAULT_ORG_NAME, "created default organisation");
             org.id
         }
@@ -763,9 +997,16 @@ fn is_unique_violation(err: &rusqlite::Error) -> bool {
         .is_some_and(|e| e.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_UNIQUE)
 }
 
-/// Inserts an organisation and its change entry; the organisation is its own actor because the
-/// store API does not name the creator.
-fn insert_org(tx: &Transaction<'_>, name: String) -> Result<Organisation, Error> {
+/// Inserts an organisation and its change entry, naming `actor`, or without one the new
+/// organisation itself.
+fn insert_org(
+    tx: &Transaction<'_>,
+    name: String,
+    actor: Option<Actor>,
+) -> Result<Organisation, Error> {
+    if let Some(actor) = actor {
+        require_actor(tx, actor)?;
+    }
     let created_ms = now_ms();
     let inserted = tx
         .prepare_cached("INSERT INTO organisations (name, created_ms) VALUES (?1, ?2)")?
@@ -781,8 +1022,195 @@ fn insert_org(tx: &Transaction<'_>, name: String) -> Result<Organisation, Error>
         Err(err) => return Err(err.into()),
     }
     let id = OrgId(tx.last_insert_rowid());
-    append_change(tx, &ChangeKind::OrgCreated(id), id, created_ms)?;
+    let actor = actor.unwrap_or(Actor::system(id));
+    append_change(tx, &ChangeKind::OrgCreated(id), actor, "", created_ms)?;
     Ok(Organisation { id, name })
+}
+
+/// Inserts a bank with its shares and its change entry. `new` is validated and normalised.
+fn insert_bank(tx: &Transaction<'_>, new: NewBank, actor: Actor) -> Result<Bank, Error> {
+    require_org(tx, new.owner)?;
+    let shares: &[OrgId] = match &new.visibility {
+        Visibility::SharedWith(orgs) => orgs,
+        Visibility::Private | Visibility::Public => &[],
+    };
+    for &org in shares {
+        require_org(tx, org)?;
+    }
+    require_actor(tx, actor)?;
+    let created_ms = now_ms();
+    let inserted = tx
+        .prepare_cached(
+            "INSERT INTO banks
+                 (name, category, owner_org, visibility, description, created_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        )?
+        .execute((
+            &new.name,
+            new.category.as_str(),
+            new.owner.0,
+            rows::visibility_text(&new.visibility),
+            &new.description,
+            created_ms,
+        ));
+    match inserted {
+        Ok(_) => {}
+        Err(err) if is_unique_violation(&err) => {
+            return Err(Error::AlreadyExists {
+                kind: "bank",
+                key: new.name,
+            });
+        }
+        Err(err) => return Err(err.into()),
+    }
+    let id = BankId(tx.last_insert_rowid());
+    insert_shares(tx, id, shares)?;
+    append_change(tx, &ChangeKind::BankCreated(id), actor, "", created_ms)?;
+    Ok(Bank {
+        id,
+        name: new.name,
+        category: new.category,
+        owner: new.owner,
+        visibility: new.visibility,
+        description: new.description,
+        created_ms,
+    })
+}
+
+fn insert_shares(conn: &Connection, bank: BankId, shares: &[OrgId]) -> Result<(), Error> {
+    let mut share =
+        conn.prepare_cached("INSERT INTO bank_shares (bank_id, org_id) VALUES (?1, ?2)")?;
+    for &org in shares {
+        share.execute((bank.0, org.0))?;
+    }
+    Ok(())
+}
+
+/// Inserts a reference with its frames and its change entry. `new.frames` is validated,
+/// non-empty and already deduplicated.
+fn insert_reference(
+    tx: &Transaction<'_>,
+    new: NewReference,
+    actor: Actor,
+) -> Result<Reference, Error> {
+    require_bank(tx, new.bank)?;
+    require_org(tx, new.added_by)?;
+    require_actor(tx, actor)?;
+    let frame_count = u32::try_from(new.frames.len()).map_err(|_| Error::InvalidInput {
+        field: "frames",
+        reason: format!("{} frames do not fit a u32 count", new.frames.len()),
+    })?;
+    let added_ms = now_ms();
+    tx.prepare_cached(
+        "INSERT INTO refs (bank_id, external_id, note, added_by, added_ms, frame_count)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+    )?
+    .execute((
+        new.bank.0,
+        &new.external_id,
+        &new.note,
+        new.added_by.0,
+        added_ms,
+        frame_count,
+    ))?;
+    let id = ReferenceId(tx.last_insert_rowid());
+    {
+        let mut insert = tx.prepare_cached(
+            "INSERT INTO frames (reference_id, hash, frame_index, timestamp_ms, quality)
+             VALUES (?1, ?2, ?3, ?4, ?5)",
+        )?;
+        for frame in &new.frames {
+            let timestamp_ms =
+                i64::try_from(frame.timestamp_ms).map_err(|_| Error::InvalidInput {
+                    field: "frames.timestamp_ms",
+                    reason: format!("{} ms does not fit an i64", frame.timestamp_ms),
+                })?;
+            insert.execute((
+                id.0,
+                frame.hash.as_bytes().as_slice(),
+                frame.frame_index,
+                timestamp_ms,
+                frame.quality,
+            ))?;
+        }
+    }
+    append_change(
+        tx,
+        &ChangeKind::ReferenceAdded {
+            reference: id,
+            bank: new.bank,
+        },
+        actor,
+        "",
+        added_ms,
+    )?;
+    Ok(Reference {
+        id,
+        bank: new.bank,
+        external_id: new.external_id,
+        note: new.note,
+        added_by: new.added_by,
+        added_ms,
+        state: ReferenceState::Active,
+        frame_count,
+    })
+}
+
+fn require_bank(conn: &Connection, id: BankId) -> Result<(), Error> {
+    let exists = conn
+        .prepare_cached("SELECT 1 FROM banks WHERE id = ?1")?
+        .exists([id.0])?;
+    if exists {
+        Ok(())
+    } else {
+        Err(Error::NotFound {
+            kind: "bank",
+            key: id.to_string(),
+        })
+    }
+}
+
+/// The actor's organisation exists and so does its key, which acts for that organisation.
+fn require_actor(conn: &Connection, actor: Actor) -> Result<(), Error> {
+    require_org(conn, actor.org)?;
+    let Some(key) = actor.key else {
+        return Ok(());
+    };
+    let org: i64 = conn
+        .prepare_cached("SELECT org_id FROM api_keys WHERE id = ?1")?
+        .query_row([key.0], |row| row.get(0))
+        .optional()?
+        .ok_or_else(|| Error::NotFound {
+            kind: "api key",
+            key: key.to_string(),
+        })?;
+    rows::check_actor(actor, OrgId(org))
+}
+
+fn mirrored_bank_id(
+    conn: &Connection,
+    source: &str,
+    remote_id: i64,
+) -> Result<Option<BankId>, Error> {
+    let id = conn
+        .prepare_cached("SELECT bank_id FROM mirrored_banks WHERE source = ?1 AND remote_id = ?2")?
+        .query_row((source, remote_id), |row| row.get(0))
+        .optional()?;
+    Ok(id.map(BankId))
+}
+
+fn mirrored_reference_id(
+    conn: &Connection,
+    source: &str,
+    remote_id: i64,
+) -> Result<Option<ReferenceId>, Error> {
+    let id = conn
+        .prepare_cached(
+            "SELECT reference_id FROM mirrored_refs WHERE source = ?1 AND remote_id = ?2",
+        )?
+        .query_row((source, remote_id), |row| row.get(0))
+        .optional()?;
+    Ok(id.map(ReferenceId))
 }
 
 fn require_org(conn: &Connection, id: OrgId) -> Result<(), Error> {
@@ -803,24 +1231,27 @@ fn require_org(conn: &Connection, id: OrgId) -> Result<(), Error> {
 fn append_change(
     conn: &Connection,
     kind: &ChangeKind,
-    actor: OrgId,
+    actor: Actor,
+    detail: &str,
     at_ms: i64,
 ) -> Result<ChangeSeq, Error> {
-    let (text, org, bank, reference): (&str, Option<i64>, Option<i64>, Option<i64>) = match kind {
-        ChangeKind::OrgCreated(org) => ("org_created", Some(org.0), None, None),
-        ChangeKind::BankCreated(bank) => ("bank_created", None, Some(bank.0), None),
-        ChangeKind::ReferenceAdded { reference, bank } => {
-            ("reference_added", None, Some(bank.0), Some(reference.0))
-        }
-        ChangeKind::ReferenceWithdrawn { reference, bank } => {
-            ("reference_withdrawn", None, Some(bank.0), Some(reference.0))
-        }
-    };
+    let ids = rows::change_ids(kind);
     conn.prepare_cached(
-        "INSERT INTO changes (kind, org_id, bank_id, reference_id, actor, at_ms)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        "INSERT INTO changes
+             (kind, org_id, bank_id, reference_id, key_id, actor, actor_key, detail, at_ms)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
     )?
-    .execute((text, org, bank, reference, actor.0, at_ms))?;
+    .execute((
+        ids.kind,
+        ids.org,
+        ids.bank,
+        ids.reference,
+        ids.key,
+        actor.org.0,
+        actor.key.map(|key| key.0),
+        detail,
+        at_ms,
+    ))?;
     Ok(ChangeSeq(conn.last_insert_rowid()))
 }
 
@@ -831,17 +1262,86 @@ fn last_seq(conn: &Connection) -> Result<ChangeSeq, Error> {
     Ok(ChangeSeq(seq))
 }
 
+const CHANGE_SELECT: &str = "SELECT seq, kind, org_id, bank_id, reference_id, key_id, actor,
+        actor_key, detail, at_ms FROM changes";
+
 fn change_from_row(row: &Row<'_>) -> Result<Change, Error> {
     let kind: String = row.get(1)?;
-    rows::change(
-        row.get(0)?,
-        &kind,
-        row.get(2)?,
-        row.get(3)?,
-        row.get(4)?,
-        row.get(5)?,
-        row.get(6)?,
-    )
+    rows::change(rows::ChangeColumns {
+        seq: row.get(0)?,
+        kind: &kind,
+        org: row.get(2)?,
+        bank: row.get(3)?,
+        reference: row.get(4)?,
+        key: row.get(5)?,
+        actor: row.get(6)?,
+        actor_key: row.get(7)?,
+        detail: row.get(8)?,
+        at_ms: row.get(9)?,
+    })
+}
+
+const KEY_SELECT: &str =
+    "SELECT id, org_id, role, key_hash, label, created_ms, revoked_ms FROM api_keys";
+
+/// An `api_keys` row before its role and digest are checked.
+struct KeyRow {
+    id: i64,
+    org: i64,
+    role: String,
+    digest: Vec<u8>,
+    label: String,
+    created_ms: i64,
+    revoked_ms: Option<i64>,
+}
+
+impl KeyRow {
+    fn from_row(row: &Row<'_>) -> rusqlite::Result<Self> {
+        Ok(Self {
+            id: row.get(0)?,
+            org: row.get(1)?,
+            role: row.get(2)?,
+            digest: row.get(3)?,
+            label: row.get(4)?,
+            created_ms: row.get(5)?,
+            revoked_ms: row.get(6)?,
+        })
+    }
+
+    fn into_key(self) -> Result<ApiKey, Error> {
+        rows::api_key(rows::ApiKeyColumns {
+            id: self.id,
+            org: self.org,
+            role: &self.role,
+            digest: &self.digest,
+            label: self.label,
+            created_ms: self.created_ms,
+            revoked_ms: self.revoked_ms,
+        })
+    }
+}
+
+fn read_api_key(conn: &Connection, id: KeyId) -> Result<ApiKey, Error> {
+    conn.prepare_cached(&format!("{KEY_SELECT} WHERE id = ?1"))?
+        .query_row([id.0], KeyRow::from_row)
+        .optional()?
+        .ok_or_else(|| Error::NotFound {
+            kind: "api key",
+            key: id.to_string(),
+        })?
+        .into_key()
+}
+
+fn read_bank(conn: &Connection, id: BankId) -> Result<Bank, Error> {
+    let raw = conn
+        .prepare_cached(&format!("{BANK_SELECT} WHERE id = ?1"))?
+        .query_row([id.0], BankRow::from_row)
+        .optional()?
+        .ok_or_else(|| Error::NotFound {
+            kind: "bank",
+            key: id.to_string(),
+        })?;
+    finish_bank(conn, raw)
 }
 
 const BANK_SELECT: &str =
@@ -894,50 +1394,32 @@ fn finish_bank(conn: &Connection, raw: BankRow) -> Result<Bank, Error> {
     raw.into_bank(shares)
 }
 
+const REF_SELECT: &str = "SELECT id, bank_id, external_id, note, added_by, added_ms, frame_count,
+        withdrawn_ms, withdrawn_reason FROM refs";
+
 fn read_reference(conn: &Connection, id: ReferenceId) -> Result<Reference, Error> {
-    type RefRow = (
-        i64,
-        String,
-        String,
-        i64,
-        i64,
-        i64,
-        Option<i64>,
-        Option<String>,
-    );
-    let row: RefRow = conn
-        .prepare_cached(
-            "SELECT bank_id, external_id, note, added_by, added_ms, frame_count,
-                    withdrawn_ms, withdrawn_reason
-             FROM refs WHERE id = ?1",
-        )?
-        .query_row([id.0], |row| {
-            Ok((
-                row.get(0)?,
-                row.get(1)?,
-                row.get(2)?,
-                row.get(3)?,
-                row.get(4)?,
-                row.get(5)?,
-                row.get(6)?,
-                row.get(7)?,
-            ))
-        })
-        .optional()?
-        .ok_or_else(|| Error::NotFound {
+    let mut stmt = conn.prepare_cached(&format!("{REF_SELECT} WHERE id = ?1"))?;
+    let mut rows = stmt.query([id.0])?;
+    match rows.next()? {
+        Some(row) => reference_from_row(row),
+        None => Err(Error::NotFound {
             kind: "reference",
             key: id.to_string(),
-        })?;
-    let (bank, external_id, note, added_by, added_ms, frame_count, withdrawn_ms, reason) = row;
-    let state = rows::reference_state(id, withdrawn_ms, reason)?;
-    let frame_count = rows::frame_count(id, frame_count)?;
+        }),
+    }
+}
+
+fn reference_from_row(row: &Row<'_>) -> Result<Reference, Error> {
+    let id = ReferenceId(row.get(0)?);
+    let state = rows::reference_state(id, row.get(7)?, row.get(8)?)?;
+    let frame_count = rows::frame_count(id, row.get(6)?)?;
     Ok(Reference {
         id,
-        bank: BankId(bank),
-        external_id,
-        note,
-        added_by: OrgId(added_by),
-        added_ms,
+        bank: BankId(row.get(1)?),
+        external_id: row.get(2)?,
+        note: row.get(3)?,
+        added_by: OrgId(row.get(4)?),
+        added_ms: row.get(5)?,
         state,
         frame_count,
     })
@@ -1000,17 +1482,20 @@ mod tests {
                     visibility: Visibility::Public,
                     description: String::new(),
                 },
-                local,
+                Actor::system(local),
             )
             .await?;
         store
-            .add_reference(NewReference {
-                bank: bank.id,
-                external_id: String::new(),
-                note: String::new(),
-                added_by: local,
-                frames: vec![frame(0, 1), frame(1, 2)],
-            })
+            .add_reference(
+                NewReference {
+                    bank: bank.id,
+                    external_id: String::new(),
+                    note: String::new(),
+                    added_by: local,
+                    frames: vec![frame(0, 1), frame(1, 2)],
+                },
+                Actor::system(local),
+            )
             .await
     }
 
@@ -1071,6 +1556,131 @@ mod tests {
             assert_eq!(again.list_orgs().await?.len(), 1);
             assert_eq!(again.last_seq().await?, ChangeSeq(1));
         }
+        Ok(())
+    }
+
+    /// A database written by the first release (schema 1, with data and a change log) opened
+    /// by this one: migrated in place, its data and log kept, its sequence numbers never reused.
+    #[tokio::test]
+    async fn a_schema_1_database_is_upgraded_in_place() -> TestResult {
+        let dir = tempfile::tempdir()?;
+        {
+            let conn = Connection::open(dir.path().join(FILE_NAME))?;
+            conn.execute_batch(MIGRATIONS[0])?;
+            conn.pragma_update(None, "user_version", 1)?;
+            conn.execute_batch(
+                "INSERT INTO organisations (id, name, created_ms) VALUES (1, 'local', 10),
+                     (2, 'partner', 11);
+                 INSERT INTO api_keys (id, org_id, role, key_hash, created_ms)
+                     VALUES (1, 2, 'contributor', zeroblob(32), 12);
+                 INSERT INTO banks (id, name, category, owner_org, visibility, description,
+                                    created_ms)
+                     VALUES (1, 'old', 'terrorism', 1, 'shared', 'kept', 13);
+                 INSERT INTO bank_shares (bank_id, org_id) VALUES (1, 2);
+                 INSERT INTO refs (id, bank_id, external_id, note, added_by, added_ms,
+                                   frame_count)
+                     VALUES (1, 1, 'x', 'n', 2, 14, 1);
+                 INSERT INTO frames (reference_id, hash, frame_index, timestamp_ms, quality)
+                     VALUES (1, zeroblob(32), 0, 0, 50);
+                 INSERT INTO changes (kind, org_id, bank_id, reference_id, actor, at_ms) VALUES
+                     ('org_created', 1, NULL, NULL, 1, 10),
+                     ('org_created', 2, NULL, NULL, 2, 11),
+                     ('bank_created', NULL, 1, NULL, 1, 13),
+                     ('reference_added', NULL, 1, 1, 2, 14),
+                     ('org_created', 2, NULL, NULL, 2, 15);
+                 -- Seq 5 was handed out and is gone: AUTOINCREMENT must never hand it out again.
+                 DELETE FROM changes WHERE seq = 5;",
+            )?;
+        }
+        let store = Store::open_embedded(dir.path()).await?;
+        let Store::Embedded(embedded) = &store else {
+            panic!("opened as embedded: {store:?}");
+        };
+        let version: i64 =
+            embedded
+                .inner
+                .writer
+                .lock()
+                .pragma_query_value(None, "user_version", |r| r.get(0))?;
+        assert_eq!(version, supported_version());
+
+        let local = store.default_org().await?;
+        assert_eq!(local, OrgId(1));
+        assert_eq!(store.list_orgs().await?.len(), 2);
+        let bank = store.get_bank(BankId(1)).await?;
+        assert_eq!(bank.visibility, Visibility::SharedWith(vec![OrgId(2)]));
+        assert_eq!(bank.description, "kept");
+        let reference = store.get_reference(ReferenceId(1)).await?;
+        assert_eq!(reference.added_by, OrgId(2));
+        assert_eq!(store.reference_frames(ReferenceId(1)).await?.len(), 1);
+        let key = store.get_api_key(KeyId(1)).await?;
+        assert_eq!(
+            (key.org, key.role, key.label.as_str(), key.revoked_ms),
+            (OrgId(2), crate::model::Role::Contributor, "", None)
+        );
+
+        let changes = store.changes_since(ChangeSeq(0), 100).await?;
+        let seqs: Vec<i64> = changes.iter().map(|c| c.seq.0).collect();
+        assert_eq!(seqs, vec![1, 2, 3, 4]);
+        assert_eq!(
+            changes[3],
+            Change {
+                seq: ChangeSeq(4),
+                kind: ChangeKind::ReferenceAdded {
+                    reference: ReferenceId(1),
+                    bank: BankId(1),
+                },
+                actor: Actor::system(OrgId(2)),
+                detail: String::new(),
+                at_ms: 14,
+            }
+        );
+
+        // The new kinds and columns work, and numbering continues after the high-water mark.
+        let actor = Actor {
+            org: OrgId(2),
+            key: Some(KeyId(1)),
+        };
+        store
+            .update_bank_visibility(BankId(1), Visibility::Public, actor)
+            .await?;
+        let change = store.changes_since(ChangeSeq(4), 10).await?;
+        assert_eq!(change.len(), 1);
+        assert_eq!(change[0].seq, ChangeSeq(6));
+        assert_eq!(change[0].kind, ChangeKind::BankUpdated(BankId(1)));
+        assert_eq!(change[0].actor, actor);
+        assert_eq!(change[0].detail, "public");
+        store.revoke_api_key(KeyId(1), actor).await?;
+        assert_eq!(store.last_seq().await?, ChangeSeq(7));
+        drop(store);
+
+        // Reopening finds nothing more to do.
+        let store = Store::open_embedded(dir.path()).await?;
+        assert_eq!(store.changes_since(ChangeSeq(0), 100).await?.len(), 6);
+        Ok(())
+    }
+
+    /// The rebuilt change log keeps every constraint of the first one, and gains its new ones.
+    #[tokio::test]
+    async fn the_change_log_checks_its_kind_and_references() -> TestResult {
+        let dir = tempfile::tempdir()?;
+        let store = open(dir.path()).await?;
+        let conn = store.inner.writer.lock();
+        let insert = |kind: &str, key: i64| {
+            conn.execute(
+                "INSERT INTO changes (kind, org_id, key_id, actor, at_ms)
+                 VALUES (?1, 1, ?2, 1, 0)",
+                (kind, key),
+            )
+        };
+        assert!(insert("bank_deleted", 0).is_err(), "unknown kind accepted");
+        assert!(insert("key_created", 999).is_err(), "dangling key accepted");
+        let sequence: i64 = conn.query_row(
+            "SELECT seq FROM sqlite_sequence WHERE name = 'changes'",
+            [],
+            |row| row.get(0),
+        )?;
+        assert_eq!(sequence, 1);
         Ok(())
     }
 
@@ -1217,7 +1827,7 @@ mod tests {
         for i in 0..16 {
             let store = store.clone();
             tasks.push(tokio::spawn(async move {
-                store.create_org(&format!("org-{i}")).await
+                store.create_org(&format!("org-{i}"), None).await
             }));
         }
         for task in tasks {

@@ -10,9 +10,12 @@
 //! Invariants every backend upholds:
 //! - **Durable before acknowledged.** A write method returns `Ok` only after its transaction has
 //!   committed durably (it survives `kill -9` and power loss).
-//! - **One write, one change.** Every write (create organisation, create bank, add reference with
-//!   all its frames, withdraw reference) is a single transaction that also appends exactly one
-//!   [`Change`]; the change becomes visible together with the data, never before.
+//! - **One write, one change.** Every write (create organisation, create bank, change a bank's
+//!   visibility, add reference with all its frames, withdraw reference, create or revoke an API
+//!   key, and the mirrored bank and reference of a followed partner) is a single transaction that
+//!   also appends exactly one [`Change`], naming its [`Actor`] (organisation and key); the change
+//!   becomes visible together with the data, never before. The one exception is the follow
+//!   cursor ([`Store::set_follow_cursor`]): local bookkeeping, not data, so it has no change.
 //! - **The log has no holes for a reader.** [`Store::changes_since`] returns changes in sequence
 //!   order, and a change with a lower sequence number never becomes visible after one with a
 //!   higher number, so a tailer that remembers the last sequence it saw never misses a change.
@@ -36,8 +39,8 @@ use tokio::sync::mpsc;
 
 use crate::hash::PdqHash;
 use crate::model::{
-    Bank, BankId, Category, Change, ChangeSeq, FrameSignal, IndexedFrame, NewReference, OrgId,
-    Organisation, Reference, ReferenceId, Visibility,
+    Actor, ApiKey, Bank, BankId, Category, Change, ChangeSeq, FrameSignal, IndexedFrame, KeyDigest,
+    KeyId, NewApiKey, NewReference, OrgId, Organisation, Reference, ReferenceId, Visibility,
 };
 
 /// Longest bank or organisation name, in characters.
@@ -50,26 +53,32 @@ pub const MAX_TEXT_BYTES: usize = 4096;
 pub const MAX_FRAMES_PER_REFERENCE: usize = 1_000_000;
 /// Highest PDQ quality score.
 pub const MAX_QUALITY: u8 = 100;
+/// Longest API key label, in bytes of UTF-8.
+pub const MAX_LABEL_BYTES: usize = 256;
+/// Longest partner feed name ([`Store::follow_cursor`] and the mirror methods), in bytes of
+/// UTF-8.
+pub const MAX_SOURCE_BYTES: usize = 512;
 /// Name of the organisation every store creates when it is first opened.
 pub const DEFAULT_ORG_NAME: &str = "local";
 
 /// Everything that can go wrong in the store.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// The bank, reference or organisation does not exist.
+    /// The bank, reference, organisation or API key does not exist.
     #[error("{kind} {key} not found")]
     NotFound {
-        /// `"bank"`, `"reference"` or `"organisation"`.
+        /// `"bank"`, `"reference"`, `"organisation"` or `"api key"`.
         kind: &'static str,
         /// The id or name that was looked up.
         key: String,
     },
-    /// A bank or organisation with that name already exists.
+    /// A bank or organisation with that name, or an API key with that digest, already exists.
     #[error("{kind} {key:?} already exists")]
     AlreadyExists {
-        /// `"bank"` or `"organisation"`.
+        /// `"bank"`, `"organisation"` or `"api key"`.
         kind: &'static str,
-        /// The name that is taken.
+        /// The name that is taken (for an API key, the words "with this digest": never the
+        /// digest itself).
         key: String,
     },
     /// The reference was already withdrawn.
@@ -77,6 +86,12 @@ pub enum Error {
     AlreadyWithdrawn {
         /// The reference.
         reference: ReferenceId,
+    },
+    /// The API key was already revoked.
+    #[error("api key {key} is already revoked")]
+    AlreadyRevoked {
+        /// The key.
+        key: KeyId,
     },
     /// An argument breaks one of the documented limits.
     #[error("invalid {field}: {reason}")]
@@ -183,6 +198,8 @@ pub struct StoreStats {
     pub withdrawn_references: u64,
     /// Frame signals stored, for active and withdrawn references alike (after deduplication).
     pub frames: u64,
+    /// API keys not revoked.
+    pub api_keys: u64,
     /// Latest change-log position.
     pub last_seq: ChangeSeq,
 }
@@ -267,17 +284,24 @@ impl Store {
         }
     }
 
-    /// Creates an organisation. Its change entry names the new organisation as the actor.
+    /// Creates an organisation. Its change entry names `actor`, or with `None` the new
+    /// organisation itself (without a key: the server creating it, e.g. at bootstrap).
     ///
     /// # Errors
     /// [`Error::InvalidInput`] when the name is empty, longer than [`MAX_NAME_CHARS`], has
-    /// control characters or leading/trailing whitespace; [`Error::AlreadyExists`] when the name
-    /// is taken; backend errors.
-    pub async fn create_org(&self, name: &str) -> Result<Organisation, Error> {
+    /// control characters or leading/trailing whitespace, or the actor's key acts for another
+    /// organisation (`"actor"`); [`Error::AlreadyExists`] when the name is taken;
+    /// [`Error::NotFound`] when the actor's organisation (`"organisation"`) or key (`"api key"`)
+    /// does not exist; backend errors.
+    pub async fn create_org(
+        &self,
+        name: &str,
+        actor: Option<Actor>,
+    ) -> Result<Organisation, Error> {
         validate_org_name(name)?;
         match self {
-            Store::Embedded(store) => store.create_org(name.to_string()).await,
-            Store::Postgres(store) => store.create_org(name.to_string()).await,
+            Store::Embedded(store) => store.create_org(name.to_string(), actor).await,
+            Store::Postgres(store) => store.create_org(name.to_string(), actor).await,
         }
     }
 
@@ -295,17 +319,13 @@ impl Store {
     /// Creates a bank owned by `new.owner`; `actor` is recorded in the change log.
     ///
     /// # Errors
-    /// [`Error::InvalidInput`] for a bad name or an over-long description;
-    /// [`Error::NotFound`] (`"organisation"`) when the owner, the actor or an organisation it is
-    /// shared with does not exist; [`Error::AlreadyExists`] when the name is taken; backend
+    /// [`Error::InvalidInput`] for a bad name or an over-long description, or an actor whose key
+    /// acts for another organisation (`"actor"`); [`Error::NotFound`] when the owner, the
+    /// actor or an organisation it is shared with (`"organisation"`), or the actor's key
+    /// (`"api key"`), does not exist; [`Error::AlreadyExists`] when the name is taken; backend
     /// errors.
-    pub async fn create_bank(&self, new: NewBank, actor: OrgId) -> Result<Bank, Error> {
-        validate_bank_name(&new.name)?;
-        validate_text("description", &new.description)?;
-        let new = NewBank {
-            visibility: normalise_visibility(new.visibility),
-            ..new
-        };
+    pub async fn create_bank(&self, new: NewBank, actor: Actor) -> Result<Bank, Error> {
+        let new = validate_new_bank(new)?;
         match self {
             Store::Embedded(store) => store.create_bank(new, actor).await,
             Store::Postgres(store) => store.create_bank(new, actor).await,
@@ -353,30 +373,33 @@ impl Store {
     /// [`Error::InvalidInput`] when there are no frames or more than
     /// [`MAX_FRAMES_PER_REFERENCE`], a quality is above [`MAX_QUALITY`], a timestamp does not fit
     /// in an `i64`, or the external id or note is longer than [`MAX_TEXT_BYTES`];
-    /// [`Error::NotFound`] when the bank (`"bank"`) or the adding organisation
-    /// (`"organisation"`) does not exist; backend errors.
-    pub async fn add_reference(&self, new: NewReference) -> Result<Reference, Error> {
-        validate_text("external_id", &new.external_id)?;
-        validate_text("note", &new.note)?;
-        let frames = dedup_frames(new.frames)?;
-        let new = NewReference { frames, ..new };
+    /// [`Error::NotFound`] when the bank (`"bank"`), the adding organisation or the actor's
+    /// (`"organisation"`), or the actor's key (`"api key"`) does not exist;
+    /// [`Error::InvalidInput`] (`"actor"`) when the actor's key acts for another organisation;
+    /// backend errors.
+    ///
+    /// The reference's [`Reference::added_by`] is `new.added_by`; the change names `actor`.
+    pub async fn add_reference(&self, new: NewReference, actor: Actor) -> Result<Reference, Error> {
+        let new = validate_new_reference(new)?;
         match self {
-            Store::Embedded(store) => store.add_reference(new).await,
-            Store::Postgres(store) => store.add_reference(new).await,
+            Store::Embedded(store) => store.add_reference(new, actor).await,
+            Store::Postgres(store) => store.add_reference(new, actor).await,
         }
     }
 
-    /// Withdraws a reference so it never matches again; its frames stay stored.
+    /// Withdraws a reference so it never matches again; its frames stay stored. The change's
+    /// detail is the reason.
     ///
     /// # Errors
-    /// [`Error::InvalidInput`] when the reason is empty or longer than [`MAX_TEXT_BYTES`];
-    /// [`Error::NotFound`] when the reference (`"reference"`) or the actor (`"organisation"`)
-    /// does not exist; [`Error::AlreadyWithdrawn`]; backend errors.
+    /// [`Error::InvalidInput`] when the reason is empty or longer than [`MAX_TEXT_BYTES`], or
+    /// the actor's key acts for another organisation (`"actor"`); [`Error::NotFound`] when the
+    /// reference (`"reference"`), the actor (`"organisation"`) or its key (`"api key"`) does not
+    /// exist; [`Error::AlreadyWithdrawn`]; backend errors.
     pub async fn withdraw_reference(
         &self,
         id: ReferenceId,
         reason: &str,
-        actor: OrgId,
+        actor: Actor,
     ) -> Result<Reference, Error> {
         validate_text("reason", reason)?;
         if reason.trim().is_empty() {
@@ -399,6 +422,229 @@ impl Store {
         }
     }
 
+    /// Replaces a bank's visibility (and its share list, normalised as [`Store::create_bank`]
+    /// does) and appends a `BankUpdated` change whose detail describes the new visibility:
+    /// `private`, `public` or `shared with 2,5`.
+    ///
+    /// # Errors
+    /// [`Error::NotFound`] when the bank (`"bank"`), a listed organisation or the actor
+    /// (`"organisation"`), or the actor's key (`"api key"`) does not exist;
+    /// [`Error::InvalidInput`] (`"actor"`) when the actor's key acts for another organisation;
+    /// backend errors.
+    pub async fn update_bank_visibility(
+        &self,
+        bank: BankId,
+        visibility: Visibility,
+        actor: Actor,
+    ) -> Result<Bank, Error> {
+        let visibility = normalise_visibility(visibility);
+        match self {
+            Store::Embedded(store) => store.update_bank_visibility(bank, visibility, actor).await,
+            Store::Postgres(store) => store.update_bank_visibility(bank, visibility, actor).await,
+        }
+    }
+
+    /// Stores a new API key (its digest only) and appends a `KeyCreated` change whose detail is
+    /// the key's role and label.
+    ///
+    /// # Errors
+    /// [`Error::InvalidInput`] when the label is longer than [`MAX_LABEL_BYTES`] or has control
+    /// characters, or the actor's key acts for another organisation (`"actor"`);
+    /// [`Error::NotFound`] when the key's organisation or the actor (`"organisation"`), or the
+    /// actor's key (`"api key"`), does not exist; [`Error::AlreadyExists`] (`"api key"`) when a
+    /// key with the same digest exists; backend errors.
+    pub async fn create_api_key(&self, new: NewApiKey, actor: Actor) -> Result<ApiKey, Error> {
+        validate_label(&new.label)?;
+        match self {
+            Store::Embedded(store) => store.create_api_key(new, actor).await,
+            Store::Postgres(store) => store.create_api_key(new, actor).await,
+        }
+    }
+
+    /// Revokes an API key for ever and appends a `KeyRevoked` change whose detail is the key's
+    /// role and label. A key may revoke itself.
+    ///
+    /// # Errors
+    /// [`Error::NotFound`] when the key (`"api key"`), the actor (`"organisation"`) or the
+    /// actor's key (`"api key"`) does not exist; [`Error::AlreadyRevoked`];
+    /// [`Error::InvalidInput`] (`"actor"`) when the actor's key acts for another organisation;
+    /// backend errors.
+    pub async fn revoke_api_key(&self, id: KeyId, actor: Actor) -> Result<ApiKey, Error> {
+        match self {
+            Store::Embedded(store) => store.revoke_api_key(id, actor).await,
+            Store::Postgres(store) => store.revoke_api_key(id, actor).await,
+        }
+    }
+
+    /// One API key by id, revoked or not.
+    ///
+    /// # Errors
+    /// [`Error::NotFound`] (`"api key"`); [`Error::Corrupt`]; backend errors.
+    pub async fn get_api_key(&self, id: KeyId) -> Result<ApiKey, Error> {
+        match self {
+            Store::Embedded(store) => store.get_api_key(id).await,
+            Store::Postgres(store) => store.get_api_key(id).await,
+        }
+    }
+
+    /// The API key whose secret has this SHA-256 digest, revoked or not (`None` when there is
+    /// none): how a request is authenticated. Check [`ApiKey::revoked_ms`].
+    ///
+    /// # Errors
+    /// [`Error::Corrupt`]; backend errors.
+    pub async fn api_key_by_digest(&self, digest: KeyDigest) -> Result<Option<ApiKey>, Error> {
+        match self {
+            Store::Embedded(store) => store.api_key_by_digest(digest).await,
+            Store::Postgres(store) => store.api_key_by_digest(digest).await,
+        }
+    }
+
+    /// Every API key, revoked ones included, by id.
+    ///
+    /// # Errors
+    /// [`Error::Corrupt`]; backend errors.
+    pub async fn list_api_keys(&self) -> Result<Vec<ApiKey>, Error> {
+        match self {
+            Store::Embedded(store) => store.list_api_keys().await,
+            Store::Postgres(store) => store.list_api_keys().await,
+        }
+    }
+
+    /// The position up to which the partner feed `source` has been mirrored
+    /// (`ChangeSeq(0)` when it never was).
+    ///
+    /// # Errors
+    /// [`Error::InvalidInput`] (`"source"`) for an empty or over-long name
+    /// ([`MAX_SOURCE_BYTES`]); [`Error::Corrupt`] for a negative stored cursor; backend errors.
+    pub async fn follow_cursor(&self, source: &str) -> Result<ChangeSeq, Error> {
+        validate_source(source)?;
+        match self {
+            Store::Embedded(store) => store.follow_cursor(source.to_string()).await,
+            Store::Postgres(store) => store.follow_cursor(source.to_string()).await,
+        }
+    }
+
+    /// Records (durably) that the partner feed `source` has been mirrored up to `seq`. Local
+    /// bookkeeping: appends no change. May move the cursor backwards (to replay a feed; the
+    /// mirror methods are idempotent).
+    ///
+    /// # Errors
+    /// [`Error::InvalidInput`] for a bad `source` or a negative `seq` (`"cursor"`); backend
+    /// errors.
+    pub async fn set_follow_cursor(&self, source: &str, seq: ChangeSeq) -> Result<(), Error> {
+        validate_source(source)?;
+        if seq.0 < 0 {
+            return Err(Error::InvalidInput {
+                field: "cursor",
+                reason: format!("{} is negative", seq.0),
+            });
+        }
+        match self {
+            Store::Embedded(store) => store.set_follow_cursor(source.to_string(), seq).await,
+            Store::Postgres(store) => store.set_follow_cursor(source.to_string(), seq).await,
+        }
+    }
+
+    /// The local bank mirroring bank `remote_id` of the partner feed `source`, if there is one.
+    ///
+    /// # Errors
+    /// [`Error::InvalidInput`] (`"source"`); [`Error::Corrupt`]; backend errors.
+    pub async fn mirrored_bank(&self, source: &str, remote_id: i64) -> Result<Option<Bank>, Error> {
+        validate_source(source)?;
+        match self {
+            Store::Embedded(store) => store.mirrored_bank(source.to_string(), remote_id).await,
+            Store::Postgres(store) => store.mirrored_bank(source.to_string(), remote_id).await,
+        }
+    }
+
+    /// Creates the local bank mirroring bank `remote_id` of the partner feed `source`, with its
+    /// mapping and a `BankCreated` change, in one transaction. Idempotent: when the mapping
+    /// exists already, returns the bank it names unchanged (whatever `new` says) and appends
+    /// nothing.
+    ///
+    /// # Errors
+    /// As [`Store::create_bank`] (the bank name must be free unless the mapping exists), plus
+    /// [`Error::InvalidInput`] (`"source"`).
+    pub async fn create_mirrored_bank(
+        &self,
+        source: &str,
+        remote_id: i64,
+        new: NewBank,
+        actor: Actor,
+    ) -> Result<Bank, Error> {
+        validate_source(source)?;
+        let new = validate_new_bank(new)?;
+        let source = source.to_string();
+        match self {
+            Store::Embedded(store) => {
+                store
+                    .create_mirrored_bank(source, remote_id, new, actor)
+                    .await
+            }
+            Store::Postgres(store) => {
+                store
+                    .create_mirrored_bank(source, remote_id, new, actor)
+                    .await
+            }
+        }
+    }
+
+    /// The local reference mirroring reference `remote_id` of the partner feed `source`, if
+    /// there is one.
+    ///
+    /// # Errors
+    /// [`Error::InvalidInput`] (`"source"`); backend errors.
+    pub async fn mirrored_reference(
+        &self,
+        source: &str,
+        remote_id: i64,
+    ) -> Result<Option<ReferenceId>, Error> {
+        validate_source(source)?;
+        match self {
+            Store::Embedded(store) => {
+                store
+                    .mirrored_reference(source.to_string(), remote_id)
+                    .await
+            }
+            Store::Postgres(store) => {
+                store
+                    .mirrored_reference(source.to_string(), remote_id)
+                    .await
+            }
+        }
+    }
+
+    /// Adds the local reference mirroring reference `remote_id` of the partner feed `source`:
+    /// the reference, its frames, the mapping and a `ReferenceAdded` change in one transaction,
+    /// returning it with `true`. Idempotent: when the mapping exists already, returns the
+    /// reference it names (as it is now, perhaps withdrawn) with `false` and appends nothing.
+    ///
+    /// # Errors
+    /// As [`Store::add_reference`], plus [`Error::InvalidInput`] (`"source"`).
+    pub async fn add_mirrored_reference(
+        &self,
+        source: &str,
+        remote_id: i64,
+        new: NewReference,
+        actor: Actor,
+    ) -> Result<(Reference, bool), Error> {
+        validate_source(source)?;
+        let new = validate_new_reference(new)?;
+        let source = source.to_string();
+        match self {
+            Store::Embedded(store) => {
+                store
+                    .add_mirrored_reference(source, remote_id, new, actor)
+                    .await
+            }
+            Store::Postgres(store) => {
+                store
+                    .add_mirrored_reference(source, remote_id, new, actor)
+                    .await
+            }
+        }
+    }
+
     /// One reference by id, active or withdrawn.
     ///
     /// # Errors
@@ -407,6 +653,21 @@ impl Store {
         match self {
             Store::Embedded(store) => store.get_reference(id).await,
             Store::Postgres(store) => store.get_reference(id).await,
+        }
+    }
+
+    /// The references of one bank, by id; withdrawn ones only with `include_withdrawn`.
+    ///
+    /// # Errors
+    /// [`Error::NotFound`] (`"bank"`); [`Error::Corrupt`]; backend errors.
+    pub async fn list_references(
+        &self,
+        bank: BankId,
+        include_withdrawn: bool,
+    ) -> Result<Vec<Reference>, Error> {
+        match self {
+            Store::Embedded(store) => store.list_references(bank, include_withdrawn).await,
+            Store::Postgres(store) => store.list_references(bank, include_withdrawn).await,
         }
     }
 
@@ -448,6 +709,25 @@ impl Store {
         match self {
             Store::Embedded(store) => store.changes_since(after, limit).await,
             Store::Postgres(store) => store.changes_since(after, limit).await,
+        }
+    }
+
+    /// The audit trail: up to `limit` changes with a sequence number above `after`, in sequence
+    /// order; with `bank`, only the changes concerning that bank (its creation, visibility
+    /// changes, and references added to or withdrawn from it).
+    ///
+    /// # Errors
+    /// [`Error::NotFound`] (`"bank"`) when `bank` does not exist; [`Error::Corrupt`] for an
+    /// unreadable change entry; backend errors.
+    pub async fn audit(
+        &self,
+        bank: Option<BankId>,
+        after: ChangeSeq,
+        limit: usize,
+    ) -> Result<Vec<Change>, Error> {
+        match self {
+            Store::Embedded(store) => store.audit(bank, after, limit).await,
+            Store::Postgres(store) => store.audit(bank, after, limit).await,
         }
     }
 
@@ -524,6 +804,54 @@ fn validate_name_length(field: &'static str, name: &str) -> Result<(), Error> {
     Ok(())
 }
 
+/// A bank as [`Store::create_bank`] accepts it: valid name and description, normalised shares.
+fn validate_new_bank(new: NewBank) -> Result<NewBank, Error> {
+    validate_bank_name(&new.name)?;
+    validate_text("description", &new.description)?;
+    Ok(NewBank {
+        visibility: normalise_visibility(new.visibility),
+        ..new
+    })
+}
+
+/// A reference as [`Store::add_reference`] accepts it: valid texts, frames validated and
+/// deduplicated.
+fn validate_new_reference(new: NewReference) -> Result<NewReference, Error> {
+    validate_text("external_id", &new.external_id)?;
+    validate_text("note", &new.note)?;
+    let frames = dedup_frames(new.frames)?;
+    Ok(NewReference { frames, ..new })
+}
+
+/// API key labels: up to [`MAX_LABEL_BYTES`] bytes, no control characters (they end up in logs
+/// and in the audit trail).
+fn validate_label(label: &str) -> Result<(), Error> {
+    if label.len() > MAX_LABEL_BYTES {
+        return Err(Error::InvalidInput {
+            field: "label",
+            reason: format!("{} bytes, limit is {MAX_LABEL_BYTES}", label.len()),
+        });
+    }
+    if let Some((position, found)) = label.chars().enumerate().find(|(_, c)| c.is_control()) {
+        return Err(Error::InvalidInput {
+            field: "label",
+            reason: format!("control character {found:?} at position {position}"),
+        });
+    }
+    Ok(())
+}
+
+/// Partner feed names: 1..=[`MAX_SOURCE_BYTES`] bytes.
+fn validate_source(source: &str) -> Result<(), Error> {
+    if source.is_empty() || source.len() > MAX_SOURCE_BYTES {
+        return Err(Error::InvalidInput {
+            field: "source",
+            reason: format!("{} bytes, must be 1 to {MAX_SOURCE_BYTES}", source.len()),
+        });
+    }
+    Ok(())
+}
+
 fn validate_text(field: &'static str, text: &str) -> Result<(), Error> {
     if text.len() > MAX_TEXT_BYTES {
         return Err(Error::InvalidInput {
@@ -595,9 +923,14 @@ fn dedup_frames(mut frames: Vec<FrameSignal>) -> Result<Vec<FrameSignal>, Error>
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{ChangeKind, ReferenceState};
+    use crate::model::{ChangeKind, ReferenceState, Role};
 
     type TestResult = Result<(), Box<dyn std::error::Error>>;
+
+    /// The server acting for `org`, without a key.
+    fn sys(org: OrgId) -> Actor {
+        Actor::system(org)
+    }
 
     fn hash(seed: u8) -> PdqHash {
         PdqHash::from_bytes([seed; 32])
@@ -660,7 +993,8 @@ mod tests {
         let changes = store.changes_since(ChangeSeq(0), 100).await?;
         assert_eq!(changes.len(), 1);
         assert_eq!(changes[0].kind, ChangeKind::OrgCreated(local));
-        assert_eq!(changes[0].actor, local);
+        assert_eq!(changes[0].actor, sys(local));
+        assert_eq!(changes[0].detail, "");
         Ok(())
     }
 
@@ -677,24 +1011,24 @@ mod tests {
         assert_eq!(changes.len(), 1);
         assert_eq!(changes[0].seq, ChangeSeq(1));
         assert_eq!(changes[0].kind, ChangeKind::OrgCreated(local));
-        assert_eq!(changes[0].actor, local);
+        assert_eq!(changes[0].actor, sys(local));
         assert_eq!(store.stats().await?.organisations, 1);
         Ok(())
     }
 
     async fn orgs_round_trip_and_reject_duplicates(store: Store) -> TestResult {
-        let acme = store.create_org("Acme Video Ltd").await?;
+        let acme = store.create_org("Acme Video Ltd", None).await?;
         assert_eq!(acme.name, "Acme Video Ltd");
         let orgs = store.list_orgs().await?;
         assert_eq!(orgs.len(), 2);
         assert_eq!(orgs[1], acme);
-        let err = store.create_org("Acme Video Ltd").await;
+        let err = store.create_org("Acme Video Ltd", None).await;
         assert!(
             matches!(err, Err(Error::AlreadyExists { kind: "organisation", ref key }) if key == "Acme Video Ltd"),
             "{err:?}"
         );
         for bad in ["", " padded", "tab\there", &"x".repeat(MAX_NAME_CHARS + 1)] {
-            let err = store.create_org(bad).await;
+            let err = store.create_org(bad, None).await;
             assert!(
                 matches!(
                     err,
@@ -706,17 +1040,17 @@ mod tests {
                 "{bad:?}: {err:?}"
             );
         }
-        store.create_org(&"é".repeat(MAX_NAME_CHARS)).await?;
+        store.create_org(&"é".repeat(MAX_NAME_CHARS), None).await?;
         Ok(())
     }
 
     async fn banks_round_trip_by_id_and_name(store: Store) -> TestResult {
         let local = store.default_org().await?;
-        let partner = store.create_org("partner").await?.id;
-        let other = store.create_org("other").await?.id;
+        let partner = store.create_org("partner", None).await?.id;
+        let other = store.create_org("other", None).await?.id;
 
         let private = store
-            .create_bank(new_bank("private.bank", local), local)
+            .create_bank(new_bank("private.bank", local), sys(local))
             .await?;
         let shared = store
             .create_bank(
@@ -725,7 +1059,7 @@ mod tests {
                     category: Category::Terrorism,
                     ..new_bank("shared_bank-1", local)
                 },
-                local,
+                sys(local),
             )
             .await?;
         let public = store
@@ -735,7 +1069,7 @@ mod tests {
                     category: Category::SuicideSelfHarm,
                     ..new_bank("public", partner)
                 },
-                partner,
+                sys(partner),
             )
             .await?;
         // Shares come back sorted and deduplicated.
@@ -757,8 +1091,10 @@ mod tests {
 
     async fn bank_errors(store: Store) -> TestResult {
         let local = store.default_org().await?;
-        store.create_bank(new_bank("dup", local), local).await?;
-        let err = store.create_bank(new_bank("dup", local), local).await;
+        store
+            .create_bank(new_bank("dup", local), sys(local))
+            .await?;
+        let err = store.create_bank(new_bank("dup", local), sys(local)).await;
         assert!(
             matches!(err, Err(Error::AlreadyExists { kind: "bank", ref key }) if key == "dup"),
             "{err:?}"
@@ -770,7 +1106,7 @@ mod tests {
             "ümlaut",
             &"b".repeat(MAX_NAME_CHARS + 1),
         ] {
-            let err = store.create_bank(new_bank(bad, local), local).await;
+            let err = store.create_bank(new_bank(bad, local), sys(local)).await;
             assert!(
                 matches!(
                     err,
@@ -787,7 +1123,7 @@ mod tests {
             ..new_bank("long", local)
         };
         assert!(matches!(
-            store.create_bank(long, local).await,
+            store.create_bank(long, sys(local)).await,
             Err(Error::InvalidInput {
                 field: "description",
                 ..
@@ -805,7 +1141,7 @@ mod tests {
                 local,
             ),
         ] {
-            let err = store.create_bank(bank, actor).await;
+            let err = store.create_bank(bank, sys(actor)).await;
             assert!(
                 matches!(err, Err(Error::NotFound { kind: "organisation", ref key }) if key == "9999"),
                 "{err:?}"
@@ -826,7 +1162,10 @@ mod tests {
 
     async fn references_round_trip_with_dedup_by_exact_hash(store: Store) -> TestResult {
         let local = store.default_org().await?;
-        let bank = store.create_bank(new_bank("b", local), local).await?.id;
+        let bank = store
+            .create_bank(new_bank("b", local), sys(local))
+            .await?
+            .id;
         // Out of order; hash 1 appears at indices 0, 2 and 5; hash 2 at 1 and 3.
         let frames = vec![
             frame(5, 1),
@@ -837,7 +1176,7 @@ mod tests {
             frame(1, 2),
         ];
         let reference = store
-            .add_reference(new_reference(bank, local, frames))
+            .add_reference(new_reference(bank, local, frames), sys(local))
             .await?;
         assert_eq!(reference.frame_count, 3);
         assert_eq!(reference.state, ReferenceState::Active);
@@ -852,7 +1191,7 @@ mod tests {
         );
         // The same hash in another reference is a separate frame.
         let second = store
-            .add_reference(new_reference(bank, local, vec![frame(0, 1)]))
+            .add_reference(new_reference(bank, local, vec![frame(0, 1)]), sys(local))
             .await?;
         assert_eq!(second.frame_count, 1);
         assert_eq!(store.stats().await?.frames, 4);
@@ -861,11 +1200,14 @@ mod tests {
 
     async fn reference_errors(store: Store) -> TestResult {
         let local = store.default_org().await?;
-        let bank = store.create_bank(new_bank("b", local), local).await?.id;
+        let bank = store
+            .create_bank(new_bank("b", local), sys(local))
+            .await?
+            .id;
         let before = store.last_seq().await?;
 
         let err = store
-            .add_reference(new_reference(bank, local, vec![]))
+            .add_reference(new_reference(bank, local, vec![]), sys(local))
             .await;
         assert!(
             matches!(
@@ -883,7 +1225,7 @@ mod tests {
         };
         assert!(matches!(
             store
-                .add_reference(new_reference(bank, local, vec![bad_quality]))
+                .add_reference(new_reference(bank, local, vec![bad_quality]), sys(local))
                 .await,
             Err(Error::InvalidInput {
                 field: "frames.quality",
@@ -896,7 +1238,7 @@ mod tests {
         };
         assert!(matches!(
             store
-                .add_reference(new_reference(bank, local, vec![bad_time]))
+                .add_reference(new_reference(bank, local, vec![bad_time]), sys(local))
                 .await,
             Err(Error::InvalidInput {
                 field: "frames.timestamp_ms",
@@ -908,18 +1250,24 @@ mod tests {
             ..new_reference(bank, local, vec![frame(0, 1)])
         };
         assert!(matches!(
-            store.add_reference(long_note).await,
+            store.add_reference(long_note, sys(local)).await,
             Err(Error::InvalidInput { field: "note", .. })
         ));
         let err = store
-            .add_reference(new_reference(BankId(77), local, vec![frame(0, 1)]))
+            .add_reference(
+                new_reference(BankId(77), local, vec![frame(0, 1)]),
+                sys(local),
+            )
             .await;
         assert!(
             matches!(err, Err(Error::NotFound { kind: "bank", ref key }) if key == "77"),
             "{err:?}"
         );
         let err = store
-            .add_reference(new_reference(bank, OrgId(78), vec![frame(0, 1)]))
+            .add_reference(
+                new_reference(bank, OrgId(78), vec![frame(0, 1)]),
+                sys(OrgId(78)),
+            )
             .await;
         assert!(
             matches!(err, Err(Error::NotFound { kind: "organisation", ref key }) if key == "78"),
@@ -929,7 +1277,7 @@ mod tests {
             store.get_reference(ReferenceId(5)).await.map(|_| ()),
             store.reference_frames(ReferenceId(5)).await.map(|_| ()),
             store
-                .withdraw_reference(ReferenceId(5), "fp", local)
+                .withdraw_reference(ReferenceId(5), "fp", sys(local))
                 .await
                 .map(|_| ()),
         ] {
@@ -944,12 +1292,17 @@ mod tests {
 
     async fn withdraw_twice_is_already_withdrawn(store: Store) -> TestResult {
         let local = store.default_org().await?;
-        let bank = store.create_bank(new_bank("b", local), local).await?.id;
+        let bank = store
+            .create_bank(new_bank("b", local), sys(local))
+            .await?
+            .id;
         let reference = store
-            .add_reference(new_reference(bank, local, vec![frame(0, 1)]))
+            .add_reference(new_reference(bank, local, vec![frame(0, 1)]), sys(local))
             .await?;
         assert!(matches!(
-            store.withdraw_reference(reference.id, " ", local).await,
+            store
+                .withdraw_reference(reference.id, " ", sys(local))
+                .await,
             Err(Error::InvalidInput {
                 field: "reason",
                 ..
@@ -957,7 +1310,7 @@ mod tests {
         ));
         assert!(matches!(
             store
-                .withdraw_reference(reference.id, "fp", OrgId(999))
+                .withdraw_reference(reference.id, "fp", sys(OrgId(999)))
                 .await,
             Err(Error::NotFound {
                 kind: "organisation",
@@ -965,7 +1318,7 @@ mod tests {
             })
         ));
         let withdrawn = store
-            .withdraw_reference(reference.id, "false positive", local)
+            .withdraw_reference(reference.id, "false positive", sys(local))
             .await?;
         let ReferenceState::Withdrawn { reason, at_ms } = &withdrawn.state else {
             panic!("not withdrawn: {withdrawn:?}");
@@ -974,7 +1327,9 @@ mod tests {
         assert!(*at_ms >= reference.added_ms);
         assert_eq!(store.get_reference(reference.id).await?, withdrawn);
         let seq = store.last_seq().await?;
-        let err = store.withdraw_reference(reference.id, "again", local).await;
+        let err = store
+            .withdraw_reference(reference.id, "again", sys(local))
+            .await;
         assert!(
             matches!(err, Err(Error::AlreadyWithdrawn { reference: r }) if r == reference.id),
             "{err:?}"
@@ -993,23 +1348,34 @@ mod tests {
         let start = store.last_seq().await?;
         assert_eq!(start, ChangeSeq(1));
 
-        let partner = store.create_org("partner").await?.id;
-        let bank = store.create_bank(new_bank("b", partner), local).await?.id;
-        let reference = store
-            .add_reference(new_reference(bank, partner, vec![frame(0, 1), frame(1, 2)]))
+        let partner = store.create_org("partner", None).await?.id;
+        let bank = store
+            .create_bank(new_bank("b", partner), sys(local))
             .await?
             .id;
-        store.withdraw_reference(reference, "fp", local).await?;
+        let reference = store
+            .add_reference(
+                new_reference(bank, partner, vec![frame(0, 1), frame(1, 2)]),
+                sys(partner),
+            )
+            .await?
+            .id;
+        store
+            .withdraw_reference(reference, "fp", sys(local))
+            .await?;
 
         let changes = store.changes_since(start, 100).await?;
         let kinds: Vec<_> = changes.iter().map(|c| (c.kind.clone(), c.actor)).collect();
         assert_eq!(
             kinds,
             vec![
-                (ChangeKind::OrgCreated(partner), partner),
-                (ChangeKind::BankCreated(bank), local),
-                (ChangeKind::ReferenceAdded { reference, bank }, partner),
-                (ChangeKind::ReferenceWithdrawn { reference, bank }, local),
+                (ChangeKind::OrgCreated(partner), sys(partner)),
+                (ChangeKind::BankCreated(bank), sys(local)),
+                (ChangeKind::ReferenceAdded { reference, bank }, sys(partner)),
+                (
+                    ChangeKind::ReferenceWithdrawn { reference, bank },
+                    sys(local)
+                ),
             ]
         );
         let seqs: Vec<i64> = changes.iter().map(|c| c.seq.0).collect();
@@ -1023,23 +1389,790 @@ mod tests {
         Ok(())
     }
 
-    async fn load_active_frames_excludes_withdrawn(store: Store) -> TestResult {
+    fn digest(seed: u8) -> KeyDigest {
+        [seed; 32]
+    }
+
+    fn new_key(org: OrgId, role: Role, seed: u8, label: &str) -> NewApiKey {
+        NewApiKey {
+            org,
+            role,
+            digest: digest(seed),
+            label: label.to_string(),
+        }
+    }
+
+    /// The latest change; the log is never empty (the default organisation's creation).
+    async fn last_change(store: &Store) -> Result<Change, Box<dyn std::error::Error>> {
+        let seq = store.last_seq().await?;
+        let mut changes = store.changes_since(ChangeSeq(seq.0 - 1), 1).await?;
+        Ok(changes.pop().ok_or("empty change log")?)
+    }
+
+    async fn bank_visibility_updates_rewrite_shares_and_log_the_change(store: Store) -> TestResult {
         let local = store.default_org().await?;
-        let b1 = store.create_bank(new_bank("b1", local), local).await?.id;
-        let b2 = store.create_bank(new_bank("b2", local), local).await?.id;
+        let a = store.create_org("a", None).await?.id;
+        let b = store.create_org("b", None).await?.id;
+        let bank = store.create_bank(new_bank("b1", local), sys(local)).await?;
+        let other = store
+            .create_bank(
+                NewBank {
+                    visibility: Visibility::SharedWith(vec![a]),
+                    ..new_bank("b2", local)
+                },
+                sys(local),
+            )
+            .await?;
+        let actor = sys(a);
+
+        let shared = store
+            .update_bank_visibility(bank.id, Visibility::SharedWith(vec![b, a, b]), actor)
+            .await?;
+        assert_eq!(shared.visibility, Visibility::SharedWith(vec![a, b]));
+        assert_eq!(
+            shared,
+            Bank {
+                visibility: Visibility::SharedWith(vec![a, b]),
+                ..bank.clone()
+            }
+        );
+        assert_eq!(store.get_bank(bank.id).await?, shared);
+        let change = last_change(&store).await?;
+        assert_eq!(change.kind, ChangeKind::BankUpdated(bank.id));
+        assert_eq!(change.actor, actor);
+        assert_eq!(change.detail, format!("shared with {a},{b}"));
+
+        let public = store
+            .update_bank_visibility(bank.id, Visibility::Public, actor)
+            .await?;
+        assert_eq!(public.visibility, Visibility::Public);
+        assert_eq!(
+            store.get_bank(bank.id).await?.visibility,
+            Visibility::Public
+        );
+        assert_eq!(last_change(&store).await?.detail, "public");
+
+        // Back to shared with one: the old shares are gone, not merged.
+        store
+            .update_bank_visibility(bank.id, Visibility::SharedWith(vec![b]), actor)
+            .await?;
+        assert_eq!(
+            store.get_bank(bank.id).await?.visibility,
+            Visibility::SharedWith(vec![b])
+        );
+        let private = store
+            .update_bank_visibility(bank.id, Visibility::Private, actor)
+            .await?;
+        assert_eq!(private.visibility, Visibility::Private);
+        assert_eq!(last_change(&store).await?.detail, "private");
+        // Another bank's shares are untouched.
+        assert_eq!(store.get_bank(other.id).await?, other);
+        assert_eq!(
+            store.list_banks().await?,
+            vec![private.clone(), other.clone()]
+        );
+
+        let before = store.last_seq().await?;
+        let err = store
+            .update_bank_visibility(BankId(999), Visibility::Public, actor)
+            .await;
+        assert!(
+            matches!(err, Err(Error::NotFound { kind: "bank", ref key }) if key == "999"),
+            "{err:?}"
+        );
+        let err = store
+            .update_bank_visibility(bank.id, Visibility::SharedWith(vec![a, OrgId(998)]), actor)
+            .await;
+        assert!(
+            matches!(err, Err(Error::NotFound { kind: "organisation", ref key }) if key == "998"),
+            "{err:?}"
+        );
+        let err = store
+            .update_bank_visibility(bank.id, Visibility::Public, sys(OrgId(997)))
+            .await;
+        assert!(
+            matches!(err, Err(Error::NotFound { kind: "organisation", ref key }) if key == "997"),
+            "{err:?}"
+        );
+        // Failed updates change nothing and log nothing.
+        assert_eq!(store.get_bank(bank.id).await?, private);
+        assert_eq!(store.last_seq().await?, before);
+        Ok(())
+    }
+
+    async fn api_keys_round_trip_and_revoke_once(store: Store) -> TestResult {
+        let local = store.default_org().await?;
+        let partner = store.create_org("partner", None).await?.id;
+
+        let admin = store
+            .create_api_key(new_key(local, Role::Admin, 1, "ops"), sys(local))
+            .await?;
+        assert_eq!(admin.org, local);
+        assert_eq!(admin.role, Role::Admin);
+        assert_eq!(admin.digest, digest(1));
+        assert_eq!(admin.label, "ops");
+        assert_eq!(admin.revoked_ms, None);
+        assert!(admin.created_ms > 0);
+        let change = last_change(&store).await?;
+        assert_eq!(
+            change.kind,
+            ChangeKind::KeyCreated {
+                key: admin.id,
+                org: local
+            }
+        );
+        assert_eq!(change.actor, sys(local));
+        assert_eq!(change.detail, "admin: ops");
+
+        // A key of one organisation made by another's admin key; labels may be empty.
+        let by_admin = Actor {
+            org: local,
+            key: Some(admin.id),
+        };
+        let matcher = store
+            .create_api_key(new_key(partner, Role::Matcher, 2, ""), by_admin)
+            .await?;
+        let change = last_change(&store).await?;
+        assert_eq!(
+            change.kind,
+            ChangeKind::KeyCreated {
+                key: matcher.id,
+                org: partner
+            }
+        );
+        assert_eq!(change.actor, by_admin);
+        assert_eq!(change.detail, "matcher");
+        let longest = store
+            .create_api_key(
+                new_key(partner, Role::Contributor, 3, &"l".repeat(MAX_LABEL_BYTES)),
+                by_admin,
+            )
+            .await?;
+
+        assert_eq!(store.get_api_key(admin.id).await?, admin);
+        assert_eq!(store.get_api_key(matcher.id).await?, matcher);
+        assert_eq!(
+            store.api_key_by_digest(digest(2)).await?,
+            Some(matcher.clone())
+        );
+        assert_eq!(store.api_key_by_digest(digest(9)).await?, None);
+        assert_eq!(
+            store.list_api_keys().await?,
+            vec![admin.clone(), matcher.clone(), longest.clone()]
+        );
+        assert_eq!(store.stats().await?.api_keys, 3);
+
+        let before = store.last_seq().await?;
+        let err = store
+            .create_api_key(new_key(partner, Role::Matcher, 1, "again"), by_admin)
+            .await;
+        assert!(
+            matches!(
+                err,
+                Err(Error::AlreadyExists {
+                    kind: "api key",
+                    ..
+                })
+            ),
+            "{err:?}"
+        );
+        let err = store
+            .create_api_key(new_key(OrgId(99), Role::Matcher, 4, ""), by_admin)
+            .await;
+        assert!(
+            matches!(err, Err(Error::NotFound { kind: "organisation", ref key }) if key == "99"),
+            "{err:?}"
+        );
+        for label in ["l".repeat(MAX_LABEL_BYTES + 1), "tab\there".to_string()] {
+            let err = store
+                .create_api_key(new_key(local, Role::Matcher, 5, &label), by_admin)
+                .await;
+            assert!(
+                matches!(err, Err(Error::InvalidInput { field: "label", .. })),
+                "{err:?}"
+            );
+        }
+        // The acting key must exist and act for the acting organisation.
+        let err = store
+            .create_api_key(
+                new_key(local, Role::Matcher, 6, ""),
+                Actor {
+                    org: local,
+                    key: Some(KeyId(77)),
+                },
+            )
+            .await;
+        assert!(
+            matches!(err, Err(Error::NotFound { kind: "api key", ref key }) if key == "77"),
+            "{err:?}"
+        );
+        let err = store
+            .create_api_key(
+                new_key(local, Role::Matcher, 6, ""),
+                Actor {
+                    org: partner,
+                    key: Some(admin.id),
+                },
+            )
+            .await;
+        assert!(
+            matches!(err, Err(Error::InvalidInput { field: "actor", .. })),
+            "{err:?}"
+        );
+        assert_eq!(store.last_seq().await?, before);
+        assert_eq!(store.list_api_keys().await?.len(), 3);
+
+        let revoked = store.revoke_api_key(matcher.id, by_admin).await?;
+        let at_ms = revoked.revoked_ms.ok_or("not revoked")?;
+        assert!(at_ms >= matcher.created_ms);
+        assert_eq!(
+            revoked,
+            ApiKey {
+                revoked_ms: Some(at_ms),
+                ..matcher.clone()
+            }
+        );
+        assert_eq!(store.get_api_key(matcher.id).await?, revoked);
+        assert_eq!(
+            store.api_key_by_digest(digest(2)).await?,
+            Some(revoked.clone())
+        );
+        let change = last_change(&store).await?;
+        assert_eq!(
+            change.kind,
+            ChangeKind::KeyRevoked {
+                key: matcher.id,
+                org: partner
+            }
+        );
+        assert_eq!(change.actor, by_admin);
+        assert_eq!(change.detail, "matcher");
+        // Revoked keys stay listed; only active ones count.
+        assert_eq!(
+            store.list_api_keys().await?,
+            vec![admin.clone(), revoked, longest]
+        );
+        assert_eq!(store.stats().await?.api_keys, 2);
+
+        let seq = store.last_seq().await?;
+        let err = store.revoke_api_key(matcher.id, by_admin).await;
+        assert!(
+            matches!(err, Err(Error::AlreadyRevoked { key }) if key == matcher.id),
+            "{err:?}"
+        );
+        let err = store.revoke_api_key(KeyId(555), by_admin).await;
+        assert!(
+            matches!(err, Err(Error::NotFound { kind: "api key", ref key }) if key == "555"),
+            "{err:?}"
+        );
+        let err = store.get_api_key(KeyId(555)).await;
+        assert!(
+            matches!(err, Err(Error::NotFound { kind: "api key", ref key }) if key == "555"),
+            "{err:?}"
+        );
+        assert_eq!(store.last_seq().await?, seq);
+
+        // A key may revoke itself; the change names it.
+        let own = Actor {
+            org: local,
+            key: Some(admin.id),
+        };
+        store.revoke_api_key(admin.id, own).await?;
+        let change = last_change(&store).await?;
+        assert_eq!(change.actor, own);
+        assert_eq!(change.detail, "admin: ops");
+        assert_eq!(store.stats().await?.api_keys, 1);
+        Ok(())
+    }
+
+    /// Every write appends exactly one change naming the acting organisation and key; the
+    /// follow cursor and repeated mirror writes append none.
+    async fn each_write_names_its_actor_org_and_key(store: Store) -> TestResult {
+        let local = store.default_org().await?;
+        let admin = store
+            .create_api_key(new_key(local, Role::Admin, 1, "admin"), sys(local))
+            .await?;
+        let actor = Actor {
+            org: local,
+            key: Some(admin.id),
+        };
+        let mut seq = store.last_seq().await?;
+        // Checks that exactly one change was appended since the previous check, by `actor`.
+        let mut one_more = async |store: &Store, expected: ChangeKind| -> TestResult {
+            let changes = store.changes_since(seq, 10).await?;
+            assert_eq!(changes.len(), 1, "{changes:?}");
+            assert_eq!(changes[0].seq.0, seq.0 + 1);
+            assert_eq!(changes[0].kind, expected);
+            assert_eq!(changes[0].actor, actor);
+            seq = changes[0].seq;
+            Ok(())
+        };
+
+        let org = store.create_org("partner", Some(actor)).await?.id;
+        one_more(&store, ChangeKind::OrgCreated(org)).await?;
+        let bank = store.create_bank(new_bank("b", org), actor).await?.id;
+        one_more(&store, ChangeKind::BankCreated(bank)).await?;
+        store
+            .update_bank_visibility(bank, Visibility::Public, actor)
+            .await?;
+        one_more(&store, ChangeKind::BankUpdated(bank)).await?;
+        let reference = store
+            .add_reference(new_reference(bank, org, vec![frame(0, 1)]), actor)
+            .await?;
+        // added_by is the reference's; the actor is the change's.
+        assert_eq!(reference.added_by, org);
+        let reference = reference.id;
+        one_more(&store, ChangeKind::ReferenceAdded { reference, bank }).await?;
+        let withdrawn = store
+            .withdraw_reference(reference, "duplicate of 7", actor)
+            .await?;
+        assert!(matches!(withdrawn.state, ReferenceState::Withdrawn { .. }));
+        one_more(&store, ChangeKind::ReferenceWithdrawn { reference, bank }).await?;
+        assert_eq!(last_change(&store).await?.detail, "duplicate of 7");
+        let key = store
+            .create_api_key(new_key(org, Role::Contributor, 2, "k"), actor)
+            .await?
+            .id;
+        one_more(&store, ChangeKind::KeyCreated { key, org }).await?;
+        store.revoke_api_key(key, actor).await?;
+        one_more(&store, ChangeKind::KeyRevoked { key, org }).await?;
+
+        let mirrored = store
+            .create_mirrored_bank("peer", 10, new_bank("peer.b", org), actor)
+            .await?
+            .id;
+        one_more(&store, ChangeKind::BankCreated(mirrored)).await?;
+        let (mirrored_ref, created) = store
+            .add_mirrored_reference(
+                "peer",
+                20,
+                new_reference(mirrored, org, vec![frame(0, 2)]),
+                actor,
+            )
+            .await?;
+        assert!(created);
+        one_more(
+            &store,
+            ChangeKind::ReferenceAdded {
+                reference: mirrored_ref.id,
+                bank: mirrored,
+            },
+        )
+        .await?;
+
+        // No change for these.
+        store
+            .create_mirrored_bank("peer", 10, new_bank("peer.b", org), actor)
+            .await?;
+        store
+            .add_mirrored_reference(
+                "peer",
+                20,
+                new_reference(mirrored, org, vec![frame(0, 2)]),
+                actor,
+            )
+            .await?;
+        store.set_follow_cursor("peer", ChangeSeq(42)).await?;
+        assert_eq!(store.last_seq().await?, seq);
+        Ok(())
+    }
+
+    async fn audit_filters_by_bank_in_order(store: Store) -> TestResult {
+        let local = store.default_org().await?;
+        let actor = sys(local);
+        let b1 = store.create_bank(new_bank("b1", local), actor).await?.id;
+        let b2 = store.create_bank(new_bank("b2", local), actor).await?.id;
         let r1 = store
-            .add_reference(new_reference(b1, local, vec![frame(0, 1), frame(1, 2)]))
+            .add_reference(new_reference(b1, local, vec![frame(0, 1)]), actor)
             .await?
             .id;
         let r2 = store
-            .add_reference(new_reference(b2, local, vec![frame(0, 3)]))
+            .add_reference(new_reference(b2, local, vec![frame(0, 2)]), actor)
+            .await?
+            .id;
+        store.create_org("unrelated", None).await?;
+        store
+            .update_bank_visibility(b1, Visibility::Public, actor)
+            .await?;
+        store.withdraw_reference(r2, "fp", actor).await?;
+        store.withdraw_reference(r1, "fp", actor).await?;
+
+        let all = store.changes_since(ChangeSeq(0), 100).await?;
+        assert_eq!(store.audit(None, ChangeSeq(0), 100).await?, all);
+        assert_eq!(
+            store.audit(None, ChangeSeq(3), 2).await?,
+            store.changes_since(ChangeSeq(3), 2).await?
+        );
+
+        let of_b1 = store.audit(Some(b1), ChangeSeq(0), 100).await?;
+        let kinds: Vec<ChangeKind> = of_b1.iter().map(|c| c.kind.clone()).collect();
+        assert_eq!(
+            kinds,
+            vec![
+                ChangeKind::BankCreated(b1),
+                ChangeKind::ReferenceAdded {
+                    reference: r1,
+                    bank: b1
+                },
+                ChangeKind::BankUpdated(b1),
+                ChangeKind::ReferenceWithdrawn {
+                    reference: r1,
+                    bank: b1
+                },
+            ]
+        );
+        // The same entries as in the full log.
+        for change in &of_b1 {
+            assert!(all.contains(change), "{change:?}");
+        }
+        assert!(of_b1.windows(2).all(|w| w[0].seq < w[1].seq));
+        // Paging by sequence number within the filter.
+        assert_eq!(store.audit(Some(b1), of_b1[1].seq, 2).await?, of_b1[2..4]);
+        assert_eq!(store.audit(Some(b1), ChangeSeq(0), 1).await?, of_b1[..1]);
+        assert!(store.audit(Some(b1), of_b1[3].seq, 10).await?.is_empty());
+        assert_eq!(store.audit(Some(b2), ChangeSeq(0), 100).await?.len(), 3);
+
+        let err = store.audit(Some(BankId(404)), ChangeSeq(0), 10).await;
+        assert!(
+            matches!(err, Err(Error::NotFound { kind: "bank", ref key }) if key == "404"),
+            "{err:?}"
+        );
+        Ok(())
+    }
+
+    async fn list_references_of_a_bank(store: Store) -> TestResult {
+        let local = store.default_org().await?;
+        let actor = sys(local);
+        let b1 = store.create_bank(new_bank("b1", local), actor).await?.id;
+        let b2 = store.create_bank(new_bank("b2", local), actor).await?.id;
+        let r1 = store
+            .add_reference(new_reference(b1, local, vec![frame(0, 1)]), actor)
+            .await?;
+        store
+            .add_reference(new_reference(b2, local, vec![frame(0, 2)]), actor)
+            .await?;
+        let r3 = store
+            .add_reference(
+                new_reference(b1, local, vec![frame(0, 3), frame(1, 4)]),
+                actor,
+            )
+            .await?;
+        let r3 = store.withdraw_reference(r3.id, "fp", actor).await?;
+        assert_eq!(store.list_references(b1, false).await?, vec![r1.clone()]);
+        assert_eq!(store.list_references(b1, true).await?, vec![r1, r3]);
+        let empty = store.create_bank(new_bank("b3", local), actor).await?.id;
+        assert!(store.list_references(empty, true).await?.is_empty());
+        let err = store.list_references(BankId(404), true).await;
+        assert!(
+            matches!(err, Err(Error::NotFound { kind: "bank", ref key }) if key == "404"),
+            "{err:?}"
+        );
+        Ok(())
+    }
+
+    async fn follow_cursors_are_per_source_and_upserted(store: Store) -> TestResult {
+        let seq = store.last_seq().await?;
+        assert_eq!(
+            store.follow_cursor("https://a.example").await?,
+            ChangeSeq(0)
+        );
+        store
+            .set_follow_cursor("https://a.example", ChangeSeq(17))
+            .await?;
+        store
+            .set_follow_cursor("https://b.example", ChangeSeq(3))
+            .await?;
+        assert_eq!(
+            store.follow_cursor("https://a.example").await?,
+            ChangeSeq(17)
+        );
+        assert_eq!(
+            store.follow_cursor("https://b.example").await?,
+            ChangeSeq(3)
+        );
+        store
+            .set_follow_cursor("https://a.example", ChangeSeq(20))
+            .await?;
+        assert_eq!(
+            store.follow_cursor("https://a.example").await?,
+            ChangeSeq(20)
+        );
+        // Backwards is allowed: replaying a feed is safe.
+        store
+            .set_follow_cursor("https://a.example", ChangeSeq(0))
+            .await?;
+        assert_eq!(
+            store.follow_cursor("https://a.example").await?,
+            ChangeSeq(0)
+        );
+        assert_eq!(
+            store.follow_cursor("https://b.example").await?,
+            ChangeSeq(3)
+        );
+
+        let err = store.set_follow_cursor("x", ChangeSeq(-1)).await;
+        assert!(
+            matches!(
+                err,
+                Err(Error::InvalidInput {
+                    field: "cursor",
+                    ..
+                })
+            ),
+            "{err:?}"
+        );
+        for bad in [String::new(), "s".repeat(MAX_SOURCE_BYTES + 1)] {
+            let err = store.set_follow_cursor(&bad, ChangeSeq(1)).await;
+            assert!(
+                matches!(
+                    err,
+                    Err(Error::InvalidInput {
+                        field: "source",
+                        ..
+                    })
+                ),
+                "{err:?}"
+            );
+            let err = store.follow_cursor(&bad).await;
+            assert!(
+                matches!(
+                    err,
+                    Err(Error::InvalidInput {
+                        field: "source",
+                        ..
+                    })
+                ),
+                "{err:?}"
+            );
+        }
+        // Bookkeeping, not data: no change entries.
+        assert_eq!(store.last_seq().await?, seq);
+        Ok(())
+    }
+
+    async fn mirrored_banks_are_created_once(store: Store) -> TestResult {
+        let local = store.default_org().await?;
+        let partner = store.create_org("partner", None).await?.id;
+        let actor = sys(local);
+        assert_eq!(store.mirrored_bank("peer", 1).await?, None);
+
+        let bank = store
+            .create_mirrored_bank(
+                "peer",
+                1,
+                NewBank {
+                    visibility: Visibility::SharedWith(vec![partner, partner]),
+                    ..new_bank("peer.violence", local)
+                },
+                actor,
+            )
+            .await?;
+        assert_eq!(bank.visibility, Visibility::SharedWith(vec![partner]));
+        assert_eq!(store.get_bank(bank.id).await?, bank);
+        assert_eq!(store.mirrored_bank("peer", 1).await?, Some(bank.clone()));
+        let seq = store.last_seq().await?;
+        assert_eq!(
+            last_change(&store).await?.kind,
+            ChangeKind::BankCreated(bank.id)
+        );
+
+        // Again, even with different contents: the existing bank, unchanged, no change entry.
+        let again = store
+            .create_mirrored_bank(
+                "peer",
+                1,
+                NewBank {
+                    visibility: Visibility::Public,
+                    ..new_bank("peer.other-name", local)
+                },
+                actor,
+            )
+            .await?;
+        assert_eq!(again, bank);
+        assert_eq!(store.last_seq().await?, seq);
+        assert_eq!(store.list_banks().await?, vec![bank.clone()]);
+
+        // The same remote id from another source is another bank.
+        let other = store
+            .create_mirrored_bank("peer2", 1, new_bank("peer2.violence", local), actor)
+            .await?;
+        assert_ne!(other.id, bank.id);
+        assert_eq!(store.mirrored_bank("peer2", 1).await?, Some(other));
+        assert_eq!(store.mirrored_bank("peer", 2).await?, None);
+
+        // A name taken by a local bank: refused, and no mapping is left behind.
+        store.create_bank(new_bank("taken", local), actor).await?;
+        let seq = store.last_seq().await?;
+        let err = store
+            .create_mirrored_bank("peer", 3, new_bank("taken", local), actor)
+            .await;
+        assert!(
+            matches!(err, Err(Error::AlreadyExists { kind: "bank", ref key }) if key == "taken"),
+            "{err:?}"
+        );
+        let err = store
+            .create_mirrored_bank("peer", 3, new_bank("bad name", local), actor)
+            .await;
+        assert!(
+            matches!(
+                err,
+                Err(Error::InvalidInput {
+                    field: "bank name",
+                    ..
+                })
+            ),
+            "{err:?}"
+        );
+        let err = store
+            .create_mirrored_bank("", 3, new_bank("fine", local), actor)
+            .await;
+        assert!(
+            matches!(
+                err,
+                Err(Error::InvalidInput {
+                    field: "source",
+                    ..
+                })
+            ),
+            "{err:?}"
+        );
+        let err = store
+            .create_mirrored_bank("peer", 3, new_bank("fine", OrgId(404)), actor)
+            .await;
+        assert!(
+            matches!(
+                err,
+                Err(Error::NotFound {
+                    kind: "organisation",
+                    ..
+                })
+            ),
+            "{err:?}"
+        );
+        assert_eq!(store.mirrored_bank("peer", 3).await?, None);
+        assert_eq!(store.last_seq().await?, seq);
+        Ok(())
+    }
+
+    async fn mirrored_references_are_added_once(store: Store) -> TestResult {
+        let local = store.default_org().await?;
+        let actor = sys(local);
+        let bank = store
+            .create_mirrored_bank("peer", 1, new_bank("peer.b", local), actor)
+            .await?
+            .id;
+        assert_eq!(store.mirrored_reference("peer", 5).await?, None);
+
+        let frames = vec![frame(1, 2), frame(0, 1), frame(2, 1)];
+        let (reference, created) = store
+            .add_mirrored_reference("peer", 5, new_reference(bank, local, frames.clone()), actor)
+            .await?;
+        assert!(created);
+        // Validated and deduplicated like any reference.
+        assert_eq!(reference.frame_count, 2);
+        assert_eq!(
+            store.reference_frames(reference.id).await?,
+            vec![frame(0, 1), frame(1, 2)]
+        );
+        assert_eq!(store.get_reference(reference.id).await?, reference);
+        assert_eq!(
+            store.mirrored_reference("peer", 5).await?,
+            Some(reference.id)
+        );
+        let seq = store.last_seq().await?;
+
+        let (again, created) = store
+            .add_mirrored_reference(
+                "peer",
+                5,
+                new_reference(bank, local, vec![frame(0, 9)]),
+                actor,
+            )
+            .await?;
+        assert!(!created);
+        assert_eq!(again, reference);
+        assert_eq!(store.last_seq().await?, seq);
+        assert_eq!(store.stats().await?.frames, 2);
+
+        // After a withdrawal, the mapping returns the reference as it is now.
+        let withdrawn = store.withdraw_reference(reference.id, "fp", actor).await?;
+        let (again, created) = store
+            .add_mirrored_reference("peer", 5, new_reference(bank, local, frames), actor)
+            .await?;
+        assert!(!created);
+        assert_eq!(again, withdrawn);
+
+        // Failed mirrors leave neither a reference, nor a mapping, nor a change.
+        let seq = store.last_seq().await?;
+        let err = store
+            .add_mirrored_reference(
+                "peer",
+                6,
+                new_reference(BankId(404), local, vec![frame(0, 3)]),
+                actor,
+            )
+            .await;
+        assert!(
+            matches!(err, Err(Error::NotFound { kind: "bank", ref key }) if key == "404"),
+            "{err:?}"
+        );
+        let err = store
+            .add_mirrored_reference("peer", 6, new_reference(bank, local, vec![]), actor)
+            .await;
+        assert!(
+            matches!(
+                err,
+                Err(Error::InvalidInput {
+                    field: "frames",
+                    ..
+                })
+            ),
+            "{err:?}"
+        );
+        let err = store
+            .add_mirrored_reference(
+                "peer",
+                6,
+                new_reference(bank, local, vec![frame(0, 3)]),
+                sys(OrgId(404)),
+            )
+            .await;
+        assert!(
+            matches!(err, Err(Error::NotFound { kind: "organisation", ref key }) if key == "404"),
+            "{err:?}"
+        );
+        assert_eq!(store.mirrored_reference("peer", 6).await?, None);
+        assert_eq!(store.last_seq().await?, seq);
+        assert_eq!(store.stats().await?.active_references, 0);
+        Ok(())
+    }
+
+    async fn load_active_frames_excludes_withdrawn(store: Store) -> TestResult {
+        let local = store.default_org().await?;
+        let b1 = store
+            .create_bank(new_bank("b1", local), sys(local))
+            .await?
+            .id;
+        let b2 = store
+            .create_bank(new_bank("b2", local), sys(local))
+            .await?
+            .id;
+        let r1 = store
+            .add_reference(
+                new_reference(b1, local, vec![frame(0, 1), frame(1, 2)]),
+                sys(local),
+            )
+            .await?
+            .id;
+        let r2 = store
+            .add_reference(new_reference(b2, local, vec![frame(0, 3)]), sys(local))
             .await?
             .id;
         let r3 = store
-            .add_reference(new_reference(b1, local, vec![frame(7, 4)]))
+            .add_reference(new_reference(b1, local, vec![frame(7, 4)]), sys(local))
             .await?
             .id;
-        store.withdraw_reference(r2, "fp", local).await?;
+        store.withdraw_reference(r2, "fp", sys(local)).await?;
 
         let (mut frames, seq) = store.load_active_frames().await?;
         assert_eq!(seq, store.last_seq().await?);
@@ -1072,6 +2205,7 @@ mod tests {
                 active_references: 2,
                 withdrawn_references: 1,
                 frames: 4,
+                api_keys: 0,
                 last_seq: seq,
             }
         );
@@ -1119,6 +2253,14 @@ mod tests {
         withdraw_twice_is_already_withdrawn,
         each_write_appends_one_change_in_order,
         load_active_frames_excludes_withdrawn,
+        bank_visibility_updates_rewrite_shares_and_log_the_change,
+        api_keys_round_trip_and_revoke_once,
+        each_write_names_its_actor_org_and_key,
+        audit_filters_by_bank_in_order,
+        list_references_of_a_bank,
+        follow_cursors_are_per_source_and_upserted,
+        mirrored_banks_are_created_once,
+        mirrored_references_are_added_once,
     );
 
     #[tokio::test]
@@ -1127,18 +2269,21 @@ mod tests {
         let (org, bank, reference, seq) = {
             let store = Store::open_embedded(dir.path()).await?;
             let local = store.default_org().await?;
-            let org = store.create_org("partner").await?;
+            let org = store.create_org("partner", None).await?;
             let bank = store
                 .create_bank(
                     NewBank {
                         visibility: Visibility::SharedWith(vec![org.id]),
                         ..new_bank("kept", local)
                     },
-                    local,
+                    sys(local),
                 )
                 .await?;
             let reference = store
-                .add_reference(new_reference(bank.id, org.id, vec![frame(0, 9)]))
+                .add_reference(
+                    new_reference(bank.id, org.id, vec![frame(0, 9)]),
+                    sys(org.id),
+                )
                 .await?;
             (org, bank, reference, store.last_seq().await?)
         };
@@ -1176,6 +2321,8 @@ mod tests {
             reference: ReferenceId(7),
         };
         assert_eq!(err.to_string(), "reference 7 is already withdrawn");
+        let err = Error::AlreadyRevoked { key: KeyId(3) };
+        assert_eq!(err.to_string(), "api key 3 is already revoked");
         let err = Error::SchemaTooNew {
             found: 9,
             supported: 1,

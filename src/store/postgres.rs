@@ -7,10 +7,11 @@
 //! uniqueness).
 //!
 //! Durability (shared/DESIGN.md §3, "durable before acknowledged"):
-//! - Every write is one transaction that appends exactly one row to `changes`, and the method
-//!   returns `Ok` only after `COMMIT` has returned. With `synchronous_commit` at `on` (or
-//!   stronger), PostgreSQL has flushed the commit record to its WAL by then; a database whose
-//!   `synchronous_commit` is `off` is refused at open ([`Error::UnsafeSetting`]).
+//! - Every write is one transaction that appends exactly one row to `changes` (the follow
+//!   cursor, local bookkeeping, appends none), and the method returns `Ok` only after `COMMIT`
+//!   has returned. With `synchronous_commit` at `on` (or stronger), PostgreSQL has flushed the
+//!   commit record to its WAL by then; a database whose `synchronous_commit` is `off` is
+//!   refused at open ([`Error::UnsafeSetting`]).
 //! - A write whose connection is lost during `COMMIT` reports [`Error::Unavailable`]: it may have
 //!   committed without being acknowledged, never the reverse.
 //!
@@ -65,8 +66,9 @@ use tokio_stream::StreamExt;
 
 use super::{DEFAULT_ORG_NAME, Error, NewBank, StoreStats, rows};
 use crate::model::{
-    Bank, BankId, Change, ChangeKind, ChangeSeq, FrameSignal, IndexedFrame, NewReference, OrgId,
-    Organisation, Reference, ReferenceId, ReferenceState, Visibility, now_ms,
+    Actor, ApiKey, Bank, BankId, Change, ChangeKind, ChangeSeq, FrameSignal, IndexedFrame,
+    KeyDigest, KeyId, NewApiKey, NewReference, OrgId, Organisation, Reference, ReferenceId,
+    ReferenceState, Visibility, now_ms,
 };
 
 /// The `NOTIFY` channel every write signals on, with its change's sequence number as payload.
@@ -182,6 +184,47 @@ CREATE TABLE changes (
     reference_id bigint REFERENCES refs (id),
     actor        bigint NOT NULL REFERENCES organisations (id),
     at_ms        bigint NOT NULL
+);
+",
+    // 2: issue #4: key labels; the acting key, the key concerned and a detail on every change,
+    // with the kinds bank_updated, key_created and key_revoked; partner mirroring bookkeeping.
+    r"
+ALTER TABLE api_keys ADD COLUMN label text NOT NULL DEFAULT '';
+
+ALTER TABLE changes DROP CONSTRAINT changes_kind_check;
+ALTER TABLE changes ADD CONSTRAINT changes_kind_check CHECK (kind IN
+    ('org_created', 'bank_created', 'reference_added', 'reference_withdrawn',
+     'bank_updated', 'key_created', 'key_revoked'));
+ALTER TABLE changes
+    -- The key a key_created or key_revoked change concerns.
+    ADD COLUMN key_id    bigint REFERENCES api_keys (id),
+    -- The key the actor used; NULL for the server itself.
+    ADD COLUMN actor_key bigint REFERENCES api_keys (id),
+    ADD COLUMN detail    text   NOT NULL DEFAULT '';
+-- The audit trail of one bank.
+CREATE INDEX changes_by_bank ON changes (bank_id, seq);
+
+-- How far each followed partner feed has been mirrored.
+CREATE TABLE follows (
+    source      text   PRIMARY KEY,
+    cursor      bigint NOT NULL CHECK (cursor >= 0),
+    updated_ms  bigint NOT NULL
+);
+
+-- Which local bank mirrors which bank of a partner feed.
+CREATE TABLE mirrored_banks (
+    source      text   NOT NULL,
+    remote_id   bigint NOT NULL,
+    bank_id     bigint NOT NULL UNIQUE REFERENCES banks (id),
+    PRIMARY KEY (source, remote_id)
+);
+
+-- Which local reference mirrors which reference of a partner feed.
+CREATE TABLE mirrored_refs (
+    source       text   NOT NULL,
+    remote_id    bigint NOT NULL,
+    reference_id bigint NOT NULL UNIQUE REFERENCES refs (id),
+    PRIMARY KEY (source, remote_id)
 );
 ",
 ];
@@ -341,11 +384,15 @@ impl PostgresStore {
     }
 
     /// See [`super::Store::create_org`].
-    pub(super) async fn create_org(&self, name: String) -> Result<Organisation, Error> {
+    pub(super) async fn create_org(
+        &self,
+        name: String,
+        actor: Option<Actor>,
+    ) -> Result<Organisation, Error> {
         bounded("create_org", async {
             let mut client = self.client().await?;
             let tx = client.transaction().await?;
-            let org = insert_org(&tx, name).await?;
+            let org = insert_org(&tx, name, actor).await?;
             tx.commit().await?;
             Ok(org)
         })
@@ -376,68 +423,13 @@ impl PostgresStore {
     }
 
     /// See [`super::Store::create_bank`]. `new` is validated and its share list normalised.
-    pub(super) async fn create_bank(&self, new: NewBank, actor: OrgId) -> Result<Bank, Error> {
+    pub(super) async fn create_bank(&self, new: NewBank, actor: Actor) -> Result<Bank, Error> {
         bounded("create_bank", async {
             let mut client = self.client().await?;
             let tx = client.transaction().await?;
-            let shares: &[OrgId] = match &new.visibility {
-                Visibility::SharedWith(orgs) => orgs,
-                Visibility::Private | Visibility::Public => &[],
-            };
-            let mut needed = vec![new.owner, actor];
-            needed.extend_from_slice(shares);
-            require_orgs(&tx, &needed).await?;
-            let created_ms = now_ms();
-            let stmt = tx
-                .prepare_cached(
-                    "INSERT INTO banks
-                         (name, category, owner_org, visibility, description, created_ms)
-                     VALUES ($1, $2, $3, $4, $5, $6)
-                     ON CONFLICT (name) DO NOTHING
-                     RETURNING id",
-                )
-                .await?;
-            let inserted = tx
-                .query_opt(
-                    &stmt,
-                    &[
-                        &new.name,
-                        &new.category.as_str(),
-                        &new.owner.0,
-                        &rows::visibility_text(&new.visibility),
-                        &new.description,
-                        &created_ms,
-                    ],
-                )
-                .await?;
-            let Some(row) = inserted else {
-                return Err(Error::AlreadyExists {
-                    kind: "bank",
-                    key: new.name,
-                });
-            };
-            let id = BankId(row.try_get(0)?);
-            if !shares.is_empty() {
-                let share_ids: Vec<i64> = shares.iter().map(|org| org.0).collect();
-                let stmt = tx
-                    .prepare_cached(
-                        "INSERT INTO bank_shares (bank_id, org_id)
-                         SELECT $1, org FROM UNNEST($2::bigint[]) AS org",
-                    )
-                    .await?;
-                tx.execute(&stmt, &[&id.0, &share_ids]).await?;
-            }
-            append_change(&tx, &ChangeKind::BankCreated(id), actor, created_ms).await?;
+            let bank = insert_bank(&tx, new, actor).await?;
             tx.commit().await?;
-            Ok(Bank {
-                id,
-                name: new.name,
-                category: new.category,
-                owner: new.owner,
-                visibility: new.visibility,
-                description: new.description,
-                created_ms,
-            })
+            Ok(bank)
         })
         .await
     }
@@ -500,68 +492,17 @@ impl PostgresStore {
 
     /// See [`super::Store::add_reference`]. `new.frames` is validated, non-empty and already
     /// deduplicated.
-    pub(super) async fn add_reference(&self, new: NewReference) -> Result<Reference, Error> {
+    pub(super) async fn add_reference(
+        &self,
+        new: NewReference,
+        actor: Actor,
+    ) -> Result<Reference, Error> {
         bounded("add_reference", async {
-            let frame_count = u32::try_from(new.frames.len()).map_err(|_| Error::InvalidInput {
-                field: "frames",
-                reason: format!("{} frames do not fit a u32 count", new.frames.len()),
-            })?;
             let mut client = self.client().await?;
             let tx = client.transaction().await?;
-            let stmt = tx
-                .prepare_cached("SELECT 1 FROM banks WHERE id = $1")
-                .await?;
-            if tx.query_opt(&stmt, &[&new.bank.0]).await?.is_none() {
-                return Err(Error::NotFound {
-                    kind: "bank",
-                    key: new.bank.to_string(),
-                });
-            }
-            require_orgs(&tx, &[new.added_by]).await?;
-            let added_ms = now_ms();
-            let stmt = tx
-                .prepare_cached(
-                    "INSERT INTO refs (bank_id, external_id, note, added_by, added_ms, frame_count)
-                     VALUES ($1, $2, $3, $4, $5, $6)
-                     RETURNING id",
-                )
-                .await?;
-            let row = tx
-                .query_one(
-                    &stmt,
-                    &[
-                        &new.bank.0,
-                        &new.external_id,
-                        &new.note,
-                        &new.added_by.0,
-                        &added_ms,
-                        &i64::from(frame_count),
-                    ],
-                )
-                .await?;
-            let id = ReferenceId(row.try_get(0)?);
-            insert_frames(&tx, id, &new.frames).await?;
-            append_change(
-                &tx,
-                &ChangeKind::ReferenceAdded {
-                    reference: id,
-                    bank: new.bank,
-                },
-                new.added_by,
-                added_ms,
-            )
-            .await?;
+            let reference = insert_reference(&tx, new, actor).await?;
             tx.commit().await?;
-            Ok(Reference {
-                id,
-                bank: new.bank,
-                external_id: new.external_id,
-                note: new.note,
-                added_by: new.added_by,
-                added_ms,
-                state: ReferenceState::Active,
-                frame_count,
-            })
+            Ok(reference)
         })
         .await
     }
@@ -571,7 +512,7 @@ impl PostgresStore {
         &self,
         id: ReferenceId,
         reason: String,
-        actor: OrgId,
+        actor: Actor,
     ) -> Result<Reference, Error> {
         bounded("withdraw_reference", async {
             let mut client = self.client().await?;
@@ -594,7 +535,7 @@ impl PostgresStore {
             if row.try_get::<_, bool>(1)? {
                 return Err(Error::AlreadyWithdrawn { reference: id });
             }
-            require_orgs(&tx, &[actor]).await?;
+            require_actor(&tx, actor).await?;
             let at_ms = now_ms();
             let stmt = tx
                 .prepare_cached(
@@ -609,6 +550,7 @@ impl PostgresStore {
                     bank,
                 },
                 actor,
+                &reason,
                 at_ms,
             )
             .await?;
@@ -619,11 +561,438 @@ impl PostgresStore {
         .await
     }
 
+    /// See [`super::Store::update_bank_visibility`]. `visibility` is normalised.
+    pub(super) async fn update_bank_visibility(
+        &self,
+        bank: BankId,
+        visibility: Visibility,
+        actor: Actor,
+    ) -> Result<Bank, Error> {
+        bounded("update_bank_visibility", async {
+            let mut client = self.client().await?;
+            let tx = client.transaction().await?;
+            // The row lock orders concurrent updates of one bank: the last to commit wins, with
+            // its shares, and the log records both in that order.
+            let stmt = tx
+                .prepare_cached("SELECT 1 FROM banks WHERE id = $1 FOR NO KEY UPDATE")
+                .await?;
+            if tx.query_opt(&stmt, &[&bank.0]).await?.is_none() {
+                return Err(Error::NotFound {
+                    kind: "bank",
+                    key: bank.to_string(),
+                });
+            }
+            let shares: &[OrgId] = match &visibility {
+                Visibility::SharedWith(orgs) => orgs,
+                Visibility::Private | Visibility::Public => &[],
+            };
+            require_orgs(&tx, shares).await?;
+            require_actor(&tx, actor).await?;
+            let stmt = tx
+                .prepare_cached("UPDATE banks SET visibility = $2 WHERE id = $1")
+                .await?;
+            tx.execute(&stmt, &[&bank.0, &rows::visibility_text(&visibility)])
+                .await?;
+            let stmt = tx
+                .prepare_cached("DELETE FROM bank_shares WHERE bank_id = $1")
+                .await?;
+            tx.execute(&stmt, &[&bank.0]).await?;
+            insert_shares(&tx, bank, shares).await?;
+            let updated = read_bank(&tx, bank).await?;
+            append_change(
+                &tx,
+                &ChangeKind::BankUpdated(bank),
+                actor,
+                &rows::visibility_detail(&visibility),
+                now_ms(),
+            )
+            .await?;
+            tx.commit().await?;
+            Ok(updated)
+        })
+        .await
+    }
+
+    /// See [`super::Store::create_api_key`]. The label is validated.
+    pub(super) async fn create_api_key(
+        &self,
+        new: NewApiKey,
+        actor: Actor,
+    ) -> Result<ApiKey, Error> {
+        bounded("create_api_key", async {
+            let mut client = self.client().await?;
+            let tx = client.transaction().await?;
+            require_orgs(&tx, &[new.org]).await?;
+            require_actor(&tx, actor).await?;
+            let created_ms = now_ms();
+            let stmt = tx
+                .prepare_cached(
+                    "INSERT INTO api_keys (org_id, role, key_hash, label, created_ms)
+                     VALUES ($1, $2, $3, $4, $5)
+                     ON CONFLICT (key_hash) DO NOTHING
+                     RETURNING id",
+                )
+                .await?;
+            let inserted = tx
+                .query_opt(
+                    &stmt,
+                    &[
+                        &new.org.0,
+                        &new.role.as_str(),
+                        &new.digest.as_slice(),
+                        &new.label,
+                        &created_ms,
+                    ],
+                )
+                .await?;
+            let Some(row) = inserted else {
+                return Err(Error::AlreadyExists {
+                    kind: "api key",
+                    key: "with this digest".to_string(),
+                });
+            };
+            let id = KeyId(row.try_get(0)?);
+            append_change(
+                &tx,
+                &ChangeKind::KeyCreated {
+                    key: id,
+                    org: new.org,
+                },
+                actor,
+                &rows::key_detail(new.role, &new.label),
+                created_ms,
+            )
+            .await?;
+            tx.commit().await?;
+            Ok(ApiKey {
+                id,
+                org: new.org,
+                role: new.role,
+                digest: new.digest,
+                label: new.label,
+                created_ms,
+                revoked_ms: None,
+            })
+        })
+        .await
+    }
+
+    /// See [`super::Store::revoke_api_key`].
+    pub(super) async fn revoke_api_key(&self, id: KeyId, actor: Actor) -> Result<ApiKey, Error> {
+        bounded("revoke_api_key", async {
+            let mut client = self.client().await?;
+            let tx = client.transaction().await?;
+            // The row lock makes a concurrent revocation wait, then see this one's result.
+            let stmt = tx
+                .prepare_cached(&format!("{KEY_SELECT} WHERE id = $1 FOR NO KEY UPDATE"))
+                .await?;
+            let key = tx
+                .query_opt(&stmt, &[&id.0])
+                .await?
+                .as_ref()
+                .map(key_from_row)
+                .transpose()?
+                .ok_or_else(|| Error::NotFound {
+                    kind: "api key",
+                    key: id.to_string(),
+                })?;
+            if key.revoked_ms.is_some() {
+                return Err(Error::AlreadyRevoked { key: id });
+            }
+            require_actor(&tx, actor).await?;
+            let at_ms = now_ms();
+            let stmt = tx
+                .prepare_cached("UPDATE api_keys SET revoked_ms = $2 WHERE id = $1")
+                .await?;
+            tx.execute(&stmt, &[&id.0, &at_ms]).await?;
+            append_change(
+                &tx,
+                &ChangeKind::KeyRevoked {
+                    key: id,
+                    org: key.org,
+                },
+                actor,
+                &rows::key_detail(key.role, &key.label),
+                at_ms,
+            )
+            .await?;
+            tx.commit().await?;
+            Ok(ApiKey {
+                revoked_ms: Some(at_ms),
+                ..key
+            })
+        })
+        .await
+    }
+
+    /// See [`super::Store::get_api_key`].
+    pub(super) async fn get_api_key(&self, id: KeyId) -> Result<ApiKey, Error> {
+        bounded("get_api_key", async {
+            let client = self.client().await?;
+            let stmt = client
+                .prepare_cached(&format!("{KEY_SELECT} WHERE id = $1"))
+                .await?;
+            client
+                .query_opt(&stmt, &[&id.0])
+                .await?
+                .as_ref()
+                .map(key_from_row)
+                .transpose()?
+                .ok_or_else(|| Error::NotFound {
+                    kind: "api key",
+                    key: id.to_string(),
+                })
+        })
+        .await
+    }
+
+    /// See [`super::Store::api_key_by_digest`].
+    pub(super) async fn api_key_by_digest(
+        &self,
+        digest: KeyDigest,
+    ) -> Result<Option<ApiKey>, Error> {
+        bounded("api_key_by_digest", async {
+            let client = self.client().await?;
+            let stmt = client
+                .prepare_cached(&format!("{KEY_SELECT} WHERE key_hash = $1"))
+                .await?;
+            client
+                .query_opt(&stmt, &[&digest.as_slice()])
+                .await?
+                .as_ref()
+                .map(key_from_row)
+                .transpose()
+        })
+        .await
+    }
+
+    /// See [`super::Store::list_api_keys`].
+    pub(super) async fn list_api_keys(&self) -> Result<Vec<ApiKey>, Error> {
+        bounded("list_api_keys", async {
+            let client = self.client().await?;
+            let stmt = client
+                .prepare_cached(&format!("{KEY_SELECT} ORDER BY id"))
+                .await?;
+            client
+                .query(&stmt, &[])
+                .await?
+                .iter()
+                .map(key_from_row)
+                .collect()
+        })
+        .await
+    }
+
+    /// See [`super::Store::follow_cursor`].
+    pub(super) async fn follow_cursor(&self, source: String) -> Result<ChangeSeq, Error> {
+        bounded("follow_cursor", async {
+            let client = self.client().await?;
+            let stmt = client
+                .prepare_cached("SELECT cursor FROM follows WHERE source = $1")
+                .await?;
+            let cursor = match client.query_opt(&stmt, &[&source]).await? {
+                Some(row) => row.try_get(0)?,
+                None => 0,
+            };
+            Ok(ChangeSeq(cursor))
+        })
+        .await
+    }
+
+    /// See [`super::Store::set_follow_cursor`]. `seq` is not negative. One statement, committed
+    /// on its own.
+    pub(super) async fn set_follow_cursor(
+        &self,
+        source: String,
+        seq: ChangeSeq,
+    ) -> Result<(), Error> {
+        bounded("set_follow_cursor", async {
+            let client = self.client().await?;
+            let stmt = client
+                .prepare_cached(
+                    "INSERT INTO follows (source, cursor, updated_ms) VALUES ($1, $2, $3)
+                     ON CONFLICT (source) DO UPDATE
+                         SET cursor = excluded.cursor, updated_ms = excluded.updated_ms",
+                )
+                .await?;
+            client.execute(&stmt, &[&source, &seq.0, &now_ms()]).await?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// See [`super::Store::mirrored_bank`].
+    pub(super) async fn mirrored_bank(
+        &self,
+        source: String,
+        remote_id: i64,
+    ) -> Result<Option<Bank>, Error> {
+        bounded("mirrored_bank", async {
+            let client = self.client().await?;
+            let stmt = client
+                .prepare_cached(&format!(
+                    "{BANK_SELECT} JOIN mirrored_banks AS m ON m.bank_id = b.id
+                     WHERE m.source = $1 AND m.remote_id = $2"
+                ))
+                .await?;
+            client
+                .query_opt(&stmt, &[&source, &remote_id])
+                .await?
+                .as_ref()
+                .map(bank_from_row)
+                .transpose()
+        })
+        .await
+    }
+
+    /// See [`super::Store::create_mirrored_bank`]. `new` is validated and normalised.
+    ///
+    /// Two followers racing to mirror the same bank: the loser's insert of the bank name (or of
+    /// the mapping) waits for the winner's commit and then does nothing, and the loser returns
+    /// the winner's bank.
+    pub(super) async fn create_mirrored_bank(
+        &self,
+        source: String,
+        remote_id: i64,
+        new: NewBank,
+        actor: Actor,
+    ) -> Result<Bank, Error> {
+        bounded("create_mirrored_bank", async {
+            let mut client = self.client().await?;
+            let tx = client.transaction().await?;
+            if let Some(existing) = mirrored_bank_id(&tx, &source, remote_id).await? {
+                return read_bank(&tx, existing).await;
+            }
+            let bank = match insert_bank(&tx, new, actor).await {
+                Ok(bank) => bank,
+                Err(err @ Error::AlreadyExists { .. }) => {
+                    // A fresh snapshot: a racing follower may have just committed the mapping.
+                    return match mirrored_bank_id(&tx, &source, remote_id).await? {
+                        Some(existing) => read_bank(&tx, existing).await,
+                        None => Err(err),
+                    };
+                }
+                Err(err) => return Err(err),
+            };
+            let stmt = tx
+                .prepare_cached(
+                    "INSERT INTO mirrored_banks (source, remote_id, bank_id) VALUES ($1, $2, $3)
+                     ON CONFLICT (source, remote_id) DO NOTHING",
+                )
+                .await?;
+            if tx
+                .execute(&stmt, &[&source, &remote_id, &bank.id.0])
+                .await?
+                == 0
+            {
+                drop(tx);
+                let existing = mirrored_bank_id(&client, &source, remote_id)
+                    .await?
+                    .ok_or_else(|| Error::Corrupt {
+                        detail: format!("mirrored bank {source} {remote_id} vanished"),
+                    })?;
+                return read_bank(&client, existing).await;
+            }
+            tx.commit().await?;
+            Ok(bank)
+        })
+        .await
+    }
+
+    /// See [`super::Store::mirrored_reference`].
+    pub(super) async fn mirrored_reference(
+        &self,
+        source: String,
+        remote_id: i64,
+    ) -> Result<Option<ReferenceId>, Error> {
+        bounded("mirrored_reference", async {
+            let client = self.client().await?;
+            mirrored_reference_id(&client, &source, remote_id).await
+        })
+        .await
+    }
+
+    /// See [`super::Store::add_mirrored_reference`]. `new` is validated and its frames
+    /// deduplicated. A racing follower that loses on the mapping rolls back and returns the
+    /// winner's reference with `false`.
+    pub(super) async fn add_mirrored_reference(
+        &self,
+        source: String,
+        remote_id: i64,
+        new: NewReference,
+        actor: Actor,
+    ) -> Result<(Reference, bool), Error> {
+        bounded("add_mirrored_reference", async {
+            let mut client = self.client().await?;
+            let tx = client.transaction().await?;
+            if let Some(existing) = mirrored_reference_id(&tx, &source, remote_id).await? {
+                return Ok((read_reference(&tx, existing).await?, false));
+            }
+            let reference = insert_reference(&tx, new, actor).await?;
+            let stmt = tx
+                .prepare_cached(
+                    "INSERT INTO mirrored_refs (source, remote_id, reference_id)
+                     VALUES ($1, $2, $3)
+                     ON CONFLICT (source, remote_id) DO NOTHING",
+                )
+                .await?;
+            if tx
+                .execute(&stmt, &[&source, &remote_id, &reference.id.0])
+                .await?
+                == 0
+            {
+                drop(tx);
+                let existing = mirrored_reference_id(&client, &source, remote_id)
+                    .await?
+                    .ok_or_else(|| Error::Corrupt {
+                        detail: format!("mirrored reference {source} {remote_id} vanished"),
+                    })?;
+                return Ok((read_reference(&client, existing).await?, false));
+            }
+            tx.commit().await?;
+            Ok((reference, true))
+        })
+        .await
+    }
+
     /// See [`super::Store::get_reference`].
     pub(super) async fn get_reference(&self, id: ReferenceId) -> Result<Reference, Error> {
         bounded("get_reference", async {
             let client = self.client().await?;
             read_reference(&client, id).await
+        })
+        .await
+    }
+
+    /// See [`super::Store::list_references`]. One statement, one snapshot.
+    pub(super) async fn list_references(
+        &self,
+        bank: BankId,
+        include_withdrawn: bool,
+    ) -> Result<Vec<Reference>, Error> {
+        bounded("list_references", async {
+            let client = self.client().await?;
+            // Banks are never deleted: checking first and reading after cannot disagree.
+            let stmt = client
+                .prepare_cached("SELECT 1 FROM banks WHERE id = $1")
+                .await?;
+            if client.query_opt(&stmt, &[&bank.0]).await?.is_none() {
+                return Err(Error::NotFound {
+                    kind: "bank",
+                    key: bank.to_string(),
+                });
+            }
+            let stmt = client
+                .prepare_cached(&format!(
+                    "{REF_SELECT} WHERE bank_id = $1 AND ($2 OR withdrawn_ms IS NULL) ORDER BY id"
+                ))
+                .await?;
+            client
+                .query(&stmt, &[&bank.0, &include_withdrawn])
+                .await?
+                .iter()
+                .map(reference_from_row)
+                .collect()
         })
         .await
     }
@@ -730,13 +1099,51 @@ impl PostgresStore {
         bounded("changes_since", async {
             let client = self.client().await?;
             let stmt = client
-                .prepare_cached(
-                    "SELECT seq, kind, org_id, bank_id, reference_id, actor, at_ms FROM changes
-                     WHERE seq > $1 ORDER BY seq LIMIT $2",
-                )
+                .prepare_cached(&format!(
+                    "{CHANGE_SELECT} WHERE seq > $1 ORDER BY seq LIMIT $2"
+                ))
                 .await?;
             client
                 .query(&stmt, &[&after.0, &limit])
+                .await?
+                .iter()
+                .map(change_from_row)
+                .collect()
+        })
+        .await
+    }
+
+    /// See [`super::Store::audit`]. The bank check and the changes come from one statement, so
+    /// one snapshot.
+    pub(super) async fn audit(
+        &self,
+        bank: Option<BankId>,
+        after: ChangeSeq,
+        limit: usize,
+    ) -> Result<Vec<Change>, Error> {
+        let Some(bank) = bank else {
+            return self.changes_since(after, limit).await;
+        };
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        bounded("audit", async {
+            let client = self.client().await?;
+            let stmt = client
+                .prepare_cached("SELECT 1 FROM banks WHERE id = $1")
+                .await?;
+            // Banks are never deleted: checking first and reading after cannot disagree.
+            if client.query_opt(&stmt, &[&bank.0]).await?.is_none() {
+                return Err(Error::NotFound {
+                    kind: "bank",
+                    key: bank.to_string(),
+                });
+            }
+            let stmt = client
+                .prepare_cached(&format!(
+                    "{CHANGE_SELECT} WHERE bank_id = $1 AND seq > $2 ORDER BY seq LIMIT $3"
+                ))
+                .await?;
+            client
+                .query(&stmt, &[&bank.0, &after.0, &limit])
                 .await?
                 .iter()
                 .map(change_from_row)
@@ -765,7 +1172,8 @@ impl PostgresStore {
                             (SELECT COUNT(*) FROM refs WHERE withdrawn_ms IS NULL),
                             (SELECT COUNT(*) FROM refs WHERE withdrawn_ms IS NOT NULL),
                             (SELECT COALESCE(SUM(frame_count), 0)::bigint FROM refs),
-                            (SELECT COALESCE(MAX(seq), 0) FROM changes)",
+                            (SELECT COALESCE(MAX(seq), 0) FROM changes),
+                            (SELECT COUNT(*) FROM api_keys WHERE revoked_ms IS NULL)",
                 )
                 .await?;
             let row = client.query_one(&stmt, &[]).await?;
@@ -781,6 +1189,7 @@ impl PostgresStore {
                 active_references: count(2)?,
                 withdrawn_references: count(3)?,
                 frames: count(4)?,
+                api_keys: count(6)?,
                 last_seq: ChangeSeq(row.try_get(5)?),
             })
         })
@@ -918,7 +1327,7 @@ async fn ensure_default_org(client: &mut Object) -> Result<OrgId, Error> {
         return Ok(OrgId(row.try_get(0)?));
     }
     let tx = client.transaction().await?;
-    let id = match insert_org(&tx, DEFAULT_ORG_NAME.to_string()).await {
+    let id = match insert_org(&tx, DEFAULT_ORG_NAME.to_string(), None).await {
         Ok(org) => {
             tracing::info!(org = %org.id, name = DEFAULT_ORG_NAME, "created default organisation");
             org.id
@@ -1032,9 +1441,16 @@ fn pool_error(err: PoolError) -> Error {
 
 // === rows <-> domain ===
 
-/// Inserts an organisation and its change entry; the organisation is its own actor because the
-/// store API does not name the creator.
-async fn insert_org(tx: &Transaction<'_>, name: String) -> Result<Organisation, Error> {
+/// Inserts an organisation and its change entry, naming `actor`, or without one the new
+/// organisation itself.
+async fn insert_org(
+    tx: &Transaction<'_>,
+    name: String,
+    actor: Option<Actor>,
+) -> Result<Organisation, Error> {
+    if let Some(actor) = actor {
+        require_actor(tx, actor).await?;
+    }
     let created_ms = now_ms();
     let stmt = tx
         .prepare_cached(
@@ -1050,8 +1466,209 @@ async fn insert_org(tx: &Transaction<'_>, name: String) -> Result<Organisation, 
         });
     };
     let id = OrgId(row.try_get(0)?);
-    append_change(tx, &ChangeKind::OrgCreated(id), id, created_ms).await?;
+    let actor = actor.unwrap_or(Actor::system(id));
+    append_change(tx, &ChangeKind::OrgCreated(id), actor, "", created_ms).await?;
     Ok(Organisation { id, name })
+}
+
+/// Inserts a bank with its shares and its change entry. `new` is validated and normalised.
+async fn insert_bank(tx: &Transaction<'_>, new: NewBank, actor: Actor) -> Result<Bank, Error> {
+    let shares: &[OrgId] = match &new.visibility {
+        Visibility::SharedWith(orgs) => orgs,
+        Visibility::Private | Visibility::Public => &[],
+    };
+    let mut needed = vec![new.owner];
+    needed.extend_from_slice(shares);
+    require_orgs(tx, &needed).await?;
+    require_actor(tx, actor).await?;
+    let created_ms = now_ms();
+    let stmt = tx
+        .prepare_cached(
+            "INSERT INTO banks
+                 (name, category, owner_org, visibility, description, created_ms)
+             VALUES ($1, $2, $3, $4, $5, $6)
+             ON CONFLICT (name) DO NOTHING
+             RETURNING id",
+        )
+        .await?;
+    let inserted = tx
+        .query_opt(
+            &stmt,
+            &[
+                &new.name,
+                &new.category.as_str(),
+                &new.owner.0,
+                &rows::visibility_text(&new.visibility),
+                &new.description,
+                &created_ms,
+            ],
+        )
+        .await?;
+    let Some(row) = inserted else {
+        return Err(Error::AlreadyExists {
+            kind: "bank",
+            key: new.name,
+        });
+    };
+    let id = BankId(row.try_get(0)?);
+    insert_shares(tx, id, shares).await?;
+    append_change(tx, &ChangeKind::BankCreated(id), actor, "", created_ms).await?;
+    Ok(Bank {
+        id,
+        name: new.name,
+        category: new.category,
+        owner: new.owner,
+        visibility: new.visibility,
+        description: new.description,
+        created_ms,
+    })
+}
+
+async fn insert_shares(tx: &Transaction<'_>, bank: BankId, shares: &[OrgId]) -> Result<(), Error> {
+    if shares.is_empty() {
+        return Ok(());
+    }
+    let share_ids: Vec<i64> = shares.iter().map(|org| org.0).collect();
+    let stmt = tx
+        .prepare_cached(
+            "INSERT INTO bank_shares (bank_id, org_id)
+             SELECT $1, org FROM UNNEST($2::bigint[]) AS org",
+        )
+        .await?;
+    tx.execute(&stmt, &[&bank.0, &share_ids]).await?;
+    Ok(())
+}
+
+/// Inserts a reference with its frames and its change entry. `new.frames` is validated,
+/// non-empty and already deduplicated.
+async fn insert_reference(
+    tx: &Transaction<'_>,
+    new: NewReference,
+    actor: Actor,
+) -> Result<Reference, Error> {
+    let frame_count = u32::try_from(new.frames.len()).map_err(|_| Error::InvalidInput {
+        field: "frames",
+        reason: format!("{} frames do not fit a u32 count", new.frames.len()),
+    })?;
+    let stmt = tx
+        .prepare_cached("SELECT 1 FROM banks WHERE id = $1")
+        .await?;
+    if tx.query_opt(&stmt, &[&new.bank.0]).await?.is_none() {
+        return Err(Error::NotFound {
+            kind: "bank",
+            key: new.bank.to_string(),
+        });
+    }
+    require_orgs(tx, &[new.added_by]).await?;
+    require_actor(tx, actor).await?;
+    let added_ms = now_ms();
+    let stmt = tx
+        .prepare_cached(
+            "INSERT INTO refs (bank_id, external_id, note, added_by, added_ms, frame_count)
+             VALUES ($1, $2, $3, $4, $5, $6)
+             RETURNING id",
+        )
+        .await?;
+    let row = tx
+        .query_one(
+            &stmt,
+            &[
+                &new.bank.0,
+                &new.external_id,
+                &new.note,
+                &new.added_by.0,
+                &added_ms,
+                &i64::from(frame_count),
+            ],
+        )
+        .await?;
+    let id = ReferenceId(row.try_get(0)?);
+    insert_frames(tx, id, &new.frames).await?;
+    append_change(
+        tx,
+        &ChangeKind::ReferenceAdded {
+            reference: id,
+            bank: new.bank,
+        },
+        actor,
+        "",
+        added_ms,
+    )
+    .await?;
+    Ok(Reference {
+        id,
+        bank: new.bank,
+        external_id: new.external_id,
+        note: new.note,
+        added_by: new.added_by,
+        added_ms,
+        state: ReferenceState::Active,
+        frame_count,
+    })
+}
+
+/// The actor's organisation exists and so does its key, which acts for that organisation.
+async fn require_actor(tx: &Transaction<'_>, actor: Actor) -> Result<(), Error> {
+    require_orgs(tx, &[actor.org]).await?;
+    let Some(key) = actor.key else {
+        return Ok(());
+    };
+    let stmt = tx
+        .prepare_cached("SELECT org_id FROM api_keys WHERE id = $1")
+        .await?;
+    let org: i64 = tx
+        .query_opt(&stmt, &[&key.0])
+        .await?
+        .ok_or_else(|| Error::NotFound {
+            kind: "api key",
+            key: key.to_string(),
+        })?
+        .try_get(0)?;
+    rows::check_actor(actor, OrgId(org))
+}
+
+async fn mirrored_bank_id(
+    client: &impl GenericClient,
+    source: &str,
+    remote_id: i64,
+) -> Result<Option<BankId>, Error> {
+    let stmt = client
+        .prepare_cached("SELECT bank_id FROM mirrored_banks WHERE source = $1 AND remote_id = $2")
+        .await?;
+    match client.query_opt(&stmt, &[&source, &remote_id]).await? {
+        Some(row) => Ok(Some(BankId(row.try_get(0)?))),
+        None => Ok(None),
+    }
+}
+
+async fn mirrored_reference_id(
+    client: &impl GenericClient,
+    source: &str,
+    remote_id: i64,
+) -> Result<Option<ReferenceId>, Error> {
+    let stmt = client
+        .prepare_cached(
+            "SELECT reference_id FROM mirrored_refs WHERE source = $1 AND remote_id = $2",
+        )
+        .await?;
+    match client.query_opt(&stmt, &[&source, &remote_id]).await? {
+        Some(row) => Ok(Some(ReferenceId(row.try_get(0)?))),
+        None => Ok(None),
+    }
+}
+
+async fn read_bank(client: &impl GenericClient, id: BankId) -> Result<Bank, Error> {
+    let stmt = client
+        .prepare_cached(&format!("{BANK_SELECT} WHERE b.id = $1"))
+        .await?;
+    let row = client
+        .query_opt(&stmt, &[&id.0])
+        .await?
+        .ok_or_else(|| Error::NotFound {
+            kind: "bank",
+            key: id.to_string(),
+        })?;
+    bank_from_row(&row)
 }
 
 /// Fails with the first of `ids`, in order, that is not an organisation.
@@ -1117,19 +1734,11 @@ async fn insert_frames(
 async fn append_change(
     tx: &Transaction<'_>,
     kind: &ChangeKind,
-    actor: OrgId,
+    actor: Actor,
+    detail: &str,
     at_ms: i64,
 ) -> Result<ChangeSeq, Error> {
-    let (text, org, bank, reference): (&str, Option<i64>, Option<i64>, Option<i64>) = match kind {
-        ChangeKind::OrgCreated(org) => ("org_created", Some(org.0), None, None),
-        ChangeKind::BankCreated(bank) => ("bank_created", None, Some(bank.0), None),
-        ChangeKind::ReferenceAdded { reference, bank } => {
-            ("reference_added", None, Some(bank.0), Some(reference.0))
-        }
-        ChangeKind::ReferenceWithdrawn { reference, bank } => {
-            ("reference_withdrawn", None, Some(bank.0), Some(reference.0))
-        }
-    };
+    let ids = rows::change_ids(kind);
     // Its own statement: in READ COMMITTED the next statement takes a fresh snapshot, which
     // includes the previous lock holder's commit, so MAX(seq) below is current.
     let lock = tx
@@ -1138,15 +1747,30 @@ async fn append_change(
     tx.execute(&lock, &[&LOCK_SPACE, &CHANGE_LOG_LOCK]).await?;
     let insert = tx
         .prepare_cached(
-            "INSERT INTO changes (seq, kind, org_id, bank_id, reference_id, actor, at_ms)
-             SELECT COALESCE(MAX(seq), 0) + 1, $1, $2, $3, $4, $5, $6 FROM changes
+            "INSERT INTO changes (seq, kind, org_id, bank_id, reference_id, key_id, actor,
+                                  actor_key, detail, at_ms)
+             SELECT COALESCE(MAX(seq), 0) + 1, $1, $2, $3, $4, $5, $6, $7, $8, $9 FROM changes
              RETURNING seq",
         )
         .await?;
+    let actor_key = actor.key.map(|key| key.0);
     let seq = ChangeSeq(
-        tx.query_one(&insert, &[&text, &org, &bank, &reference, &actor.0, &at_ms])
-            .await?
-            .try_get(0)?,
+        tx.query_one(
+            &insert,
+            &[
+                &ids.kind,
+                &ids.org,
+                &ids.bank,
+                &ids.reference,
+                &ids.key,
+                &actor.org.0,
+                &actor_key,
+                &detail,
+                &at_ms,
+            ],
+        )
+        .await?
+        .try_get(0)?,
     );
     let notify = tx.prepare_cached("SELECT pg_notify($1, $2)").await?;
     tx.execute(&notify, &[&CHANGES_CHANNEL, &seq.0.to_string()])
@@ -1161,16 +1785,37 @@ async fn last_seq(client: &impl GenericClient) -> Result<ChangeSeq, Error> {
     Ok(ChangeSeq(client.query_one(&stmt, &[]).await?.try_get(0)?))
 }
 
+const CHANGE_SELECT: &str = "SELECT seq, kind, org_id, bank_id, reference_id, key_id, actor,
+        actor_key, detail, at_ms FROM changes";
+
 fn change_from_row(row: &Row) -> Result<Change, Error> {
-    rows::change(
-        row.try_get(0)?,
-        row.try_get(1)?,
-        row.try_get(2)?,
-        row.try_get(3)?,
-        row.try_get(4)?,
-        row.try_get(5)?,
-        row.try_get(6)?,
-    )
+    rows::change(rows::ChangeColumns {
+        seq: row.try_get(0)?,
+        kind: row.try_get(1)?,
+        org: row.try_get(2)?,
+        bank: row.try_get(3)?,
+        reference: row.try_get(4)?,
+        key: row.try_get(5)?,
+        actor: row.try_get(6)?,
+        actor_key: row.try_get(7)?,
+        detail: row.try_get(8)?,
+        at_ms: row.try_get(9)?,
+    })
+}
+
+const KEY_SELECT: &str =
+    "SELECT id, org_id, role, key_hash, label, created_ms, revoked_ms FROM api_keys";
+
+fn key_from_row(row: &Row) -> Result<ApiKey, Error> {
+    rows::api_key(rows::ApiKeyColumns {
+        id: row.try_get(0)?,
+        org: row.try_get(1)?,
+        role: row.try_get(2)?,
+        digest: row.try_get(3)?,
+        label: row.try_get(4)?,
+        created_ms: row.try_get(5)?,
+        revoked_ms: row.try_get(6)?,
+    })
 }
 
 /// A bank with its sorted shares, in one statement.
@@ -1193,13 +1838,12 @@ fn bank_from_row(row: &Row) -> Result<Bank, Error> {
     })
 }
 
+const REF_SELECT: &str = "SELECT id, bank_id, external_id, note, added_by, added_ms, frame_count,
+        withdrawn_ms, withdrawn_reason FROM refs";
+
 async fn read_reference(client: &impl GenericClient, id: ReferenceId) -> Result<Reference, Error> {
     let stmt = client
-        .prepare_cached(
-            "SELECT bank_id, external_id, note, added_by, added_ms, frame_count,
-                    withdrawn_ms, withdrawn_reason
-             FROM refs WHERE id = $1",
-        )
+        .prepare_cached(&format!("{REF_SELECT} WHERE id = $1"))
         .await?;
     let row = client
         .query_opt(&stmt, &[&id.0])
@@ -1208,15 +1852,20 @@ async fn read_reference(client: &impl GenericClient, id: ReferenceId) -> Result<
             kind: "reference",
             key: id.to_string(),
         })?;
-    let state = rows::reference_state(id, row.try_get(6)?, row.try_get(7)?)?;
-    let frame_count = rows::frame_count(id, row.try_get(5)?)?;
+    reference_from_row(&row)
+}
+
+fn reference_from_row(row: &Row) -> Result<Reference, Error> {
+    let id = ReferenceId(row.try_get(0)?);
+    let state = rows::reference_state(id, row.try_get(7)?, row.try_get(8)?)?;
+    let frame_count = rows::frame_count(id, row.try_get(6)?)?;
     Ok(Reference {
         id,
-        bank: BankId(row.try_get(0)?),
-        external_id: row.try_get(1)?,
-        note: row.try_get(2)?,
-        added_by: OrgId(row.try_get(3)?),
-        added_ms: row.try_get(4)?,
+        bank: BankId(row.try_get(1)?),
+        external_id: row.try_get(2)?,
+        note: row.try_get(3)?,
+        added_by: OrgId(row.try_get(4)?),
+        added_ms: row.try_get(5)?,
         state,
         frame_count,
     })
@@ -1387,15 +2036,20 @@ mod tests {
 
     async fn add_one_reference(store: &Store) -> Result<Reference, Error> {
         let local = store.default_org().await?;
-        let bank = store.create_bank(bank("bank", local), local).await?;
+        let bank = store
+            .create_bank(bank("bank", local), Actor::system(local))
+            .await?;
         store
-            .add_reference(NewReference {
-                bank: bank.id,
-                external_id: String::new(),
-                note: String::new(),
-                added_by: local,
-                frames: vec![frame(0, 1), frame(1, 2)],
-            })
+            .add_reference(
+                NewReference {
+                    bank: bank.id,
+                    external_id: String::new(),
+                    note: String::new(),
+                    added_by: local,
+                    frames: vec![frame(0, 1), frame(1, 2)],
+                },
+                Actor::system(local),
+            )
             .await
     }
 
@@ -1476,7 +2130,7 @@ mod tests {
         let first = db.open().await?;
         let default_org = first.default_org().await?;
         let before = schema().await?;
-        assert_eq!(before.0, vec![supported_version()]);
+        assert_eq!(before.0, (1..=supported_version()).collect::<Vec<_>>());
         assert!(before.1.contains(&"frames".to_string()), "{before:?}");
         drop(first);
         for _ in 0..2 {
@@ -1486,6 +2140,195 @@ mod tests {
             assert_eq!(again.list_orgs().await?.len(), 1);
             assert_eq!(again.last_seq().await?, ChangeSeq(1));
         }
+        Ok(())
+    }
+
+    /// A database written by the first release (schema 1, with data and a change log) opened
+    /// by this one: migrated in place, its data and log kept.
+    #[tokio::test]
+    async fn a_schema_1_database_is_upgraded_in_place() -> TestResult {
+        let Some(db) = TestDatabase::create().await? else {
+            return Ok(());
+        };
+        {
+            let client = db.connect().await?;
+            client
+                .batch_execute(
+                    "CREATE TABLE schema_migrations (
+                         version    bigint      PRIMARY KEY,
+                         applied_at timestamptz NOT NULL DEFAULT now()
+                     );
+                     INSERT INTO schema_migrations (version) VALUES (1);",
+                )
+                .await?;
+            client.batch_execute(MIGRATIONS[0]).await?;
+            client
+                .batch_execute(
+                    "INSERT INTO organisations (name, created_ms) VALUES ('local', 10),
+                         ('partner', 11);
+                     INSERT INTO api_keys (org_id, role, key_hash, created_ms)
+                         VALUES (2, 'contributor', decode(repeat('00', 32), 'hex'), 12);
+                     INSERT INTO banks (name, category, owner_org, visibility, description,
+                                        created_ms)
+                         VALUES ('old', 'terrorism', 1, 'shared', 'kept', 13);
+                     INSERT INTO bank_shares (bank_id, org_id) VALUES (1, 2);
+                     INSERT INTO refs (bank_id, external_id, note, added_by, added_ms,
+                                       frame_count)
+                         VALUES (1, 'x', 'n', 2, 14, 1);
+                     INSERT INTO frames (reference_id, hash, frame_index, timestamp_ms, quality)
+                         VALUES (1, decode(repeat('00', 32), 'hex'), 0, 0, 50);
+                     INSERT INTO changes (seq, kind, org_id, bank_id, reference_id, actor, at_ms)
+                         VALUES (1, 'org_created', 1, NULL, NULL, 1, 10),
+                                (2, 'org_created', 2, NULL, NULL, 2, 11),
+                                (3, 'bank_created', NULL, 1, NULL, 1, 13),
+                                (4, 'reference_added', NULL, 1, 1, 2, 14);",
+                )
+                .await?;
+        }
+        let store = db.open().await?;
+        let versions: Vec<i64> = db
+            .connect()
+            .await?
+            .query("SELECT version FROM schema_migrations ORDER BY 1", &[])
+            .await?
+            .iter()
+            .map(|row| row.get(0))
+            .collect();
+        assert_eq!(versions, (1..=supported_version()).collect::<Vec<_>>());
+
+        assert_eq!(store.default_org().await?, OrgId(1));
+        assert_eq!(store.list_orgs().await?.len(), 2);
+        let bank = store.get_bank(BankId(1)).await?;
+        assert_eq!(bank.visibility, Visibility::SharedWith(vec![OrgId(2)]));
+        assert_eq!(bank.description, "kept");
+        assert_eq!(
+            store.get_reference(ReferenceId(1)).await?.added_by,
+            OrgId(2)
+        );
+        assert_eq!(store.reference_frames(ReferenceId(1)).await?.len(), 1);
+        let key = store.get_api_key(KeyId(1)).await?;
+        assert_eq!(
+            (key.org, key.role, key.label.as_str(), key.revoked_ms),
+            (OrgId(2), crate::model::Role::Contributor, "", None)
+        );
+        let changes = store.changes_since(ChangeSeq(0), 100).await?;
+        let seqs: Vec<i64> = changes.iter().map(|c| c.seq.0).collect();
+        assert_eq!(seqs, vec![1, 2, 3, 4]);
+        assert_eq!(
+            changes[3],
+            Change {
+                seq: ChangeSeq(4),
+                kind: ChangeKind::ReferenceAdded {
+                    reference: ReferenceId(1),
+                    bank: BankId(1),
+                },
+                actor: Actor::system(OrgId(2)),
+                detail: String::new(),
+                at_ms: 14,
+            }
+        );
+
+        // The new kinds and columns work, and numbering continues.
+        let actor = Actor {
+            org: OrgId(2),
+            key: Some(KeyId(1)),
+        };
+        store
+            .update_bank_visibility(BankId(1), Visibility::Public, actor)
+            .await?;
+        store.revoke_api_key(KeyId(1), actor).await?;
+        let new = store.changes_since(ChangeSeq(4), 10).await?;
+        let kinds: Vec<_> = new
+            .iter()
+            .map(|c| (c.seq.0, c.kind.clone(), c.actor))
+            .collect();
+        assert_eq!(
+            kinds,
+            vec![
+                (5, ChangeKind::BankUpdated(BankId(1)), actor),
+                (
+                    6,
+                    ChangeKind::KeyRevoked {
+                        key: KeyId(1),
+                        org: OrgId(2)
+                    },
+                    actor
+                ),
+            ]
+        );
+        drop(store);
+        let store = db.open().await?;
+        assert_eq!(store.last_seq().await?, ChangeSeq(6));
+
+        // The re-added kind constraint still refuses unknown kinds.
+        let err = db
+            .connect()
+            .await?
+            .execute(
+                "INSERT INTO changes (seq, kind, actor, at_ms) VALUES (7, 'bank_deleted', 1, 0)",
+                &[],
+            )
+            .await
+            .err()
+            .ok_or("an unknown kind was accepted")?;
+        assert_eq!(err.code(), Some(&SqlState::CHECK_VIOLATION), "{err:?}");
+        Ok(())
+    }
+
+    /// Followers racing to mirror the same partner bank and reference on two handles: each
+    /// gets the one bank and the one reference, and the log records each creation once.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn racing_mirror_writes_create_once() -> TestResult {
+        let Some(db) = TestDatabase::create().await? else {
+            return Ok(());
+        };
+        let first = db.open().await?;
+        let second = db.open().await?;
+        let local = first.default_org().await?;
+        let actor = Actor::system(local);
+        let start = first.last_seq().await?;
+
+        let mut tasks = Vec::new();
+        for i in 0..8 {
+            let store = if i % 2 == 0 {
+                first.clone()
+            } else {
+                second.clone()
+            };
+            tasks.push(tokio::spawn(async move {
+                let bank = store
+                    .create_mirrored_bank("peer", 1, bank("peer.b", local), actor)
+                    .await?;
+                let (reference, created) = store
+                    .add_mirrored_reference(
+                        "peer",
+                        9,
+                        NewReference {
+                            bank: bank.id,
+                            external_id: String::new(),
+                            note: String::new(),
+                            added_by: local,
+                            frames: vec![frame(0, 1)],
+                        },
+                        actor,
+                    )
+                    .await?;
+                Ok::<_, Error>((bank.id, reference.id, created))
+            }));
+        }
+        let mut results = Vec::new();
+        for task in tasks {
+            results.push(task.await??);
+        }
+        let banks: HashSet<BankId> = results.iter().map(|r| r.0).collect();
+        let references: HashSet<ReferenceId> = results.iter().map(|r| r.1).collect();
+        assert_eq!(banks.len(), 1, "{results:?}");
+        assert_eq!(references.len(), 1, "{results:?}");
+        assert_eq!(results.iter().filter(|r| r.2).count(), 1, "{results:?}");
+        let log = first.changes_since(start, 100).await?;
+        assert_eq!(log.len(), 2, "{log:?}");
+        assert_eq!(first.stats().await?.active_references, 1);
+        assert_eq!(first.list_banks().await?.len(), 1);
         Ok(())
     }
 
@@ -1646,7 +2489,10 @@ mod tests {
         };
         let store = db.open().await?;
         let local = store.default_org().await?;
-        let bank = store.create_bank(bank("big", local), local).await?.id;
+        let bank = store
+            .create_bank(bank("big", local), Actor::system(local))
+            .await?
+            .id;
         let count = u32::try_from(FRAMES_PER_INSERT * 2 + 7)?;
         let frames: Vec<FrameSignal> = (0..count)
             .map(|i| FrameSignal {
@@ -1661,13 +2507,16 @@ mod tests {
             })
             .collect();
         let reference = store
-            .add_reference(NewReference {
-                bank,
-                external_id: "big".to_string(),
-                note: String::new(),
-                added_by: local,
-                frames: frames.clone(),
-            })
+            .add_reference(
+                NewReference {
+                    bank,
+                    external_id: "big".to_string(),
+                    note: String::new(),
+                    added_by: local,
+                    frames: frames.clone(),
+                },
+                Actor::system(local),
+            )
             .await?;
         assert_eq!(reference.frame_count, count);
         assert_eq!(store.reference_frames(reference.id).await?, frames);
@@ -1686,7 +2535,10 @@ mod tests {
         let first = db.open().await?;
         let second = db.open().await?;
         let local = first.default_org().await?;
-        let bank_id = first.create_bank(bank("shared", local), local).await?.id;
+        let bank_id = first
+            .create_bank(bank("shared", local), Actor::system(local))
+            .await?
+            .id;
         const WRITERS: usize = 8;
         const WRITES: usize = 10;
 
@@ -1730,17 +2582,22 @@ mod tests {
             writers.push(tokio::spawn(async move {
                 for write in 0..WRITES {
                     if write % 2 == 0 {
-                        store.create_org(&format!("org-{writer}-{write}")).await?;
+                        store
+                            .create_org(&format!("org-{writer}-{write}"), None)
+                            .await?;
                     } else {
                         let seed = u8::try_from(writer * WRITES + write).unwrap_or(0);
                         store
-                            .add_reference(NewReference {
-                                bank: bank_id,
-                                external_id: String::new(),
-                                note: String::new(),
-                                added_by: local,
-                                frames: vec![frame(0, seed), frame(1, seed.wrapping_add(1))],
-                            })
+                            .add_reference(
+                                NewReference {
+                                    bank: bank_id,
+                                    external_id: String::new(),
+                                    note: String::new(),
+                                    added_by: local,
+                                    frames: vec![frame(0, seed), frame(1, seed.wrapping_add(1))],
+                                },
+                                Actor::system(local),
+                            )
                             .await?;
                     }
                 }
@@ -1776,8 +2633,8 @@ mod tests {
             .listen_changes()
             .await?
             .ok_or("postgres stores can listen")?;
-        let a = second.create_org("from-second").await?;
-        let b = first.create_org("from-first").await?;
+        let a = second.create_org("from-second", None).await?;
+        let b = first.create_org("from-first", None).await?;
         let wait = Duration::from_secs(5);
         let one = tokio::time::timeout(wait, heard.recv()).await?;
         let two = tokio::time::timeout(wait, heard.recv()).await?;
@@ -1789,7 +2646,7 @@ mod tests {
             vec![ChangeKind::OrgCreated(a.id), ChangeKind::OrgCreated(b.id)]
         );
         // A failed write notifies nobody.
-        assert!(second.create_org("from-first").await.is_err());
+        assert!(second.create_org("from-first", None).await.is_err());
         assert!(
             tokio::time::timeout(Duration::from_millis(300), heard.recv())
                 .await
@@ -1916,7 +2773,7 @@ mod tests {
         }
         let cluster = OwnCluster::start()?;
         let store = Store::open_postgres(&cluster.url).await?;
-        store.create_org("before").await?;
+        store.create_org("before", None).await?;
         let mut heard = store
             .listen_changes()
             .await?
@@ -1924,7 +2781,7 @@ mod tests {
 
         cluster.pg_ctl(&["stop", "-m", "fast"])?;
         let started = Instant::now();
-        let err = store.create_org("during").await;
+        let err = store.create_org("during", None).await;
         assert!(matches!(err, Err(Error::Unavailable { .. })), "{err:?}");
         let err = store.list_orgs().await;
         assert!(matches!(err, Err(Error::Unavailable { .. })), "{err:?}");
@@ -1936,7 +2793,7 @@ mod tests {
         );
 
         cluster.pg_ctl(&["start", "-l", &format!("{}/../restart.log", cluster.pgdata)])?;
-        let after = store.create_org("after").await?;
+        let after = store.create_org("after", None).await?;
         let names: Vec<String> = store
             .list_orgs()
             .await?
@@ -1948,7 +2805,7 @@ mod tests {
             .listen_changes()
             .await?
             .ok_or("postgres stores can listen")?;
-        store.create_org("again").await?;
+        store.create_org("again", None).await?;
         assert_eq!(
             tokio::time::timeout(Duration::from_secs(5), heard.recv()).await?,
             Some(ChangeSeq(4))

@@ -5,8 +5,8 @@
 use super::{Error, MAX_QUALITY};
 use crate::hash::PdqHash;
 use crate::model::{
-    Bank, BankId, Category, Change, ChangeKind, ChangeSeq, FrameSignal, OrgId, ReferenceId,
-    ReferenceState, Visibility,
+    Actor, ApiKey, Bank, BankId, Category, Change, ChangeKind, ChangeSeq, FrameSignal, KeyDigest,
+    KeyId, OrgId, ReferenceId, ReferenceState, Role, Visibility,
 };
 
 /// The stored text of a visibility; shared-with organisations live in `bank_shares`.
@@ -18,40 +18,199 @@ pub(super) fn visibility_text(visibility: &Visibility) -> &'static str {
     }
 }
 
+/// How a [`ChangeKind`] is stored: the `kind` text and which id columns it sets.
+pub(super) struct ChangeIds {
+    pub(super) kind: &'static str,
+    pub(super) org: Option<i64>,
+    pub(super) bank: Option<i64>,
+    pub(super) reference: Option<i64>,
+    pub(super) key: Option<i64>,
+}
+
+/// The stored form of `kind`; [`change`] is its inverse.
+pub(super) fn change_ids(kind: &ChangeKind) -> ChangeIds {
+    let ids = |kind, org: Option<i64>, bank: Option<i64>, reference: Option<i64>, key| ChangeIds {
+        kind,
+        org,
+        bank,
+        reference,
+        key,
+    };
+    match kind {
+        ChangeKind::OrgCreated(org) => ids("org_created", Some(org.0), None, None, None),
+        ChangeKind::BankCreated(bank) => ids("bank_created", None, Some(bank.0), None, None),
+        ChangeKind::ReferenceAdded { reference, bank } => ids(
+            "reference_added",
+            None,
+            Some(bank.0),
+            Some(reference.0),
+            None,
+        ),
+        ChangeKind::ReferenceWithdrawn { reference, bank } => ids(
+            "reference_withdrawn",
+            None,
+            Some(bank.0),
+            Some(reference.0),
+            None,
+        ),
+        ChangeKind::BankUpdated(bank) => ids("bank_updated", None, Some(bank.0), None, None),
+        ChangeKind::KeyCreated { key, org } => {
+            ids("key_created", Some(org.0), None, None, Some(key.0))
+        }
+        ChangeKind::KeyRevoked { key, org } => {
+            ids("key_revoked", Some(org.0), None, None, Some(key.0))
+        }
+    }
+}
+
+/// The columns of one `changes` row.
+pub(super) struct ChangeColumns<'a> {
+    pub(super) seq: i64,
+    pub(super) kind: &'a str,
+    pub(super) org: Option<i64>,
+    pub(super) bank: Option<i64>,
+    pub(super) reference: Option<i64>,
+    pub(super) key: Option<i64>,
+    pub(super) actor: i64,
+    pub(super) actor_key: Option<i64>,
+    pub(super) detail: String,
+    pub(super) at_ms: i64,
+}
+
 /// A change-log row: `kind` names which of the id columns must be set.
-pub(super) fn change(
-    seq: i64,
-    kind: &str,
-    org: Option<i64>,
-    bank: Option<i64>,
-    reference: Option<i64>,
-    actor: i64,
-    at_ms: i64,
-) -> Result<Change, Error> {
-    let kind = match (kind, org, bank, reference) {
-        ("org_created", Some(org), _, _) => ChangeKind::OrgCreated(OrgId(org)),
-        ("bank_created", _, Some(bank), _) => ChangeKind::BankCreated(BankId(bank)),
-        ("reference_added", _, Some(bank), Some(reference)) => ChangeKind::ReferenceAdded {
+pub(super) fn change(columns: ChangeColumns<'_>) -> Result<Change, Error> {
+    let ChangeColumns {
+        seq,
+        kind,
+        org,
+        bank,
+        reference,
+        key,
+        actor,
+        actor_key,
+        detail,
+        at_ms,
+    } = columns;
+    let decoded = match (kind, org, bank, reference, key) {
+        ("org_created", Some(org), _, _, _) => ChangeKind::OrgCreated(OrgId(org)),
+        ("bank_created", _, Some(bank), _, _) => ChangeKind::BankCreated(BankId(bank)),
+        ("reference_added", _, Some(bank), Some(reference), _) => ChangeKind::ReferenceAdded {
             reference: ReferenceId(reference),
             bank: BankId(bank),
         },
-        ("reference_withdrawn", _, Some(bank), Some(reference)) => ChangeKind::ReferenceWithdrawn {
-            reference: ReferenceId(reference),
-            bank: BankId(bank),
+        ("reference_withdrawn", _, Some(bank), Some(reference), _) => {
+            ChangeKind::ReferenceWithdrawn {
+                reference: ReferenceId(reference),
+                bank: BankId(bank),
+            }
+        }
+        ("bank_updated", _, Some(bank), _, _) => ChangeKind::BankUpdated(BankId(bank)),
+        ("key_created", Some(org), _, _, Some(key)) => ChangeKind::KeyCreated {
+            key: KeyId(key),
+            org: OrgId(org),
+        },
+        ("key_revoked", Some(org), _, _, Some(key)) => ChangeKind::KeyRevoked {
+            key: KeyId(key),
+            org: OrgId(org),
         },
         _ => {
             return Err(Error::Corrupt {
                 detail: format!(
-                    "change {seq} has kind {kind:?} with org {org:?}, bank {bank:?}, reference {reference:?}"
+                    "change {seq} has kind {kind:?} with org {org:?}, bank {bank:?}, \
+                     reference {reference:?}, key {key:?}"
                 ),
             });
         }
     };
     Ok(Change {
         seq: ChangeSeq(seq),
-        kind,
-        actor: OrgId(actor),
+        kind: decoded,
+        actor: Actor {
+            org: OrgId(actor),
+            key: actor_key.map(KeyId),
+        },
+        detail,
         at_ms,
+    })
+}
+
+/// The audit detail of a visibility change: `private`, `public`, `shared with 2,5`.
+pub(super) fn visibility_detail(visibility: &Visibility) -> String {
+    match visibility {
+        Visibility::Private => "private".to_string(),
+        Visibility::Public => "public".to_string(),
+        Visibility::SharedWith(orgs) if orgs.is_empty() => "shared with nobody".to_string(),
+        Visibility::SharedWith(orgs) => {
+            let list: Vec<String> = orgs.iter().map(ToString::to_string).collect();
+            format!("shared with {}", list.join(","))
+        }
+    }
+}
+
+/// The audit detail of a key's creation or revocation: its role, then its label if it has one,
+/// e.g. `contributor: upload pipeline eu-west`.
+pub(super) fn key_detail(role: Role, label: &str) -> String {
+    if label.is_empty() {
+        role.to_string()
+    } else {
+        format!("{role}: {label}")
+    }
+}
+
+/// An actor's key (which acts for `key_org`) must act for the actor's organisation: a change
+/// never names a key of one organisation acting for another.
+pub(super) fn check_actor(actor: Actor, key_org: OrgId) -> Result<(), Error> {
+    match actor.key {
+        Some(key) if key_org != actor.org => Err(Error::InvalidInput {
+            field: "actor",
+            reason: format!(
+                "api key {key} acts for organisation {key_org}, not {}",
+                actor.org
+            ),
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// The columns of one `api_keys` row.
+pub(super) struct ApiKeyColumns<'a> {
+    pub(super) id: i64,
+    pub(super) org: i64,
+    pub(super) role: &'a str,
+    pub(super) digest: &'a [u8],
+    pub(super) label: String,
+    pub(super) created_ms: i64,
+    pub(super) revoked_ms: Option<i64>,
+}
+
+/// An API key from its columns: the role text and the digest length are checked.
+pub(super) fn api_key(columns: ApiKeyColumns<'_>) -> Result<ApiKey, Error> {
+    let ApiKeyColumns {
+        id,
+        org,
+        role,
+        digest,
+        label,
+        created_ms,
+        revoked_ms,
+    } = columns;
+    let role: Role = role.parse().map_err(|_| Error::Corrupt {
+        detail: format!("api key {id} has unknown role {role:?}"),
+    })?;
+    let digest: KeyDigest = digest.try_into().map_err(|_| Error::Corrupt {
+        detail: format!(
+            "api key {id} has a {}-byte digest, expected 32",
+            digest.len()
+        ),
+    })?;
+    Ok(ApiKey {
+        id: KeyId(id),
+        org: OrgId(org),
+        role,
+        digest,
+        label,
+        created_ms,
+        revoked_ms,
     })
 }
 

@@ -34,6 +34,8 @@ impl Served {
     /// Starts the binary and reads its address, without waiting for SERVING.
     async fn spawn(data_dir: &Path, extra: &[&str]) -> Self {
         let mut child = Command::new(BIN)
+            .env("FRAMEMATCH_BOOTSTRAP_ADMIN_KEY", support::ADMIN_KEY)
+            .env("FRAMEMATCH_API_KEY", support::ADMIN_KEY)
             .args([
                 "serve",
                 "--listen",
@@ -67,16 +69,16 @@ impl Served {
         Self { child, url }
     }
 
-    async fn banks(&self) -> pb::banks_client::BanksClient<tonic::transport::Channel> {
-        pb::banks_client::BanksClient::connect(self.url.clone())
-            .await
-            .expect("connect")
+    async fn banks(&self) -> pb::banks_client::BanksClient<support::Authed> {
+        pb::banks_client::BanksClient::new(
+            support::connect_as(&self.url, Some(support::ADMIN_KEY)).await,
+        )
     }
 
-    async fn matcher(&self) -> pb::matcher_client::MatcherClient<tonic::transport::Channel> {
-        pb::matcher_client::MatcherClient::connect(self.url.clone())
-            .await
-            .expect("connect")
+    async fn matcher(&self) -> pb::matcher_client::MatcherClient<support::Authed> {
+        pb::matcher_client::MatcherClient::new(
+            support::connect_as(&self.url, Some(support::ADMIN_KEY)).await,
+        )
     }
 
     /// SIGKILL: no shutdown code runs.
@@ -133,6 +135,7 @@ async fn acked_reference_survives_kill() {
             name: "durable".into(),
             category: pb::Category::SuicideSelfHarm as i32,
             description: String::new(),
+            ..Default::default()
         })
         .await
         .expect("create bank");
@@ -193,6 +196,8 @@ async fn acked_reference_survives_kill() {
 
 fn run(args: &[&str]) -> (i32, String, String) {
     let output = Command::new(BIN)
+        .env("FRAMEMATCH_BOOTSTRAP_ADMIN_KEY", support::ADMIN_KEY)
+        .env("FRAMEMATCH_API_KEY", support::ADMIN_KEY)
         .args(args)
         .output()
         .expect("run framematch");
@@ -335,7 +340,12 @@ async fn sigterm_lets_open_streams_finish_within_the_grace_then_ends_them_unavai
         )),
     };
     let (tx, rx) = tokio::sync::mpsc::channel::<pb::MatchRequest>(4);
-    let mut matcher = pb::matcher_client::MatcherClient::new(channel.clone());
+    let mut matcher = pb::matcher_client::MatcherClient::new(
+        tonic::service::interceptor::InterceptedService::new(
+            channel.clone(),
+            support::Bearer::new(support::ADMIN_KEY),
+        ),
+    );
     tx.send(frame(0)).await.expect("send");
     let mut answers = matcher
         .match_video(tokio_stream::wrappers::ReceiverStream::new(rx))
@@ -417,6 +427,7 @@ async fn two_server_processes_on_one_postgres_database_converge() {
             name: "shared".into(),
             category: pb::Category::Terrorism as i32,
             description: String::new(),
+            ..Default::default()
         })
         .await
         .expect("create bank on A");
@@ -512,13 +523,18 @@ async fn health_is_not_serving_until_the_index_is_loaded() {
     let (channel, mut statuses) = watch_matcher_health(&loading).await;
     let first_status = statuses.message().await.expect("stream").expect("status");
     assert_eq!(first_status.status, ServingStatus::NotServing as i32);
-    let early = pb::matcher_client::MatcherClient::new(channel.clone())
-        .match_image(pb::MatchImageRequest {
-            options: None,
-            frame: Some(support::pdq_frame(0, 0, &hash(1), 100)),
-        })
-        .await
-        .expect_err("no matching while loading");
+    let early = pb::matcher_client::MatcherClient::new(
+        tonic::service::interceptor::InterceptedService::new(
+            channel.clone(),
+            support::Bearer::new(support::ADMIN_KEY),
+        ),
+    )
+    .match_image(pb::MatchImageRequest {
+        options: None,
+        frame: Some(support::pdq_frame(0, 0, &hash(1), 100)),
+    })
+    .await
+    .expect_err("no matching while loading");
     assert_eq!(early.code(), tonic::Code::Unavailable);
     assert!(early.message().contains("loading"), "{}", early.message());
 

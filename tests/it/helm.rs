@@ -782,3 +782,27 @@ fn notes_render_for_every_mode() {
         assert!(notes.contains("grpc.health.v1"), "{notes}");
     }
 }
+
+#[test]
+fn api_keys_come_from_an_existing_secret_and_auth_is_on_by_default() {
+    let Some(helm) = helm() else { return };
+    let defaults = Rendered::of(&helm, &[]);
+    let c = defaults.container();
+    assert!(env(c, "FRAMEMATCH_BOOTSTRAP_ADMIN_KEY").is_none());
+    assert!(env(c, "FRAMEMATCH_INSECURE_NO_AUTH").is_none());
+    let r = Rendered::of(&helm, &["auth.bootstrapAdminKeySecret=framematch-admin"]);
+    let key = env(r.container(), "FRAMEMATCH_BOOTSTRAP_ADMIN_KEY").expect("bootstrap key env");
+    assert!(
+        key["value"].is_null(),
+        "the secret never appears in the pod spec"
+    );
+    assert_eq!(key["valueFrom"]["secretKeyRef"]["name"], "framematch-admin");
+    assert_eq!(key["valueFrom"]["secretKeyRef"]["key"], "admin-key");
+    let insecure = Rendered::of(&helm, &["auth.insecureNoAuth=true"]);
+    assert_eq!(
+        env_value(insecure.container(), "FRAMEMATCH_INSECURE_NO_AUTH").as_deref(),
+        Some("true")
+    );
+    let refused = template_raw(&helm, &["auth.unknown=1"]).expect_err("schema refuses");
+    assert!(refused.contains("auth"), "{refused}");
+}

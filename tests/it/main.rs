@@ -5,11 +5,13 @@ mod support;
 
 mod binary;
 mod errors;
+mod follow;
 mod helm;
 mod index_conformance;
 mod loadgen;
 mod matching;
 mod pdq_conformance;
 mod replicas;
+mod sharing;
 mod telemetry;
 mod video;

@@ -290,6 +290,7 @@ async fn bank_filter_limits_the_search_and_unknown_banks_are_not_found() {
             name: "one".into(),
             category: pb::Category::Terrorism as i32,
             description: String::new(),
+            ..Default::default()
         })
         .await
         .expect_err("duplicate bank");
@@ -301,6 +302,7 @@ async fn bank_filter_limits_the_search_and_unknown_banks_are_not_found() {
             name: "four".into(),
             category: 0,
             description: String::new(),
+            ..Default::default()
         })
         .await
         .expect_err("no category");

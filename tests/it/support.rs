@@ -31,10 +31,60 @@ use framematch::config::ServeConfig;
 use framematch::pb;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::Interceptor;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
+
+/// The bootstrap admin key every test server and every spawned binary is started with
+/// (`FRAMEMATCH_BOOTSTRAP_ADMIN_KEY`); test clients send it unless a test chooses another key.
+pub const ADMIN_KEY: &str = "fmk_test_admin_0123456789abcdef0123456789abcdef";
+
+/// Sends `authorization: Bearer <key>` on every request.
+#[derive(Clone)]
+pub struct Bearer(Option<MetadataValue<Ascii>>);
+
+impl Bearer {
+    /// A bearer of `key`.
+    pub fn new(key: &str) -> Self {
+        Self(Some(format!("Bearer {key}").parse().expect("ASCII key")))
+    }
+
+    /// Sends no key at all.
+    pub fn none() -> Self {
+        Self(None)
+    }
+}
+
+impl Interceptor for Bearer {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(value) = &self.0 {
+            request
+                .metadata_mut()
+                .insert("authorization", value.clone());
+        }
+        Ok(request)
+    }
+}
+
+/// A channel that sends a key.
+pub type Authed = InterceptedService<Channel, Bearer>;
+
+/// Connects to `url`, sending `key` (or nothing) on every request.
+pub async fn connect_as(url: &str, key: Option<&str>) -> Authed {
+    let channel = Channel::from_shared(url.to_string())
+        .expect("url")
+        .connect()
+        .await
+        .expect("connect");
+    InterceptedService::new(channel, key.map_or_else(Bearer::none, Bearer::new))
+}
 
 /// A real framematch server on a loopback port, in this test's runtime, with its own data dir.
 pub struct TestServer {
@@ -63,6 +113,7 @@ impl TestServer {
     /// Starts a server over an existing data directory.
     pub async fn start_in(dir: tempfile::TempDir, adjust: impl FnOnce(&mut ServeConfig)) -> Self {
         let mut config = ServeConfig::with_data_dir(dir.path().to_path_buf());
+        config.bootstrap_admin_key = Some(ADMIN_KEY.to_string());
         adjust(&mut config);
         // Bound before the server task starts, so clients can connect at once: no sleeps.
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -114,17 +165,48 @@ impl TestServer {
             .expect("connect")
     }
 
-    /// A Matcher client.
-    pub async fn matcher(&self) -> pb::matcher_client::MatcherClient<Channel> {
-        pb::matcher_client::MatcherClient::new(self.channel().await)
+    /// A connection sending `key` (or no key).
+    pub async fn connect_as(&self, key: Option<&str>) -> Authed {
+        connect_as(&self.url(), key).await
+    }
+
+    /// A Matcher client with the admin key.
+    pub async fn matcher(&self) -> pb::matcher_client::MatcherClient<Authed> {
+        self.matcher_as(ADMIN_KEY).await
+    }
+
+    /// A Matcher client with `key`.
+    pub async fn matcher_as(&self, key: &str) -> pb::matcher_client::MatcherClient<Authed> {
+        pb::matcher_client::MatcherClient::new(self.connect_as(Some(key)).await)
             .max_decoding_message_size(64 * 1024 * 1024)
             .max_encoding_message_size(64 * 1024 * 1024)
     }
 
-    /// A Banks client.
-    pub async fn banks(&self) -> pb::banks_client::BanksClient<Channel> {
-        pb::banks_client::BanksClient::new(self.channel().await)
+    /// A Banks client with the admin key.
+    pub async fn banks(&self) -> pb::banks_client::BanksClient<Authed> {
+        self.banks_as(ADMIN_KEY).await
+    }
+
+    /// A Banks client with `key`.
+    pub async fn banks_as(&self, key: &str) -> pb::banks_client::BanksClient<Authed> {
+        pb::banks_client::BanksClient::new(self.connect_as(Some(key)).await)
             .max_encoding_message_size(64 * 1024 * 1024)
+    }
+
+    /// An Admin client with the admin key.
+    pub async fn admin(&self) -> pb::admin_client::AdminClient<Authed> {
+        self.admin_as(ADMIN_KEY).await
+    }
+
+    /// An Admin client with `key`.
+    pub async fn admin_as(&self, key: &str) -> pb::admin_client::AdminClient<Authed> {
+        pb::admin_client::AdminClient::new(self.connect_as(Some(key)).await)
+    }
+
+    /// An Exchange client with `key`.
+    pub async fn exchange_as(&self, key: &str) -> pb::exchange_client::ExchangeClient<Authed> {
+        pb::exchange_client::ExchangeClient::new(self.connect_as(Some(key)).await)
+            .max_decoding_message_size(64 * 1024 * 1024)
     }
 
     /// Stops the server and joins its task, so a server panic fails the test. Returns the data
@@ -216,6 +298,7 @@ pub async fn create_bank(server: &TestServer, name: &str) -> pb::Bank {
             name: name.into(),
             category: pb::Category::GraphicViolence as i32,
             description: String::new(),
+            ..Default::default()
         })
         .await
         .expect("create bank")

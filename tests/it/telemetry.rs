@@ -358,6 +358,8 @@ impl Child {
         let dir = tempfile::tempdir().expect("temp dir");
         let mut command = tokio::process::Command::new(BIN);
         command
+            .env("FRAMEMATCH_BOOTSTRAP_ADMIN_KEY", support::ADMIN_KEY)
+            .env("FRAMEMATCH_API_KEY", support::ADMIN_KEY)
             .args([
                 "serve",
                 "--listen",
@@ -506,18 +508,19 @@ async fn binary_exports_one_span_per_rpc_and_metrics_over_otlp() {
     ])
     .await;
     let a = hash(7);
-    let banks = pb::banks_client::BanksClient::connect(child.url.clone())
-        .await
-        .expect("connect");
-    let mut matcher = pb::matcher_client::MatcherClient::connect(child.url.clone())
-        .await
-        .expect("connect");
+    let banks = pb::banks_client::BanksClient::new(
+        support::connect_as(&child.url, Some(support::ADMIN_KEY)).await,
+    );
+    let mut matcher = pb::matcher_client::MatcherClient::new(
+        support::connect_as(&child.url, Some(support::ADMIN_KEY)).await,
+    );
     banks
         .clone()
         .create_bank(pb::CreateBankRequest {
             name: "violent".into(),
             category: pb::Category::GraphicViolence as i32,
             description: String::new(),
+            ..Default::default()
         })
         .await
         .expect("create bank");

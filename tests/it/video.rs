@@ -44,6 +44,8 @@ fn vpdq_dir_with_ffmpeg() -> Option<PathBuf> {
 /// Runs the binary; returns (exit code, stdout, stderr).
 fn run<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> (i32, String, String) {
     let output = Command::new(BIN)
+        .env("FRAMEMATCH_BOOTSTRAP_ADMIN_KEY", support::ADMIN_KEY)
+        .env("FRAMEMATCH_API_KEY", support::ADMIN_KEY)
         .args(args)
         .output()
         .expect("run framematch");
@@ -57,6 +59,8 @@ fn run<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> (i32, String, String) {
 /// As [`run`], off the async runtime, so an in-process server keeps serving meanwhile.
 async fn run_async(args: Vec<String>) -> (i32, String, String) {
     let output = tokio::process::Command::new(BIN)
+        .env("FRAMEMATCH_BOOTSTRAP_ADMIN_KEY", support::ADMIN_KEY)
+        .env("FRAMEMATCH_API_KEY", support::ADMIN_KEY)
         .args(&args)
         .output()
         .await
@@ -349,6 +353,8 @@ fn files_that_are_not_videos_fail_clearly_with_exit_2() {
         |c| c.join("vpdq/test-padded-dimensions.mp4"),
     );
     let output = Command::new(BIN)
+        .env("FRAMEMATCH_BOOTSTRAP_ADMIN_KEY", support::ADMIN_KEY)
+        .env("FRAMEMATCH_API_KEY", support::ADMIN_KEY)
         .arg("hash")
         .arg(&video)
         .env("PATH", dir.path())

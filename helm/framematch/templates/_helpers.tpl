@@ -134,6 +134,19 @@ Called from every workload template.
     - name: FRAMEMATCH_DATA_DIR
       value: {{ .Values.store.embedded.dataDir | quote }}
     {{- end }}
+    {{- with .Values.auth }}
+    {{- if .bootstrapAdminKeySecret }}
+    - name: FRAMEMATCH_BOOTSTRAP_ADMIN_KEY
+      valueFrom:
+        secretKeyRef:
+          name: {{ .bootstrapAdminKeySecret }}
+          key: {{ .bootstrapAdminKeySecretKey }}
+    {{- end }}
+    {{- if .insecureNoAuth }}
+    - name: FRAMEMATCH_INSECURE_NO_AUTH
+      value: "true"
+    {{- end }}
+    {{- end }}
     - name: FRAMEMATCH_LOG_FORMAT
       value: {{ .Values.server.logFormat | quote }}
     - name: RUST_LOG
