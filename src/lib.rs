@@ -18,6 +18,8 @@
 //!   [`hash::vpdq`] reads and writes vPDQ files and compares two videos as vPDQ does.
 //! - [`loadgen`]: the `framematch bench` load generator (many MatchVideo streams; issue #6).
 //! - [`config`]: flags and environment, validated once; [`cli`]: the command line.
+//! - [`client`]: the one way client commands and the load generator connect (TLS, API key);
+//!   [`tls`]: PEM certificates and keys, checked when the configuration is read.
 //! - [`telemetry`]: logs, one span per RPC or stream, metrics (Prometheus `/metrics` and OTLP).
 //! - [`pb`]: generated protobuf code, nothing else.
 //!
@@ -37,6 +39,7 @@
 
 pub mod api;
 pub mod cli;
+pub mod client;
 pub mod config;
 pub mod hash;
 pub mod index;
@@ -47,4 +50,5 @@ pub mod pb;
 pub mod server;
 pub mod store;
 pub mod telemetry;
+pub mod tls;
 pub mod video;

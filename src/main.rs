@@ -26,13 +26,13 @@ fn main() -> ExitCode {
             }
         },
         Command::Scan(args) => match runtime() {
-            Ok(runtime) => runtime.block_on(cli::scan(&args, &cli.server)),
+            Ok(runtime) => runtime.block_on(cli::scan(&args, &cli.client)),
             Err(code) => code,
         },
-        Command::Bank { command } => client(cli::bank(command, &cli.server)),
-        Command::Ref { command } => client(cli::reference(command, &cli.server)),
-        Command::Stats => client(cli::stats(&cli.server)),
-        Command::Bench(args) => client(cli::bench(args, &cli.server)),
+        Command::Bank { command } => client(cli::bank(command, &cli.client)),
+        Command::Ref { command } => client(cli::reference(command, &cli.client)),
+        Command::Stats => client(cli::stats(&cli.client)),
+        Command::Bench(args) => client(cli::bench(args, &cli.client)),
         Command::Match {
             banks,
             max_distance,
@@ -48,7 +48,7 @@ fn main() -> ExitCode {
                 banks,
                 max_distance,
                 dihedral,
-                &cli.server,
+                &cli.client,
             )) {
                 Ok(true) => ExitCode::from(EXIT_MATCHED),
                 Ok(false) => ExitCode::SUCCESS,
