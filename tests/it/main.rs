@@ -12,4 +12,5 @@ mod matching;
 mod pdq_conformance;
 mod replicas;
 mod telemetry;
+mod tls;
 mod video;

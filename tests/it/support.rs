@@ -29,9 +29,10 @@ use std::net::SocketAddr;
 
 use framematch::config::ServeConfig;
 use framematch::pb;
+use framematch::tls::ServerTls;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
-use tonic::transport::Channel;
+use tonic::transport::{Channel, ClientTlsConfig};
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
@@ -46,6 +47,8 @@ pub struct TestServer {
     pub dir: tempfile::TempDir,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<Result<(), framematch::server::Error>>>,
+    /// How this harness's own clients speak TLS to it, when the server is started with TLS.
+    client_tls: Option<ClientTlsConfig>,
 }
 
 impl TestServer {
@@ -62,6 +65,26 @@ impl TestServer {
 
     /// Starts a server over an existing data directory.
     pub async fn start_in(dir: tempfile::TempDir, adjust: impl FnOnce(&mut ServeConfig)) -> Self {
+        Self::launch(dir, adjust, None).await
+    }
+
+    /// Starts a server speaking TLS as `server_tls` says; the harness's own clients
+    /// ([`TestServer::channel`], health) connect to `https://localhost:PORT` with `client_tls`.
+    pub async fn start_tls(server_tls: ServerTls, client_tls: ClientTlsConfig) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        Self::launch(
+            dir,
+            |config| config.tls = Some(server_tls),
+            Some(client_tls),
+        )
+        .await
+    }
+
+    async fn launch(
+        dir: tempfile::TempDir,
+        adjust: impl FnOnce(&mut ServeConfig),
+        client_tls: Option<ClientTlsConfig>,
+    ) -> Self {
         let mut config = ServeConfig::with_data_dir(dir.path().to_path_buf());
         adjust(&mut config);
         // Bound before the server task starts, so clients can connect at once: no sleeps.
@@ -88,14 +111,19 @@ impl TestServer {
             dir,
             stop: Some(stop),
             task: Some(task),
+            client_tls,
         };
-        wait_serving(&server.url()).await;
+        wait_serving_on(server.channel().await).await;
         server
     }
 
-    /// `http://127.0.0.1:PORT`
+    /// `http://127.0.0.1:PORT`, or `https://localhost:PORT` with TLS (the name its certificate
+    /// is for).
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        match self.client_tls {
+            None => format!("http://{}", self.addr),
+            Some(_) => format!("https://localhost:{}", self.addr.port()),
+        }
     }
 
     /// The Prometheus text its metrics endpoint serves now.
@@ -105,13 +133,13 @@ impl TestServer {
         body
     }
 
-    /// A connected channel.
+    /// A connected channel (over TLS when the server speaks it).
     pub async fn channel(&self) -> Channel {
-        Channel::from_shared(self.url())
-            .expect("url")
-            .connect()
-            .await
-            .expect("connect")
+        let mut endpoint = Channel::from_shared(self.url()).expect("url");
+        if let Some(tls) = &self.client_tls {
+            endpoint = endpoint.tls_config(tls.clone()).expect("client tls");
+        }
+        endpoint.connect().await.expect("connect")
     }
 
     /// A Matcher client.
@@ -152,6 +180,11 @@ pub async fn wait_serving(url: &str) {
         .connect()
         .await
         .expect("connect to health");
+    wait_serving_on(channel).await;
+}
+
+/// As [`wait_serving`], over a channel already connected (e.g. with TLS).
+pub async fn wait_serving_on(channel: Channel) {
     let mut health = HealthClient::new(channel);
     let mut updates = health
         .watch(HealthCheckRequest {
