@@ -21,8 +21,8 @@ use std::process::ExitCode;
 use clap::{Args, Parser, Subcommand};
 use image::ImageFormat;
 use indicatif::{ProgressBar, ProgressStyle};
-use tonic::transport::Channel;
 
+use crate::client::{self, ClientOptions, Connection};
 use crate::config::ServeArgs;
 use crate::hash::pdq::{self, DecodeLimits, Dihedral};
 use crate::hash::vpdq::{self, MatchConfig, Semantics, Vpdq};
@@ -42,20 +42,17 @@ pub const EXIT_CONFIG: u8 = 64;
 #[derive(Debug, Parser)]
 #[command(name = "framematch", version, about, long_about = None)]
 pub struct Cli {
-    /// URL of the framematch server (client commands).
-    #[arg(
-        long,
-        global = true,
-        env = "FRAMEMATCH_SERVER",
-        default_value = "http://127.0.0.1:50051"
-    )]
-    pub server: String,
+    /// How client commands reach the server (`--server`, `--api-key`, `--tls-*`).
+    #[command(flatten)]
+    pub client: ClientOptions,
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
 }
 
 /// The commands.
+// Parsed once per process: the size of the `serve` variant costs nothing worth a Box.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the gRPC service on the embedded store.
@@ -431,23 +428,9 @@ pub enum Error {
         #[source]
         source: pdq::Error,
     },
-    /// The server could not be reached.
-    #[error("cannot connect to {url}: {source}")]
-    Connect {
-        /// The server URL.
-        url: String,
-        /// Why.
-        #[source]
-        source: tonic::transport::Error,
-    },
-    /// The server URL is malformed.
-    #[error("invalid server URL {url:?}: {reason}")]
-    Url {
-        /// The URL.
-        url: String,
-        /// Why.
-        reason: String,
-    },
+    /// The connection could not be set up or made.
+    #[error(transparent)]
+    Client(#[from] client::Error),
     /// The server answered with an error.
     #[error("{context}: {code:?}: {message}")]
     Rpc {
@@ -502,19 +485,8 @@ fn rpc_error(context: impl Into<String>, status: tonic::Status) -> Error {
     Error::Rpc {
         context: context.into(),
         code: status.code(),
-        message: status.message().to_string(),
+        message: client::status_message(&status),
     }
-}
-
-async fn connect(url: &str) -> Result<Channel, Error> {
-    let endpoint = Channel::from_shared(url.to_string()).map_err(|e| Error::Url {
-        url: url.into(),
-        reason: e.to_string(),
-    })?;
-    endpoint.connect().await.map_err(|source| Error::Connect {
-        url: url.into(),
-        source,
-    })
 }
 
 fn read_file(path: &Path) -> Result<Vec<u8>, Error> {
@@ -757,8 +729,8 @@ pub fn vpdq_match(args: &VpdqMatchArgs) -> Result<bool, Error> {
 ///
 /// # Errors
 /// Connection and RPC failures.
-pub async fn bank(command: BankCommand, server: &str) -> Result<(), Error> {
-    let mut client = pb::banks_client::BanksClient::new(connect(server).await?);
+pub async fn bank(command: BankCommand, server: &ClientOptions) -> Result<(), Error> {
+    let mut client = pb::banks_client::BanksClient::new(client::connect(server).await?);
     match command {
         BankCommand::Create {
             name,
@@ -835,8 +807,8 @@ fn bank_line(bank: &pb::Bank) -> String {
 ///
 /// # Errors
 /// Connection and RPC failures.
-pub async fn org(command: OrgCommand, server: &str) -> Result<(), Error> {
-    let mut client = pb::admin_client::AdminClient::new(connect(server).await?);
+pub async fn org(command: OrgCommand, server: &ClientOptions) -> Result<(), Error> {
+    let mut client = pb::admin_client::AdminClient::new(client::connect(server).await?);
     match command {
         OrgCommand::Create { name } => {
             let org = client
@@ -865,8 +837,8 @@ pub async fn org(command: OrgCommand, server: &str) -> Result<(), Error> {
 ///
 /// # Errors
 /// Connection and RPC failures.
-pub async fn key(command: KeyCommand, server: &str) -> Result<(), Error> {
-    let mut client = pb::admin_client::AdminClient::new(connect(server).await?);
+pub async fn key(command: KeyCommand, server: &ClientOptions) -> Result<(), Error> {
+    let mut client = pb::admin_client::AdminClient::new(client::connect(server).await?);
     match command {
         KeyCommand::Create { org, role, label } => {
             let created = client
@@ -926,9 +898,9 @@ pub async fn audit(
     bank: Option<String>,
     after: i64,
     limit: Option<u32>,
-    server: &str,
+    server: &ClientOptions,
 ) -> Result<(), Error> {
-    let mut client = pb::admin_client::AdminClient::new(connect(server).await?);
+    let mut client = pb::admin_client::AdminClient::new(client::connect(server).await?);
     let mut after = after;
     let mut left = limit.map(u64::from);
     loop {
@@ -982,8 +954,8 @@ fn category_name(value: i32) -> &'static str {
 ///
 /// # Errors
 /// File, connection and RPC failures.
-pub async fn reference(command: RefCommand, server: &str) -> Result<(), Error> {
-    let mut client = pb::banks_client::BanksClient::new(connect(server).await?);
+pub async fn reference(command: RefCommand, server: &ClientOptions) -> Result<(), Error> {
+    let mut client = pb::banks_client::BanksClient::new(client::connect(server).await?);
     match command {
         RefCommand::Add {
             bank,
@@ -1152,9 +1124,9 @@ pub async fn match_files(
     banks: Vec<String>,
     max_distance: Option<u32>,
     dihedral: bool,
-    server: &str,
+    server: &ClientOptions,
 ) -> Result<bool, Error> {
-    let mut client = pb::matcher_client::MatcherClient::new(connect(server).await?);
+    let mut client = pb::matcher_client::MatcherClient::new(client::connect(server).await?);
     let options = pb::MatchOptions {
         banks,
         max_distance,
@@ -1200,8 +1172,8 @@ pub async fn match_files(
 ///
 /// # Errors
 /// Connection and RPC failures.
-pub async fn stats(server: &str) -> Result<(), Error> {
-    let mut client = pb::banks_client::BanksClient::new(connect(server).await?);
+pub async fn stats(server: &ClientOptions) -> Result<(), Error> {
+    let mut client = pb::banks_client::BanksClient::new(client::connect(server).await?);
     let s = client
         .stats(pb::StatsRequest {})
         .await
@@ -1262,8 +1234,8 @@ impl FinalVerdicts {
 ///
 /// Exit code: 2 when any video failed (or the server could not be reached), else 1 when any
 /// final verdict is a match, else 0.
-pub async fn scan(args: &ScanArgs, server: &str) -> ExitCode {
-    let channel = match connect(server).await {
+pub async fn scan(args: &ScanArgs, server: &ClientOptions) -> ExitCode {
+    let channel = match client::connect(server).await {
         Ok(channel) => channel,
         Err(error) => {
             eprintln!("framematch: {error}");
@@ -1311,7 +1283,7 @@ pub async fn scan(args: &ScanArgs, server: &str) -> ExitCode {
 
 /// One video's MatchVideo stream; returns its final verdicts.
 async fn scan_video(
-    client: &mut pb::matcher_client::MatcherClient<Channel>,
+    client: &mut pb::matcher_client::MatcherClient<Connection>,
     path: &Path,
     args: &ScanArgs,
 ) -> Result<Vec<pb::Verdict>, Error> {
@@ -1369,7 +1341,7 @@ async fn scan_video(
 /// `--send-images`: frames are decoded, JPEG-encoded and sent as they come, so memory stays at a
 /// few frames whatever the video's length. The count is not known up front.
 async fn scan_images(
-    client: &mut pb::matcher_client::MatcherClient<Channel>,
+    client: &mut pb::matcher_client::MatcherClient<Connection>,
     path: &Path,
     sampling: SamplingOptions,
     options: pb::MatchOptions,
@@ -1429,7 +1401,7 @@ async fn scan_images(
 
 /// Runs one MatchVideo stream to its end and keeps the final verdicts.
 async fn collect_verdicts(
-    client: &mut pb::matcher_client::MatcherClient<Channel>,
+    client: &mut pb::matcher_client::MatcherClient<Connection>,
     requests: impl tokio_stream::Stream<Item = pb::MatchRequest> + Send + 'static,
     context: &str,
 ) -> Result<Vec<pb::Verdict>, Error> {
@@ -1457,7 +1429,7 @@ async fn collect_verdicts(
 ///
 /// # Errors
 /// [`Error::Loadgen`] for bad settings or unreadable inputs, [`Error::Usage`] for a bad duration.
-pub async fn bench(args: BenchArgs, server: &str) -> Result<(), Error> {
+pub async fn bench(args: BenchArgs, server: &ClientOptions) -> Result<(), Error> {
     use crate::loadgen::{self, LoadConfig, Payload};
     let payload = if args.jpeg_720p {
         let images = args.images.clone();
@@ -1477,7 +1449,7 @@ pub async fn bench(args: BenchArgs, server: &str) -> Result<(), Error> {
         None => None,
     };
     let config = LoadConfig {
-        server: server.to_string(),
+        client: server.clone(),
         streams: args.streams,
         frames_per_stream: args.frames_per_stream,
         rate: args.rate,

@@ -2,7 +2,7 @@
 //! once into typed values before anything starts (STYLE.md §1.3: bad config exits 64).
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -11,6 +11,7 @@ use crate::hash::pdq::DecodeLimits;
 use crate::index::{EngineKind, HnswParams};
 use crate::matching::MatchParams;
 use crate::telemetry::OtlpConfig;
+use crate::tls::{self, Identity, ServerTls, TrustRoots};
 
 /// Hard caps on what one request or the whole server accepts (DESIGN.md §6).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -149,6 +150,20 @@ pub struct ServeArgs {
     /// default the default organisation. Admins match against every bank anyway.
     #[arg(long, env = "FRAMEMATCH_FOLLOW_SHARE_WITH", value_delimiter = ',')]
     pub follow_share_with: Vec<String>,
+    /// Serve gRPC over TLS with this PEM certificate chain (leaf first); needs --tls-key. The
+    /// metrics endpoint stays plain HTTP.
+    #[arg(long, env = "FRAMEMATCH_TLS_CERT", value_name = "PEM")]
+    pub tls_cert: Option<PathBuf>,
+    /// The PEM private key of --tls-cert.
+    #[arg(long, env = "FRAMEMATCH_TLS_KEY", value_name = "PEM")]
+    pub tls_key: Option<PathBuf>,
+    /// Require clients to present a certificate signed by a CA in this PEM file (mTLS).
+    #[arg(long, env = "FRAMEMATCH_TLS_CLIENT_CA", value_name = "PEM")]
+    pub tls_client_ca: Option<PathBuf>,
+    /// With --tls-client-ca: also let in clients without a certificate (a certificate that is
+    /// presented must still be valid).
+    #[arg(long, env = "FRAMEMATCH_TLS_CLIENT_AUTH_OPTIONAL")]
+    pub tls_client_auth_optional: bool,
 }
 
 /// What `--follow` asks for: the partner to mirror and how (see [`crate::follow`]).
@@ -297,6 +312,8 @@ pub struct ServeConfig {
     pub bootstrap_admin_key: Option<String>,
     /// The partner to follow (`--follow`), if any.
     pub follow: Option<FollowConfig>,
+    /// gRPC over TLS (and mTLS) when set; plain HTTP/2 otherwise.
+    pub tls: Option<ServerTls>,
     /// Where metrics are exported over OTLP (spans are the process-wide subscriber's business,
     /// see [`crate::telemetry::Tracing`]). Not read from the environment here: `main` fills it
     /// from the `OTEL_*` variables, tests set it directly.
@@ -323,6 +340,7 @@ impl ServeConfig {
             insecure_no_auth: false,
             bootstrap_admin_key: None,
             follow: None,
+            tls: None,
             otlp: OtlpConfig::default(),
         }
     }
@@ -451,7 +469,201 @@ impl TryFrom<&ServeArgs> for ServeConfig {
             insecure_no_auth: args.insecure_no_auth,
             bootstrap_admin_key: args.bootstrap_admin_key.clone(),
             follow,
+            tls: server_tls(args)?,
             otlp: OtlpConfig::default(),
         })
+    }
+}
+
+/// `--tls-*`: both halves of the identity or neither, client CAs only over TLS, and every file
+/// read and checked now, so a bad one stops the server before it starts.
+fn server_tls(args: &ServeArgs) -> Result<Option<ServerTls>, Error> {
+    let (cert, key) = match (&args.tls_cert, &args.tls_key) {
+        (None, None) => {
+            if args.tls_client_ca.is_some() {
+                return Err(invalid(
+                    "tls-client-ca",
+                    "needs --tls-cert and --tls-key: client certificates are only checked over TLS",
+                ));
+            }
+            if args.tls_client_auth_optional {
+                return Err(invalid(
+                    "tls-client-auth-optional",
+                    "needs --tls-client-ca (and --tls-cert, --tls-key)",
+                ));
+            }
+            return Ok(None);
+        }
+        (Some(_), None) => {
+            return Err(invalid(
+                "tls-cert",
+                "given without --tls-key; give both or neither",
+            ));
+        }
+        (None, Some(_)) => {
+            return Err(invalid(
+                "tls-key",
+                "given without --tls-cert; give both or neither",
+            ));
+        }
+        (Some(cert), Some(key)) => (cert, key),
+    };
+    let identity = Identity::load(cert, key).map_err(|error| {
+        let flag = match &error {
+            tls::Error::PrivateKey { .. } | tls::Error::KeyMismatch { .. } => "tls-key",
+            tls::Error::Read { origin, .. } if Path::new(origin) == key.as_path() => "tls-key",
+            tls::Error::Read { .. } | tls::Error::Certificate { .. } => "tls-cert",
+        };
+        invalid(flag, error.to_string())
+    })?;
+    let mut tls = ServerTls::new(identity);
+    match &args.tls_client_ca {
+        Some(path) => {
+            let roots = TrustRoots::load(path)
+                .map_err(|error| invalid("tls-client-ca", error.to_string()))?;
+            tls = tls.with_client_ca(roots);
+            tls.client_auth_optional = args.tls_client_auth_optional;
+        }
+        None if args.tls_client_auth_optional => {
+            return Err(invalid("tls-client-auth-optional", "needs --tls-client-ca"));
+        }
+        None => {}
+    }
+    Ok(Some(tls))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Flags {
+        #[command(flatten)]
+        serve: ServeArgs,
+    }
+
+    fn config(flags: &[&str]) -> Result<ServeConfig, Error> {
+        let parsed = Flags::try_parse_from(std::iter::once("serve").chain(flags.iter().copied()))
+            .expect("flags parse");
+        ServeConfig::try_from(&parsed.serve)
+    }
+
+    /// A CA, and a certificate for `localhost` it signed, written as PEM files in `dir`.
+    fn write_pki(dir: &Path) {
+        let ca_key = rcgen::KeyPair::generate().expect("key");
+        let mut ca_params = rcgen::CertificateParams::new(Vec::new()).expect("params");
+        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca = ca_params.self_signed(&ca_key).expect("ca");
+        let issuer = rcgen::Issuer::new(ca_params, ca_key);
+        let key = rcgen::KeyPair::generate().expect("key");
+        let cert = rcgen::CertificateParams::new(vec!["localhost".into()])
+            .expect("params")
+            .signed_by(&key, &issuer)
+            .expect("sign");
+        let other_key = rcgen::KeyPair::generate().expect("key");
+        for (name, pem) in [
+            ("ca.pem", ca.pem()),
+            ("cert.pem", cert.pem()),
+            ("key.pem", key.serialize_pem()),
+            ("other-key.pem", other_key.serialize_pem()),
+        ] {
+            std::fs::write(dir.join(name), pem).expect("write pem");
+        }
+    }
+
+    #[test]
+    fn without_tls_flags_the_server_is_plain() {
+        assert!(config(&[]).expect("valid").tls.is_none());
+    }
+
+    #[test]
+    fn tls_flags_load_the_identity_and_client_ca() {
+        let dir = tempfile::tempdir().expect("dir");
+        write_pki(dir.path());
+        let path = |name: &str| dir.path().join(name).display().to_string();
+        let (cert, key, ca) = (path("cert.pem"), path("key.pem"), path("ca.pem"));
+        let tls = config(&["--tls-cert", &cert, "--tls-key", &key])
+            .expect("valid")
+            .tls
+            .expect("tls on");
+        assert_eq!(tls.mode(), "tls");
+        let tls = config(&[
+            "--tls-cert",
+            &cert,
+            "--tls-key",
+            &key,
+            "--tls-client-ca",
+            &ca,
+        ])
+        .expect("valid")
+        .tls
+        .expect("tls on");
+        assert_eq!(tls.mode(), "mtls");
+        let tls = config(&[
+            "--tls-cert",
+            &cert,
+            "--tls-key",
+            &key,
+            "--tls-client-ca",
+            &ca,
+            "--tls-client-auth-optional",
+        ])
+        .expect("valid")
+        .tls
+        .expect("tls on");
+        assert_eq!(tls.mode(), "mtls-optional");
+    }
+
+    #[test]
+    fn half_a_tls_configuration_is_refused() {
+        let error = config(&["--tls-cert", "cert.pem"]).expect_err("no key");
+        assert_eq!(error.flag, "tls-cert");
+        assert!(error.reason.contains("without --tls-key"), "{error}");
+        let error = config(&["--tls-key", "key.pem"]).expect_err("no cert");
+        assert_eq!(error.flag, "tls-key");
+        let error = config(&["--tls-client-ca", "ca.pem"]).expect_err("no tls");
+        assert_eq!(error.flag, "tls-client-ca");
+        let error = config(&["--tls-client-auth-optional"]).expect_err("no ca");
+        assert_eq!(error.flag, "tls-client-auth-optional");
+    }
+
+    #[test]
+    fn unusable_pem_files_are_named() {
+        let dir = tempfile::tempdir().expect("dir");
+        write_pki(dir.path());
+        let path = |name: &str| dir.path().join(name).display().to_string();
+        let (cert, key) = (path("cert.pem"), path("key.pem"));
+
+        let missing = path("missing.pem");
+        let error = config(&["--tls-cert", &missing, "--tls-key", &key]).expect_err("missing");
+        assert_eq!(error.flag, "tls-cert");
+        assert!(error.to_string().contains(&missing), "{error}");
+        let error = config(&["--tls-cert", &cert, "--tls-key", &missing]).expect_err("missing");
+        assert_eq!(error.flag, "tls-key");
+        assert!(error.to_string().contains(&missing), "{error}");
+
+        // The key given as the certificate, the certificate as the key.
+        let error = config(&["--tls-cert", &key, "--tls-key", &cert]).expect_err("swapped");
+        assert_eq!(error.flag, "tls-cert");
+        assert!(error.reason.contains(&key), "{error}");
+        assert!(error.reason.contains("no PEM certificate"), "{error}");
+
+        let other = path("other-key.pem");
+        let error = config(&["--tls-cert", &cert, "--tls-key", &other]).expect_err("mismatch");
+        assert_eq!(error.flag, "tls-key");
+        assert!(error.reason.contains("does not belong"), "{error}");
+
+        let error = config(&[
+            "--tls-cert",
+            &cert,
+            "--tls-key",
+            &key,
+            "--tls-client-ca",
+            &key,
+        ])
+        .expect_err("a key is no CA");
+        assert_eq!(error.flag, "tls-client-ca");
+        assert!(error.reason.contains(&key), "{error}");
     }
 }

@@ -165,8 +165,13 @@ enum Kind {
 struct Bearer(MetadataValue<Ascii>);
 
 impl Interceptor for Bearer {
-    fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
-        request.metadata_mut().insert("authorization", self.0.clone());
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
+        request
+            .metadata_mut()
+            .insert("authorization", self.0.clone());
         Ok(request)
     }
 }
@@ -386,7 +391,11 @@ impl Follower {
 
     /// One connection: reads the cursor (first time), opens the stream from it and applies events
     /// until the stream fails or the follower is stopped.
-    async fn session(&mut self, cursor: &mut Option<Cursor>, stop: &mut watch::Receiver<bool>) -> Ended {
+    async fn session(
+        &mut self,
+        cursor: &mut Option<Cursor>,
+        stop: &mut watch::Receiver<bool>,
+    ) -> Ended {
         let cursor = match cursor {
             Some(cursor) => cursor,
             None => match self.state.store.follow_cursor(&self.source).await {
@@ -579,7 +588,12 @@ impl Follower {
                     "a local bank already has the mirrored bank's name; using another"
                 );
                 store
-                    .create_mirrored_bank(&self.source, bank.id, NewBank { name: other, ..new }, actor)
+                    .create_mirrored_bank(
+                        &self.source,
+                        bank.id,
+                        NewBank { name: other, ..new },
+                        actor,
+                    )
                     .await?
             }
             other => other?,
@@ -929,7 +943,10 @@ fn withdrawal_reason(remote: &str) -> String {
     if remote.is_empty() {
         "withdrawn by the partner".to_string()
     } else {
-        truncate(format!("withdrawn by the partner: {remote}"), MAX_TEXT_BYTES)
+        truncate(
+            format!("withdrawn by the partner: {remote}"),
+            MAX_TEXT_BYTES,
+        )
     }
 }
 
@@ -984,19 +1001,19 @@ mod tests {
         assert_eq!(cursor.unsaved(), None);
         // A bank made visible at 12 comes with its references, all at 12.
         for _ in 0..3 {
-            cursor.begin(12).unwrap();
+            cursor.begin(12).expect("in order");
             assert_eq!(cursor.unsaved(), None, "12 is not complete yet");
             assert_eq!(cursor.resume_from(), 10);
         }
-        cursor.begin(15).unwrap();
+        cursor.begin(15).expect("in order");
         assert_eq!(cursor.unsaved(), Some(12));
         assert_eq!(cursor.resume_from(), 12);
         cursor.saved(12);
         assert_eq!(cursor.unsaved(), None);
-        cursor.begin(16).unwrap();
+        cursor.begin(16).expect("in order");
         assert_eq!(cursor.unsaved(), Some(15));
         // Recorded less often than seqs complete: still the latest complete one.
-        cursor.begin(20).unwrap();
+        cursor.begin(20).expect("in order");
         assert_eq!(cursor.unsaved(), Some(16));
         cursor.saved(16);
         assert_eq!(cursor.persisted, 16);
@@ -1008,25 +1025,25 @@ mod tests {
     #[test]
     fn a_reconnect_replays_the_pending_group() {
         let mut cursor = Cursor::new(0);
-        cursor.begin(4).unwrap();
-        cursor.begin(7).unwrap();
-        cursor.begin(7).unwrap();
+        cursor.begin(4).expect("in order");
+        cursor.begin(7).expect("in order");
+        cursor.begin(7).expect("in order");
         // The stream breaks in the middle of group 7: resume after 4, and 7 comes again.
         cursor.reconnecting();
         assert_eq!(cursor.resume_from(), 4);
-        cursor.begin(7).unwrap();
-        cursor.begin(7).unwrap();
-        cursor.begin(9).unwrap();
+        cursor.begin(7).expect("in order");
+        cursor.begin(7).expect("in order");
+        cursor.begin(9).expect("in order");
         assert_eq!(cursor.unsaved(), Some(7));
     }
 
     #[test]
     fn a_feed_going_backwards_is_refused() {
         let mut cursor = Cursor::new(5);
-        let err = cursor.begin(5).unwrap_err();
+        let err = cursor.begin(5).expect_err("not after 5");
         assert!(err.contains("seq 5 after 5"), "{err}");
         assert!(cursor.begin(3).is_err());
-        cursor.begin(8).unwrap();
+        cursor.begin(8).expect("in order");
         assert!(cursor.begin(6).is_err());
         assert_eq!(cursor.pending, Some(8), "a refused seq changes nothing");
         assert_eq!(cursor.resume_from(), 5);
@@ -1034,7 +1051,10 @@ mod tests {
 
     #[test]
     fn bank_names_keep_to_the_alphabet() {
-        assert_eq!(bank_name("platform-a", "attacks_2024.v1"), "platform-a.attacks_2024.v1");
+        assert_eq!(
+            bank_name("platform-a", "attacks_2024.v1"),
+            "platform-a.attacks_2024.v1"
+        );
         assert_eq!(bank_name("Platform A", "ü bank/1"), "Platform_A.__bank_1");
         assert_eq!(
             bank_name("local@127.0.0.1:5000", "shared"),
@@ -1070,7 +1090,9 @@ mod tests {
         let long = mirror_org_name("local", "local", &"h".repeat(200));
         assert_eq!(long.chars().count(), MAX_NAME_CHARS);
         assert_eq!(
-            mirror_org_name(&"é".repeat(200), "local", "x").chars().count(),
+            mirror_org_name(&"é".repeat(200), "local", "x")
+                .chars()
+                .count(),
             MAX_NAME_CHARS
         );
     }
@@ -1084,19 +1106,30 @@ mod tests {
             pdq: hash.as_bytes().to_vec(),
             quality: 90,
         };
-        let frame = frame_from_pb(&good).unwrap();
-        assert_eq!((frame.frame_index, frame.timestamp_ms, frame.quality), (4, 4000, 90));
+        let frame = frame_from_pb(&good).expect("a good frame");
+        assert_eq!(
+            (frame.frame_index, frame.timestamp_ms, frame.quality),
+            (4, 4000, 90)
+        );
         assert_eq!(frame.hash, hash);
         let short = pb::StoredFrame {
             pdq: vec![0; 31],
             ..good.clone()
         };
-        assert!(frame_from_pb(&short).unwrap_err().contains("31 bytes"));
+        assert!(
+            frame_from_pb(&short)
+                .expect_err("31 bytes")
+                .contains("31 bytes")
+        );
         let bad_quality = pb::StoredFrame {
             quality: 101,
             ..good
         };
-        assert!(frame_from_pb(&bad_quality).unwrap_err().contains("quality 101"));
+        assert!(
+            frame_from_pb(&bad_quality)
+                .expect_err("quality 101")
+                .contains("quality 101")
+        );
     }
 
     #[test]
@@ -1109,7 +1142,10 @@ mod tests {
         let long = withdrawal_reason(&"é".repeat(3000));
         assert!(long.len() <= MAX_TEXT_BYTES);
         assert!(long.is_char_boundary(long.len()));
-        assert_eq!(category(pb::Category::Terrorism as i32), Category::Terrorism);
+        assert_eq!(
+            category(pb::Category::Terrorism as i32),
+            Category::Terrorism
+        );
         assert_eq!(category(99), Category::Other);
     }
 }

@@ -19,6 +19,8 @@
 //! - [`loadgen`]: the `framematch bench` load generator (many MatchVideo streams; issue #6).
 //! - [`config`]: flags and environment, validated once; [`cli`]: the command line.
 //! - [`follow`]: `serve --follow`: mirrors the banks a partner server shares, from its change feed.
+//! - [`client`]: the one way client commands and the load generator connect (TLS, API key);
+//!   [`tls`]: PEM certificates and keys, checked when the configuration is read.
 //! - [`telemetry`]: logs, one span per RPC or stream, metrics (Prometheus `/metrics` and OTLP).
 //! - [`pb`]: generated protobuf code, nothing else.
 //!
@@ -39,6 +41,7 @@
 pub mod api;
 pub mod auth;
 pub mod cli;
+pub mod client;
 pub mod config;
 pub mod follow;
 pub mod hash;
@@ -50,4 +53,5 @@ pub mod pb;
 pub mod server;
 pub mod store;
 pub mod telemetry;
+pub mod tls;
 pub mod video;

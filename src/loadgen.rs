@@ -24,8 +24,8 @@ use std::time::{Duration, Instant};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use tokio::sync::{Semaphore, mpsc};
-use tonic::transport::Channel;
 
+use crate::client::{ClientOptions, Connection, Connector};
 use crate::hash::PdqHash;
 use crate::pb;
 
@@ -84,8 +84,8 @@ impl Payload {
 /// One load run.
 #[derive(Clone, Debug)]
 pub struct LoadConfig {
-    /// Server URL, `http://host:port`.
-    pub server: String,
+    /// The server and how to reach it (URL, API key, TLS).
+    pub client: ClientOptions,
     /// Concurrent streams, each on its own connection.
     pub streams: usize,
     /// Frames per stream.
@@ -182,6 +182,9 @@ pub enum Error {
     /// A setting is out of range.
     #[error("invalid load setting: {0}")]
     Invalid(String),
+    /// The server URL, API key or TLS files cannot be used.
+    #[error(transparent)]
+    Client(#[from] crate::client::Error),
     /// A file could not be read.
     #[error("cannot read {}: {source}", path.display())]
     Read {
@@ -368,19 +371,18 @@ pub async fn run(config: &LoadConfig) -> Result<Report, Error> {
     if config.payload.len() == 0 {
         return Err(Error::Invalid("no frames to send".into()));
     }
-    let endpoint = Channel::from_shared(config.server.clone())
-        .map_err(|e| Error::Invalid(format!("invalid server URL {:?}: {e}", config.server)))?;
+    let connector = Connector::new(&config.client)?;
     let payload = Arc::new(config.payload.clone());
     let cpu_before = config.server_pid.and_then(process_cpu_seconds);
     let started = Instant::now();
     let deadline = config.duration.map(|d| started + d);
     let mut workers = Vec::with_capacity(config.streams);
     for worker in 0..config.streams {
-        let endpoint = endpoint.clone();
+        let connector = connector.clone();
         let payload = Arc::clone(&payload);
         let config = config.clone();
         workers.push(tokio::spawn(async move {
-            run_worker(worker, endpoint, payload, &config, deadline).await
+            run_worker(worker, connector, payload, &config, deadline).await
         }));
     }
     let mut total = WorkerOutcome::default();
@@ -456,16 +458,16 @@ impl WorkerOutcome {
 /// One connection; one stream, or streams back to back until the deadline.
 async fn run_worker(
     worker: usize,
-    endpoint: tonic::transport::Endpoint,
+    connector: Connector,
     payload: Arc<Payload>,
     config: &LoadConfig,
     deadline: Option<Instant>,
 ) -> WorkerOutcome {
     let mut outcome = WorkerOutcome::default();
-    let channel = match endpoint.connect().await {
+    let channel = match connector.connect().await {
         Ok(channel) => channel,
         Err(error) => {
-            outcome.error(format!("cannot connect to {}: {error}", config.server));
+            outcome.error(error.to_string());
             return outcome;
         }
     };
@@ -493,7 +495,7 @@ async fn run_worker(
 }
 
 async fn run_stream(
-    mut client: pb::matcher_client::MatcherClient<Channel>,
+    mut client: pb::matcher_client::MatcherClient<Connection>,
     payload: &Arc<Payload>,
     config: &LoadConfig,
     deadline: Option<Instant>,

@@ -26,18 +26,18 @@ fn main() -> ExitCode {
             }
         },
         Command::Scan(args) => match runtime() {
-            Ok(runtime) => runtime.block_on(cli::scan(&args, &cli.server)),
+            Ok(runtime) => runtime.block_on(cli::scan(&args, &cli.client)),
             Err(code) => code,
         },
-        Command::Bank { command } => client(cli::bank(command, &cli.server)),
-        Command::Ref { command } => client(cli::reference(command, &cli.server)),
-        Command::Stats => client(cli::stats(&cli.server)),
-        Command::Org { command } => client(cli::org(command, &cli.server)),
-        Command::Key { command } => client(cli::key(command, &cli.server)),
+        Command::Bank { command } => client(cli::bank(command, &cli.client)),
+        Command::Ref { command } => client(cli::reference(command, &cli.client)),
+        Command::Stats => client(cli::stats(&cli.client)),
+        Command::Org { command } => client(cli::org(command, &cli.client)),
+        Command::Key { command } => client(cli::key(command, &cli.client)),
         Command::Audit { bank, after, limit } => {
-            client(cli::audit(bank, after, limit, &cli.server))
+            client(cli::audit(bank, after, limit, &cli.client))
         }
-        Command::Bench(args) => client(cli::bench(args, &cli.server)),
+        Command::Bench(args) => client(cli::bench(args, &cli.client)),
         Command::Match {
             banks,
             max_distance,
@@ -53,7 +53,7 @@ fn main() -> ExitCode {
                 banks,
                 max_distance,
                 dihedral,
-                &cli.server,
+                &cli.client,
             )) {
                 Ok(true) => ExitCode::from(EXIT_MATCHED),
                 Ok(false) => ExitCode::SUCCESS,

@@ -230,7 +230,15 @@ async fn serve_grpc(
     let follower = follower.map(|follower| follower.spawn(loaded));
 
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = Server::builder()
+    let mut builder = Server::builder();
+    if let Some(tls) = &config.tls {
+        // Health and reflection share the listener, so they are behind TLS too; the metrics
+        // endpoint is a separate plain-HTTP listener.
+        crate::tls::install_crypto_provider();
+        builder = builder.tls_config(tls.to_tonic())?;
+        tracing::info!(mode = tls.mode(), "gRPC over TLS");
+    }
+    let server = builder
         .add_service(health)
         .add_service(reflection)
         .add_service(matcher)

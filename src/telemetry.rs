@@ -382,7 +382,10 @@ impl MetricsPipeline {
                 "The followed partner's change-log position up to which its changes are mirrored",
             )
             .with_callback(move |observer| {
-                observer.observe(seq_progress.applied_seq(), std::slice::from_ref(&seq_partner));
+                observer.observe(
+                    seq_progress.applied_seq(),
+                    std::slice::from_ref(&seq_partner),
+                );
             })
             .build();
         let (up_progress, up_partner) = (Arc::clone(&progress), partner.clone());

@@ -39,7 +39,13 @@ impl Node {
         let mut child = Command::new(BIN)
             .env("FRAMEMATCH_BOOTSTRAP_ADMIN_KEY", ADMIN_KEY)
             .env("RUST_LOG", "info,framematch::follow=debug")
-            .args(["serve", "--listen", listen, "--metrics-listen", "127.0.0.1:0"])
+            .args([
+                "serve",
+                "--listen",
+                listen,
+                "--metrics-listen",
+                "127.0.0.1:0",
+            ])
             .arg("--data-dir")
             .arg(data_dir)
             .args(extra)
@@ -295,7 +301,14 @@ async fn partner_a(a: &Node) -> String {
         .expect("key for platform-b")
         .into_inner()
         .secret;
-    create_bank(a, "shared", "platform-a", pb::Visibility::Shared, &["platform-b"]).await;
+    create_bank(
+        a,
+        "shared",
+        "platform-a",
+        pb::Visibility::Shared,
+        &["platform-b"],
+    )
+    .await;
     create_bank(a, "private", "platform-a", pb::Visibility::Private, &[]).await;
     create_bank(a, "public", "", pb::Visibility::Public, &[]).await;
     key
@@ -317,13 +330,14 @@ async fn a_follower_mirrors_what_its_partner_shares_and_survives_restarts() {
     // Already there when B starts following: arrives with B's first catch-up.
     add_reference(&a, "shared", "before", &hash(1)).await;
 
-    let follow = [
-        "--follow",
-        a.url.as_str(),
-        "--follow-key",
-        key.as_str(),
-    ];
-    let b = Node::start(b_dir.path(), "127.0.0.1:0", &follow, logs.path().join("b1.log")).await;
+    let follow = ["--follow", a.url.as_str(), "--follow-key", key.as_str()];
+    let b = Node::start(
+        b_dir.path(),
+        "127.0.0.1:0",
+        &follow,
+        logs.path().join("b1.log"),
+    )
+    .await;
     let (bank, caught_up) = wait_for(&b, &hash(1), true, "reference added before B started").await;
     assert_eq!(bank.as_deref(), Some("platform-a.shared"));
     println!("B caught up with A's existing reference {caught_up:?} after becoming SERVING");
@@ -401,8 +415,15 @@ async fn a_follower_mirrors_what_its_partner_shares_and_survives_restarts() {
     assert_eq!(before.withdrawn_references, 1, "{before:?}");
     b.kill();
     add_reference(&a, "shared", "while-b-was-down", &hash(500)).await;
-    let b = Node::start(b_dir.path(), "127.0.0.1:0", &follow, logs.path().join("b2.log")).await;
-    let (_, after_restart) = wait_for(&b, &hash(500), true, "reference added while B was down").await;
+    let b = Node::start(
+        b_dir.path(),
+        "127.0.0.1:0",
+        &follow,
+        logs.path().join("b2.log"),
+    )
+    .await;
+    let (_, after_restart) =
+        wait_for(&b, &hash(500), true, "reference added while B was down").await;
     println!("after B's restart, the reference added meanwhile matched within {after_restart:?}");
     let after = b.stats().await;
     assert_eq!(after.banks, before.banks, "no bank mirrored twice");
@@ -479,7 +500,13 @@ async fn a_rejected_key_is_reported_and_the_follower_keeps_serving() {
         "--follow-key",
         "fmk_not_a_key_of_this_partner_0123456789",
     ];
-    let b = Node::start(b_dir.path(), "127.0.0.1:0", &follow, logs.path().join("b.log")).await;
+    let b = Node::start(
+        b_dir.path(),
+        "127.0.0.1:0",
+        &follow,
+        logs.path().join("b.log"),
+    )
+    .await;
     let started = Instant::now();
     loop {
         let log = b.log_text();
@@ -512,7 +539,13 @@ fn follow_flags_are_checked_before_starting() {
     let run = |args: &[&str]| {
         let output = Command::new(BIN)
             .env("FRAMEMATCH_BOOTSTRAP_ADMIN_KEY", ADMIN_KEY)
-            .args(["serve", "--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"])
+            .args([
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--metrics-listen",
+                "127.0.0.1:0",
+            ])
             .arg("--data-dir")
             .arg(dir.path())
             .args(args)
@@ -542,10 +575,6 @@ fn follow_flags_are_checked_before_starting() {
     ]);
     assert_eq!(code, Some(2), "a runtime error exits 2: {err}");
     assert!(err.contains("\"nobody-here\""), "{err}");
-    assert_eq!(
-        err.matches("does not exist").count(),
-        1,
-        "said once: {err}"
-    );
+    assert_eq!(err.matches("does not exist").count(), 1, "said once: {err}");
     assert!(!err.contains("secret-value"), "{err}");
 }

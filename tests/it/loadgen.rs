@@ -1,6 +1,7 @@
 //! The `framematch bench` load generator (issue #6) against a real server on loopback: small,
 //! bounded runs whose report counts are checked. Timings are never asserted (STYLE.md §3.6).
 
+use framematch::client::ClientOptions;
 use framematch::hash::PdqHash;
 use framematch::loadgen::{self, LoadConfig, Payload};
 
@@ -8,7 +9,10 @@ use crate::support::{TestServer, add_reference, create_bank, pdq_frame};
 
 fn config(server: &TestServer, payload: Payload) -> LoadConfig {
     LoadConfig {
-        server: server.url(),
+        client: ClientOptions {
+            api_key: Some(crate::support::ADMIN_KEY.to_string()),
+            ..ClientOptions::new(server.url())
+        },
         streams: 3,
         frames_per_stream: 20,
         rate: None,
@@ -113,7 +117,7 @@ async fn streams_ended_by_the_server_are_errors() {
 #[tokio::test]
 async fn bad_settings_are_refused() {
     let mut run = LoadConfig {
-        server: "http://127.0.0.1:1".into(),
+        client: ClientOptions::new("http://127.0.0.1:1"),
         streams: 0,
         frames_per_stream: 1,
         rate: None,

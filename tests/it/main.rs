@@ -14,4 +14,5 @@ mod pdq_conformance;
 mod replicas;
 mod sharing;
 mod telemetry;
+mod tls;
 mod video;

@@ -29,12 +29,13 @@ use std::net::SocketAddr;
 
 use framematch::config::ServeConfig;
 use framematch::pb;
+use framematch::tls::ServerTls;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::Interceptor;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::Channel;
+use tonic::transport::{Channel, ClientTlsConfig};
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
@@ -96,6 +97,8 @@ pub struct TestServer {
     pub dir: tempfile::TempDir,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<Result<(), framematch::server::Error>>>,
+    /// How this harness's own clients speak TLS to it, when the server is started with TLS.
+    client_tls: Option<ClientTlsConfig>,
 }
 
 impl TestServer {
@@ -112,6 +115,26 @@ impl TestServer {
 
     /// Starts a server over an existing data directory.
     pub async fn start_in(dir: tempfile::TempDir, adjust: impl FnOnce(&mut ServeConfig)) -> Self {
+        Self::launch(dir, adjust, None).await
+    }
+
+    /// Starts a server speaking TLS as `server_tls` says; the harness's own clients
+    /// ([`TestServer::channel`], health) connect to `https://localhost:PORT` with `client_tls`.
+    pub async fn start_tls(server_tls: ServerTls, client_tls: ClientTlsConfig) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        Self::launch(
+            dir,
+            |config| config.tls = Some(server_tls),
+            Some(client_tls),
+        )
+        .await
+    }
+
+    async fn launch(
+        dir: tempfile::TempDir,
+        adjust: impl FnOnce(&mut ServeConfig),
+        client_tls: Option<ClientTlsConfig>,
+    ) -> Self {
         let mut config = ServeConfig::with_data_dir(dir.path().to_path_buf());
         config.bootstrap_admin_key = Some(ADMIN_KEY.to_string());
         adjust(&mut config);
@@ -139,14 +162,19 @@ impl TestServer {
             dir,
             stop: Some(stop),
             task: Some(task),
+            client_tls,
         };
-        wait_serving(&server.url()).await;
+        wait_serving_on(server.channel().await).await;
         server
     }
 
-    /// `http://127.0.0.1:PORT`
+    /// `http://127.0.0.1:PORT`, or `https://localhost:PORT` with TLS (the name its certificate
+    /// is for).
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        match self.client_tls {
+            None => format!("http://{}", self.addr),
+            Some(_) => format!("https://localhost:{}", self.addr.port()),
+        }
     }
 
     /// The Prometheus text its metrics endpoint serves now.
@@ -156,18 +184,21 @@ impl TestServer {
         body
     }
 
-    /// A connected channel.
+    /// A connected channel (over TLS when the server speaks it).
     pub async fn channel(&self) -> Channel {
-        Channel::from_shared(self.url())
-            .expect("url")
-            .connect()
-            .await
-            .expect("connect")
+        let mut endpoint = Channel::from_shared(self.url()).expect("url");
+        if let Some(tls) = &self.client_tls {
+            endpoint = endpoint.tls_config(tls.clone()).expect("client tls");
+        }
+        endpoint.connect().await.expect("connect")
     }
 
-    /// A connection sending `key` (or no key).
+    /// A connection sending `key` (or no key), over TLS when the server speaks it.
     pub async fn connect_as(&self, key: Option<&str>) -> Authed {
-        connect_as(&self.url(), key).await
+        InterceptedService::new(
+            self.channel().await,
+            key.map_or_else(Bearer::none, Bearer::new),
+        )
     }
 
     /// A Matcher client with the admin key.
@@ -234,6 +265,11 @@ pub async fn wait_serving(url: &str) {
         .connect()
         .await
         .expect("connect to health");
+    wait_serving_on(channel).await;
+}
+
+/// As [`wait_serving`], over a channel already connected (e.g. with TLS).
+pub async fn wait_serving_on(channel: Channel) {
     let mut health = HealthClient::new(channel);
     let mut updates = health
         .watch(HealthCheckRequest {
