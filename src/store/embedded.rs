@@ -513,6 +513,36 @@ impl EmbeddedStore {
         self.read(move |tx| read_reference(tx, id)).await
     }
 
+    /// See [`super::Store::list_references`]. One read transaction: the bank check and the list
+    /// come from the same snapshot. Driven by the `refs_by_bank_state` index.
+    pub(super) async fn list_references(
+        &self,
+        bank: BankId,
+        include_withdrawn: bool,
+    ) -> Result<Vec<Reference>, Error> {
+        self.read(move |tx| {
+            let exists = tx
+                .prepare_cached("SELECT 1 FROM banks WHERE id = ?1")?
+                .exists([bank.0])?;
+            if !exists {
+                return Err(Error::NotFound {
+                    kind: "bank",
+                    key: bank.to_string(),
+                });
+            }
+            let mut stmt = tx.prepare_cached(&format!(
+                "{REF_SELECT} WHERE bank_id = ?1 AND (?2 OR withdrawn_ms IS NULL) ORDER BY id"
+            ))?;
+            let mut rows = stmt.query(rusqlite::params![bank.0, include_withdrawn])?;
+            let mut references = Vec::new();
+            while let Some(row) = rows.next()? {
+                references.push(reference_from_row(row)?);
+            }
+            Ok(references)
+        })
+        .await
+    }
+
     /// See [`super::Store::reference_frames`].
     pub(super) async fn reference_frames(
         &self,
@@ -894,50 +924,34 @@ fn finish_bank(conn: &Connection, raw: BankRow) -> Result<Bank, Error> {
     raw.into_bank(shares)
 }
 
+/// The columns [`reference_from_row`] reads, in its order.
+const REF_SELECT: &str = "SELECT id, bank_id, external_id, note, added_by, added_ms, frame_count,
+        withdrawn_ms, withdrawn_reason FROM refs";
+
 fn read_reference(conn: &Connection, id: ReferenceId) -> Result<Reference, Error> {
-    type RefRow = (
-        i64,
-        String,
-        String,
-        i64,
-        i64,
-        i64,
-        Option<i64>,
-        Option<String>,
-    );
-    let row: RefRow = conn
-        .prepare_cached(
-            "SELECT bank_id, external_id, note, added_by, added_ms, frame_count,
-                    withdrawn_ms, withdrawn_reason
-             FROM refs WHERE id = ?1",
-        )?
-        .query_row([id.0], |row| {
-            Ok((
-                row.get(0)?,
-                row.get(1)?,
-                row.get(2)?,
-                row.get(3)?,
-                row.get(4)?,
-                row.get(5)?,
-                row.get(6)?,
-                row.get(7)?,
-            ))
-        })
-        .optional()?
-        .ok_or_else(|| Error::NotFound {
+    let mut stmt = conn.prepare_cached(&format!("{REF_SELECT} WHERE id = ?1"))?;
+    let mut rows = stmt.query([id.0])?;
+    match rows.next()? {
+        Some(row) => reference_from_row(row),
+        None => Err(Error::NotFound {
             kind: "reference",
             key: id.to_string(),
-        })?;
-    let (bank, external_id, note, added_by, added_ms, frame_count, withdrawn_ms, reason) = row;
-    let state = rows::reference_state(id, withdrawn_ms, reason)?;
-    let frame_count = rows::frame_count(id, frame_count)?;
+        }),
+    }
+}
+
+/// A reference from a row of [`REF_SELECT`].
+fn reference_from_row(row: &Row<'_>) -> Result<Reference, Error> {
+    let id = ReferenceId(row.get(0)?);
+    let state = rows::reference_state(id, row.get(7)?, row.get(8)?)?;
+    let frame_count = rows::frame_count(id, row.get(6)?)?;
     Ok(Reference {
         id,
-        bank: BankId(bank),
-        external_id,
-        note,
-        added_by: OrgId(added_by),
-        added_ms,
+        bank: BankId(row.get(1)?),
+        external_id: row.get(2)?,
+        note: row.get(3)?,
+        added_by: OrgId(row.get(4)?),
+        added_ms: row.get(5)?,
         state,
         frame_count,
     })

@@ -410,6 +410,23 @@ impl Store {
         }
     }
 
+    /// The references of one bank, by id: the active ones, and with `include_withdrawn` the
+    /// withdrawn ones too. Frames are not read; see [`Store::reference_frames`].
+    ///
+    /// # Errors
+    /// [`Error::NotFound`] (`"bank"`); [`Error::Corrupt`] for an unreadable stored reference;
+    /// backend errors.
+    pub async fn list_references(
+        &self,
+        bank: BankId,
+        include_withdrawn: bool,
+    ) -> Result<Vec<Reference>, Error> {
+        match self {
+            Store::Embedded(store) => store.list_references(bank, include_withdrawn).await,
+            Store::Postgres(store) => store.list_references(bank, include_withdrawn).await,
+        }
+    }
+
     /// The stored (deduplicated) frames of one reference, active or withdrawn, by frame index.
     ///
     /// # Errors
@@ -1078,6 +1095,49 @@ mod tests {
         Ok(())
     }
 
+    async fn list_references_by_bank_with_or_without_withdrawn(store: Store) -> TestResult {
+        let local = store.default_org().await?;
+        let b1 = store.create_bank(new_bank("b1", local), local).await?.id;
+        let b2 = store.create_bank(new_bank("b2", local), local).await?.id;
+        let empty = store.create_bank(new_bank("empty", local), local).await?.id;
+        let r1 = store
+            .add_reference(new_reference(b1, local, vec![frame(0, 1), frame(1, 2)]))
+            .await?;
+        let other = store
+            .add_reference(new_reference(b2, local, vec![frame(0, 3)]))
+            .await?;
+        let r3 = store
+            .add_reference(NewReference {
+                external_id: "ext-3".to_string(),
+                note: "third".to_string(),
+                ..new_reference(b1, local, vec![frame(0, 4)])
+            })
+            .await?;
+        let r4 = store
+            .add_reference(new_reference(b1, local, vec![frame(0, 5)]))
+            .await?;
+        let r3 = store.withdraw_reference(r3.id, "fp", local).await?;
+
+        // By id, exactly as get_reference reads each one, and only this bank's.
+        assert_eq!(
+            store.list_references(b1, false).await?,
+            vec![r1.clone(), r4.clone()]
+        );
+        assert_eq!(
+            store.list_references(b1, true).await?,
+            vec![r1, r3.clone(), r4]
+        );
+        assert_eq!(store.list_references(b2, true).await?, vec![other]);
+        assert!(matches!(r3.state, ReferenceState::Withdrawn { .. }));
+        assert!(store.list_references(empty, true).await?.is_empty());
+        let err = store.list_references(BankId(4242), false).await;
+        assert!(
+            matches!(err, Err(Error::NotFound { kind: "bank", ref key }) if key == "4242"),
+            "{err:?}"
+        );
+        Ok(())
+    }
+
     /// Runs each backend-neutral test body above against both backends: a temporary SQLite
     /// file, and a fresh PostgreSQL database when `FRAMEMATCH_TEST_POSTGRES_URL` names a server
     /// (see `postgres::test_support`).
@@ -1119,6 +1179,7 @@ mod tests {
         withdraw_twice_is_already_withdrawn,
         each_write_appends_one_change_in_order,
         load_active_frames_excludes_withdrawn,
+        list_references_by_bank_with_or_without_withdrawn,
     );
 
     #[tokio::test]

@@ -628,6 +628,39 @@ impl PostgresStore {
         .await
     }
 
+    /// See [`super::Store::list_references`]. Banks and references are never deleted, so the
+    /// bank check and the list need not share a snapshot. Driven by `refs_by_bank_state`.
+    pub(super) async fn list_references(
+        &self,
+        bank: BankId,
+        include_withdrawn: bool,
+    ) -> Result<Vec<Reference>, Error> {
+        bounded("list_references", async {
+            let client = self.client().await?;
+            let stmt = client
+                .prepare_cached("SELECT 1 FROM banks WHERE id = $1")
+                .await?;
+            if client.query_opt(&stmt, &[&bank.0]).await?.is_none() {
+                return Err(Error::NotFound {
+                    kind: "bank",
+                    key: bank.to_string(),
+                });
+            }
+            let stmt = client
+                .prepare_cached(&format!(
+                    "{REF_SELECT} WHERE bank_id = $1 AND ($2 OR withdrawn_ms IS NULL) ORDER BY id"
+                ))
+                .await?;
+            client
+                .query(&stmt, &[&bank.0, &include_withdrawn])
+                .await?
+                .iter()
+                .map(reference_from_row)
+                .collect()
+        })
+        .await
+    }
+
     /// See [`super::Store::reference_frames`]. References are never deleted, so checking
     /// existence and reading frames need not share a snapshot.
     pub(super) async fn reference_frames(
@@ -1193,13 +1226,13 @@ fn bank_from_row(row: &Row) -> Result<Bank, Error> {
     })
 }
 
+/// The columns [`reference_from_row`] reads, in its order.
+const REF_SELECT: &str = "SELECT id, bank_id, external_id, note, added_by, added_ms, frame_count,
+        withdrawn_ms, withdrawn_reason FROM refs";
+
 async fn read_reference(client: &impl GenericClient, id: ReferenceId) -> Result<Reference, Error> {
     let stmt = client
-        .prepare_cached(
-            "SELECT bank_id, external_id, note, added_by, added_ms, frame_count,
-                    withdrawn_ms, withdrawn_reason
-             FROM refs WHERE id = $1",
-        )
+        .prepare_cached(&format!("{REF_SELECT} WHERE id = $1"))
         .await?;
     let row = client
         .query_opt(&stmt, &[&id.0])
@@ -1208,15 +1241,21 @@ async fn read_reference(client: &impl GenericClient, id: ReferenceId) -> Result<
             kind: "reference",
             key: id.to_string(),
         })?;
-    let state = rows::reference_state(id, row.try_get(6)?, row.try_get(7)?)?;
-    let frame_count = rows::frame_count(id, row.try_get(5)?)?;
+    reference_from_row(&row)
+}
+
+/// A reference from a row of [`REF_SELECT`].
+fn reference_from_row(row: &Row) -> Result<Reference, Error> {
+    let id = ReferenceId(row.try_get(0)?);
+    let state = rows::reference_state(id, row.try_get(7)?, row.try_get(8)?)?;
+    let frame_count = rows::frame_count(id, row.try_get(6)?)?;
     Ok(Reference {
         id,
-        bank: BankId(row.try_get(0)?),
-        external_id: row.try_get(1)?,
-        note: row.try_get(2)?,
-        added_by: OrgId(row.try_get(3)?),
-        added_ms: row.try_get(4)?,
+        bank: BankId(row.try_get(1)?),
+        external_id: row.try_get(2)?,
+        note: row.try_get(3)?,
+        added_by: OrgId(row.try_get(4)?),
+        added_ms: row.try_get(5)?,
         state,
         frame_count,
     })
