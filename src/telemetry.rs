@@ -612,6 +612,8 @@ pub enum Rpc {
     GetReference,
     /// `framematch.v1.Banks/Stats`.
     Stats,
+    /// `framematch.v1.Banks/ExportBank` (server stream).
+    ExportBank,
 }
 
 impl Rpc {
@@ -626,6 +628,7 @@ impl Rpc {
             Rpc::WithdrawReference => "WithdrawReference",
             Rpc::GetReference => "GetReference",
             Rpc::Stats => "Stats",
+            Rpc::ExportBank => "ExportBank",
         }
     }
 
@@ -638,7 +641,8 @@ impl Rpc {
             | Rpc::AddReference
             | Rpc::WithdrawReference
             | Rpc::GetReference
-            | Rpc::Stats => "framematch.v1.Banks",
+            | Rpc::Stats
+            | Rpc::ExportBank => "framematch.v1.Banks",
         }
     }
 
@@ -653,6 +657,7 @@ impl Rpc {
             Rpc::WithdrawReference => "framematch.v1.Banks/WithdrawReference",
             Rpc::GetReference => "framematch.v1.Banks/GetReference",
             Rpc::Stats => "framematch.v1.Banks/Stats",
+            Rpc::ExportBank => "framematch.v1.Banks/ExportBank",
         }
     }
 

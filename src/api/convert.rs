@@ -8,7 +8,7 @@ use crate::config::Limits;
 use crate::hash::pdq::Dihedral;
 use crate::hash::{PDQ_BITS, PdqHash};
 use crate::matching::{ContentSignal, FrameHit, MatchParams, QueryFrame, VerdictData};
-use crate::model::{Bank, Category, Reference, ReferenceState};
+use crate::model::{Bank, Category, FrameSignal, Reference, ReferenceState};
 use crate::pb;
 
 use super::{Catalog, Error};
@@ -468,6 +468,16 @@ pub fn reference_to_pb(catalog: &Catalog, reference: &Reference) -> pb::Referenc
         withdrawn_reason,
         withdrawn_ms,
         frame_count: reference.frame_count,
+    }
+}
+
+/// A stored frame signal as ExportBank sends it.
+pub fn stored_frame_to_pb(frame: &FrameSignal) -> pb::StoredFrame {
+    pb::StoredFrame {
+        frame_index: frame.frame_index,
+        timestamp_ms: frame.timestamp_ms,
+        pdq: frame.hash.as_bytes().to_vec(),
+        quality: u32::from(frame.quality),
     }
 }
 
