@@ -16,6 +16,8 @@
 //! - [`server`]: `serve(listener, config, shutdown)`; health, reflection, index load.
 //! - [`video`]: decoding with the real FFmpeg (a subprocess) and vPDQ frame selection and hashing;
 //!   [`hash::vpdq`] reads and writes vPDQ files and compares two videos as vPDQ does.
+//! - [`formats`]: hash-list exchange formats (threatexchange `pdq` lines and CSV, vPDQ text and
+//!   JSON) read into references to import and written from a bank's export.
 //! - [`loadgen`]: the `framematch bench` load generator (many MatchVideo streams; issue #6).
 //! - [`config`]: flags and environment, validated once; [`cli`]: the command line.
 //! - [`telemetry`]: logs, one span per RPC or stream, metrics (Prometheus `/metrics` and OTLP).
@@ -38,6 +40,7 @@
 pub mod api;
 pub mod cli;
 pub mod config;
+pub mod formats;
 pub mod hash;
 pub mod index;
 pub mod loadgen;
