@@ -18,6 +18,7 @@
 //!   [`hash::vpdq`] reads and writes vPDQ files and compares two videos as vPDQ does.
 //! - [`formats`]: hash-list exchange formats (threatexchange `pdq` lines and CSV, vPDQ text and
 //!   JSON) read into references to import and written from a bank's export.
+//!   [`exchange`] is the client side: `framematch export` and `import`.
 //! - [`loadgen`]: the `framematch bench` load generator (many MatchVideo streams; issue #6).
 //! - [`config`]: flags and environment, validated once; [`cli`]: the command line.
 //! - [`telemetry`]: logs, one span per RPC or stream, metrics (Prometheus `/metrics` and OTLP).
@@ -40,6 +41,7 @@
 pub mod api;
 pub mod cli;
 pub mod config;
+pub mod exchange;
 pub mod formats;
 pub mod hash;
 pub mod index;

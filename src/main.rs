@@ -32,6 +32,8 @@ fn main() -> ExitCode {
         Command::Bank { command } => client(cli::bank(command, &cli.server)),
         Command::Ref { command } => client(cli::reference(command, &cli.server)),
         Command::Stats => client(cli::stats(&cli.server)),
+        Command::Export(args) => client(framematch::exchange::export(args, &cli.server)),
+        Command::Import(args) => client(framematch::exchange::import(args, &cli.server)),
         Command::Bench(args) => client(cli::bench(args, &cli.server)),
         Command::Match {
             banks,
