@@ -234,7 +234,7 @@ async fn verdicts(
             _ => None,
         })
         .collect();
-    out.sort_by(|a, b| a.0.cmp(&b.0));
+    out.sort_by_key(|v| v.0);
     out.dedup();
     out
 }
