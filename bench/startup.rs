@@ -21,7 +21,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use framematch::model::{Category, FrameSignal, NewReference, Visibility};
+use framematch::model::{Actor, Category, FrameSignal, NewReference, Visibility};
 use framematch::store::{NewBank, Store};
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
@@ -60,7 +60,7 @@ async fn write_store(dir: &Path, n: usize) {
                 visibility: Visibility::Private,
                 description: "issue #6 start-up benchmark".into(),
             },
-            org,
+            Actor::system(org),
         )
         .await
         .expect("create bank");
@@ -68,13 +68,16 @@ async fn write_store(dir: &Path, n: usize) {
     for (r, chunk) in frames.chunks(dataset::FRAMES_PER_REFERENCE).enumerate() {
         let frames: Vec<FrameSignal> = chunk.iter().map(|f| f.frame).collect();
         store
-            .add_reference(NewReference {
-                bank: bank.id,
-                external_id: format!("bench-{r}"),
-                note: String::new(),
-                added_by: org,
-                frames,
-            })
+            .add_reference(
+                NewReference {
+                    bank: bank.id,
+                    external_id: format!("bench-{r}"),
+                    note: String::new(),
+                    added_by: org,
+                    frames,
+                },
+                Actor::system(org),
+            )
             .await
             .expect("add reference");
         if r % 1000 == 999 {

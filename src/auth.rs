@@ -221,12 +221,12 @@ impl KeyRing {
 
     /// Forgets a key (revocation).
     pub fn remove(&mut self, id: KeyId) {
-        if let Some(bucket) = self.by_id.remove(&id) {
-            if let Some(entries) = self.buckets.get_mut(&bucket) {
-                entries.retain(|e| e.id != id);
-                if entries.is_empty() {
-                    self.buckets.remove(&bucket);
-                }
+        if let Some(bucket) = self.by_id.remove(&id)
+            && let Some(entries) = self.buckets.get_mut(&bucket)
+        {
+            entries.retain(|e| e.id != id);
+            if entries.is_empty() {
+                self.buckets.remove(&bucket);
             }
         }
     }
@@ -342,6 +342,7 @@ pub fn caller_of<T>(request: &Request<T>) -> Result<Caller, Status> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use crate::model::BankId;

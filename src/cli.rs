@@ -123,6 +123,12 @@ pub enum Command {
         #[arg(long)]
         limit: Option<u32>,
     },
+    /// Write a bank's references as a hash list (python-threatexchange CSV by default; see README
+    /// "Import and export"); a summary and skipped references go to stderr.
+    Export(crate::transfer::ExportArgs),
+    /// Add every item of a hash-list file (threatexchange pdq lines or CSV, vPDQ text or JSON) to
+    /// a bank as one reference each; prints `imported N references (M frames), skipped K`.
+    Import(crate::transfer::ImportArgs),
     /// Load generator (issue #6): runs concurrent MatchVideo streams against the server and prints
     /// frames/s, per-frame p50/p99 latency, errors and the server's CPU time per frame.
     Bench(BenchArgs),
@@ -476,12 +482,38 @@ pub enum Error {
     /// The load generator could not start.
     #[error(transparent)]
     Loadgen(#[from] crate::loadgen::Error),
+    /// A hash-list file is malformed.
+    #[error("{path}: {source}")]
+    Format {
+        /// The file.
+        path: PathBuf,
+        /// Which line, and what is wrong.
+        #[source]
+        source: crate::formats::Error,
+    },
+    /// An output file could not be written.
+    #[error("cannot write {path}: {source}")]
+    Write {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The server exported a reference that does not hold together.
+    #[error("reference {reference}: {reason}")]
+    BadExport {
+        /// The reference (0 when unknown).
+        reference: i64,
+        /// What is wrong.
+        reason: String,
+    },
     /// A background task stopped unexpectedly (a bug).
     #[error("internal error: {0}")]
     Task(String),
 }
 
-fn rpc_error(context: impl Into<String>, status: tonic::Status) -> Error {
+pub(crate) fn rpc_error(context: impl Into<String>, status: tonic::Status) -> Error {
     Error::Rpc {
         context: context.into(),
         code: status.code(),

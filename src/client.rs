@@ -381,6 +381,25 @@ impl Connector {
         &self.url
     }
 
+    /// Settings for one long-lived stream (the partner follower): a bound on dialling, and HTTP/2
+    /// keep-alive pings so that a dead peer or a silently dropped connection is noticed.
+    #[must_use]
+    pub fn long_lived(
+        mut self,
+        connect_timeout: std::time::Duration,
+        ping_interval: std::time::Duration,
+        ping_timeout: std::time::Duration,
+    ) -> Self {
+        self.endpoint = self
+            .endpoint
+            .connect_timeout(connect_timeout)
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(ping_interval)
+            .keep_alive_timeout(ping_timeout)
+            .keep_alive_while_idle(true);
+        self
+    }
+
     /// Opens a connection (TCP, then TLS for https://).
     ///
     /// # Errors

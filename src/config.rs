@@ -150,6 +150,17 @@ pub struct ServeArgs {
     /// default the default organisation. Admins match against every bank anyway.
     #[arg(long, env = "FRAMEMATCH_FOLLOW_SHARE_WITH", value_delimiter = ',')]
     pub follow_share_with: Vec<String>,
+    /// With an https:// `--follow`: the CA (PEM) to trust for the partner's certificate (default:
+    /// the system's trusted roots).
+    #[arg(long, env = "FRAMEMATCH_FOLLOW_TLS_CA", value_name = "PEM")]
+    pub follow_tls_ca: Option<PathBuf>,
+    /// With an https:// `--follow`: this platform's client certificate (PEM), when the partner
+    /// requires one (mTLS); needs --follow-tls-client-key.
+    #[arg(long, env = "FRAMEMATCH_FOLLOW_TLS_CLIENT_CERT", value_name = "PEM")]
+    pub follow_tls_client_cert: Option<PathBuf>,
+    /// The PEM private key of --follow-tls-client-cert.
+    #[arg(long, env = "FRAMEMATCH_FOLLOW_TLS_CLIENT_KEY", value_name = "PEM")]
+    pub follow_tls_client_key: Option<PathBuf>,
     /// Serve gRPC over TLS with this PEM certificate chain (leaf first); needs --tls-key. The
     /// metrics endpoint stays plain HTTP.
     #[arg(long, env = "FRAMEMATCH_TLS_CERT", value_name = "PEM")]
@@ -176,6 +187,12 @@ pub struct FollowConfig {
     pub key: String,
     /// Local organisations the mirrored banks are shared with (empty: the default organisation).
     pub share_with: Vec<String>,
+    /// The CA trusted for an https:// partner (default: the system's roots).
+    pub tls_ca: Option<PathBuf>,
+    /// This platform's client certificate for a partner that requires one.
+    pub tls_client_cert: Option<PathBuf>,
+    /// Its private key.
+    pub tls_client_key: Option<PathBuf>,
 }
 
 impl std::fmt::Debug for FollowConfig {
@@ -195,12 +212,10 @@ impl FollowConfig {
     /// The flag and what is wrong with it.
     pub fn parse(url: &str, key: &str, share_with: &[String]) -> Result<Self, Error> {
         let url = url.trim().trim_end_matches('/');
-        // TLS is not built into this binary yet: an https partner would only fail at every
-        // reconnect, so it is refused here.
-        if !url.starts_with("http://") {
+        if !url.starts_with("http://") && !url.starts_with("https://") {
             return Err(invalid(
                 "follow",
-                format!("{url:?}: must be an http://host:port URL"),
+                format!("{url:?}: must be an http://host:port or https://host:port URL"),
             ));
         }
         match url.parse::<tonic::transport::Uri>() {
@@ -251,6 +266,9 @@ impl FollowConfig {
             url: url.to_string(),
             key: key.to_string(),
             share_with: orgs,
+            tls_ca: None,
+            tls_client_cert: None,
+            tls_client_key: None,
         })
     }
 }
@@ -427,7 +445,12 @@ impl TryFrom<&ServeArgs> for ServeConfig {
                 .map_err(|reason| invalid("bootstrap-admin-key", reason))?;
         }
         let follow = match (&args.follow, &args.follow_key) {
-            (Some(url), Some(key)) => Some(FollowConfig::parse(url, key, &args.follow_share_with)?),
+            (Some(url), Some(key)) => Some(FollowConfig {
+                tls_ca: args.follow_tls_ca.clone(),
+                tls_client_cert: args.follow_tls_client_cert.clone(),
+                tls_client_key: args.follow_tls_client_key.clone(),
+                ..FollowConfig::parse(url, key, &args.follow_share_with)?
+            }),
             (Some(_), None) => return Err(invalid("follow-key", "is required with --follow")),
             (None, Some(_)) => return Err(invalid("follow", "is required with --follow-key")),
             (None, None) if !args.follow_share_with.is_empty() => {

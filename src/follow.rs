@@ -38,12 +38,9 @@ use backon::{BackoffBuilder as _, ExponentialBuilder};
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 use tonic::Code;
-use tonic::metadata::{Ascii, MetadataValue};
-use tonic::service::Interceptor;
-use tonic::service::interceptor::InterceptedService;
-use tonic::transport::{Channel, Endpoint};
 
 use crate::api::AppState;
+use crate::client::{self, ClientOptions, Connector};
 use crate::config::FollowConfig;
 use crate::hash::{PDQ_BYTES, PdqHash};
 use crate::model::{
@@ -91,9 +88,9 @@ pub enum Error {
         "--follow-share-with names organisation {0:?}, which does not exist on this server; create it first (Admin.CreateOrganisation) or leave it out"
     )]
     UnknownShareOrg(String),
-    /// The key cannot be sent as a header value.
-    #[error("--follow-key cannot be sent as an HTTP header value")]
-    Key,
+    /// The key, the URL or the TLS files are unusable.
+    #[error("--follow: {0}")]
+    Client(#[source] client::Error),
 }
 
 /// Event kinds, as counted in `framematch.follow.events`.
@@ -160,40 +157,13 @@ enum Kind {
     Rejected = 4,
 }
 
-/// Sends `authorization: Bearer <key>` to the partner.
-#[derive(Clone)]
-struct Bearer(MetadataValue<Ascii>);
-
-impl Interceptor for Bearer {
-    fn call(
-        &mut self,
-        mut request: tonic::Request<()>,
-    ) -> Result<tonic::Request<()>, tonic::Status> {
-        request
-            .metadata_mut()
-            .insert("authorization", self.0.clone());
-        Ok(request)
-    }
-}
-
-/// Opens a channel to the partner. Private until the shared client module (TLS) replaces it.
-async fn connect(url: &str) -> Result<Channel, tonic::transport::Error> {
-    Endpoint::from_shared(url.to_string())?
-        .connect_timeout(CONNECT_TIMEOUT)
-        .tcp_nodelay(true)
-        .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
-        .keep_alive_timeout(KEEPALIVE_TIMEOUT)
-        .keep_alive_while_idle(true)
-        .connect()
-        .await
-}
-
 /// A follower, ready to start once the index is loaded.
 pub struct Follower {
     state: AppState,
     /// The partner's URL: the source name in the store.
     source: String,
-    bearer: Bearer,
+    /// The partner's URL, TLS settings and key, checked.
+    connector: Connector,
     /// Local organisations the mirrored banks are shared with.
     share_with: Vec<OrgId>,
     /// Name of this server's default organisation (an owner named so is renamed).
@@ -247,9 +217,15 @@ impl Follower {
             };
             (share_with, catalog.org_name(state.default_org))
         };
-        let bearer = format!("Bearer {}", config.key)
-            .parse()
-            .map_err(|_| Error::Key)?;
+        let connector = Connector::new(&ClientOptions {
+            server: config.url.clone(),
+            api_key: Some(config.key.clone()),
+            tls_ca: config.tls_ca.clone(),
+            tls_cert: config.tls_client_cert.clone(),
+            tls_key: config.tls_client_key.clone(),
+        })
+        .map_err(Error::Client)?
+        .long_lived(CONNECT_TIMEOUT, KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT);
         let authority = config
             .url
             .parse::<tonic::transport::Uri>()
@@ -259,7 +235,7 @@ impl Follower {
         Ok(Self {
             state: state.clone(),
             source: config.url.clone(),
-            bearer: Bearer(bearer),
+            connector,
             share_with,
             local_default,
             authority,
@@ -404,17 +380,14 @@ impl Follower {
             },
         };
         let channel = tokio::select! {
-            connected = connect(&self.source) => match connected {
+            connected = self.connector.connect() => match connected {
                 Ok(channel) => channel,
                 Err(error) => return Ended::failed(Failure::Connect(error), false),
             },
             () = stopped(stop) => return Ended::Stopped,
         };
-        let mut client = pb::exchange_client::ExchangeClient::new(InterceptedService::new(
-            channel,
-            self.bearer.clone(),
-        ))
-        .max_decoding_message_size(MAX_EVENT_BYTES);
+        let mut client = pb::exchange_client::ExchangeClient::new(channel)
+            .max_decoding_message_size(MAX_EVENT_BYTES);
         let from = cursor.resume_from();
         let opened = tokio::select! {
             opened = client.changes(pb::ChangesRequest { cursor: from }) => opened,
@@ -775,7 +748,7 @@ impl Ended {
 /// Why a session ended.
 #[derive(Debug)]
 enum Failure {
-    Connect(tonic::transport::Error),
+    Connect(client::Error),
     Status(tonic::Status),
     Ended,
     Store(store::Error),

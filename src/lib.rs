@@ -16,6 +16,9 @@
 //! - [`server`]: `serve(listener, config, shutdown)`; health, reflection, index load.
 //! - [`video`]: decoding with the real FFmpeg (a subprocess) and vPDQ frame selection and hashing;
 //!   [`hash::vpdq`] reads and writes vPDQ files and compares two videos as vPDQ does.
+//! - [`formats`]: hash-list exchange formats (threatexchange `pdq` lines and CSV, vPDQ text and
+//!   JSON) read into references to import and written from a bank's export.
+//!   [`transfer`] is the client side: `framematch export` and `import`.
 //! - [`loadgen`]: the `framematch bench` load generator (many MatchVideo streams; issue #6).
 //! - [`config`]: flags and environment, validated once; [`cli`]: the command line.
 //! - [`follow`]: `serve --follow`: mirrors the banks a partner server shares, from its change feed.
@@ -44,6 +47,7 @@ pub mod cli;
 pub mod client;
 pub mod config;
 pub mod follow;
+pub mod formats;
 pub mod hash;
 pub mod index;
 pub mod loadgen;
@@ -54,4 +58,5 @@ pub mod server;
 pub mod store;
 pub mod telemetry;
 pub mod tls;
+pub mod transfer;
 pub mod video;

@@ -678,6 +678,8 @@ pub enum Rpc {
     Audit,
     /// `framematch.v1.Exchange/Changes`.
     Changes,
+    /// `framematch.v1.Banks/ExportBank` (server stream).
+    ExportBank,
 }
 
 impl Rpc {
@@ -700,6 +702,7 @@ impl Rpc {
             Rpc::ListApiKeys => "ListApiKeys",
             Rpc::Audit => "Audit",
             Rpc::Changes => "Changes",
+            Rpc::ExportBank => "ExportBank",
         }
     }
 
@@ -713,7 +716,8 @@ impl Rpc {
             | Rpc::WithdrawReference
             | Rpc::GetReference
             | Rpc::Stats
-            | Rpc::UpdateBank => "framematch.v1.Banks",
+            | Rpc::UpdateBank
+            | Rpc::ExportBank => "framematch.v1.Banks",
             Rpc::CreateOrganisation
             | Rpc::ListOrganisations
             | Rpc::CreateApiKey
@@ -743,6 +747,7 @@ impl Rpc {
             Rpc::ListApiKeys => "framematch.v1.Admin/ListApiKeys",
             Rpc::Audit => "framematch.v1.Admin/Audit",
             Rpc::Changes => "framematch.v1.Exchange/Changes",
+            Rpc::ExportBank => "framematch.v1.Banks/ExportBank",
         }
     }
 

@@ -9,7 +9,10 @@
 
 use std::time::Instant;
 
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
+use tracing::Instrument as _;
 
 use crate::auth::{self, Caller};
 use crate::model::{FrameSignal, NewReference, Reference, ReferenceId, Role};
@@ -25,6 +28,10 @@ use super::{AppState, Error};
 pub const MAX_EXTERNAL_ID_BYTES: usize = 256;
 /// Longest note or withdrawal reason accepted, in bytes.
 pub const MAX_NOTE_BYTES: usize = 4096;
+/// Exported references in flight per ExportBank stream before the task waits for the client to
+/// read. With one reference's frames read from the store at a time, this bounds the memory an
+/// export holds, whatever the bank's size.
+const EXPORT_BUFFER: usize = 4;
 
 /// The Banks service.
 #[derive(Clone)]
@@ -70,6 +77,8 @@ fn check_text(field: &'static str, text: &str, limit: usize) -> Result<(), Error
 
 #[tonic::async_trait]
 impl Banks for BanksService {
+    type ExportBankStream = ReceiverStream<Result<pb::ExportedReference, Status>>;
+
     async fn create_bank(
         &self,
         request: Request<pb::CreateBankRequest>,
@@ -411,4 +420,88 @@ impl Banks for BanksService {
         })
         .await
     }
+
+    async fn export_bank(
+        &self,
+        request: Request<pb::ExportBankRequest>,
+    ) -> Result<Response<Self::ExportBankStream>, Status> {
+        let caller = auth::caller_of(&request)?;
+        let call = self.state.rpc_call(Rpc::ExportBank, &caller);
+        let span = call.span().clone();
+        let opened = async {
+            self.state.ensure_ready()?;
+            let pb::ExportBankRequest {
+                bank,
+                include_withdrawn,
+            } = request.into_inner();
+            // Any role may export a bank it may see (it could follow the same bank's changes);
+            // one it may not see is NOT_FOUND, like one that does not exist.
+            let bank_id = self.state.catalog.read().visible_bank(&caller, &bank)?.id;
+            self.state
+                .store
+                .list_references(bank_id, include_withdrawn)
+                .await
+                .map_err(Error::from)
+        }
+        .instrument(span.clone())
+        .await;
+        let references = match opened {
+            Ok(references) => references,
+            Err(error) => {
+                let status = Status::from(error);
+                call.finish(Err(status.code()));
+                return Err(status);
+            }
+        };
+        let (tx, rx) = mpsc::channel(EXPORT_BUFFER);
+        let state = self.state.clone();
+        tokio::spawn(
+            async move {
+                let open = state.metrics.stream_opened(Rpc::ExportBank);
+                let result = tokio::select! {
+                    result = export_references(&state, references, &tx) => result,
+                    () = state.streams_aborted() => Err(Status::unavailable(
+                        "the server is shutting down and the grace period for open streams is over; retry on another replica",
+                    )),
+                };
+                let code = result.as_ref().map_err(Status::code).copied();
+                if let Err(status) = result {
+                    // The client may be gone already; then there is nobody left to tell.
+                    let _ = tx.send(Err(status)).await;
+                }
+                drop(open);
+                call.finish(code);
+                drop(tx);
+            }
+            .instrument(span),
+        );
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}
+
+/// Sends each reference with its stored frames, reading one reference's frames at a time. A
+/// failed send means the client left: the export stops quietly.
+async fn export_references(
+    state: &AppState,
+    references: Vec<Reference>,
+    tx: &mpsc::Sender<Result<pb::ExportedReference, Status>>,
+) -> Result<(), Status> {
+    for reference in references {
+        let frames = state
+            .store
+            .reference_frames(reference.id)
+            .await
+            .map_err(Error::from)?;
+        let exported = {
+            let catalog = state.catalog.read();
+            pb::ExportedReference {
+                reference: Some(convert::reference_to_pb(&catalog, &reference)),
+                frames: frames.iter().map(convert::stored_frame_to_pb).collect(),
+            }
+        };
+        if tx.send(Ok(exported)).await.is_err() {
+            return Ok(());
+        }
+    }
+    Ok(())
 }

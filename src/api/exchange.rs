@@ -142,14 +142,12 @@ struct BankCache(HashMap<BankId, Bank>);
 
 impl BankCache {
     async fn get(&mut self, state: &AppState, id: BankId) -> Result<&Bank, Error> {
-        if !self.0.contains_key(&id) {
-            let bank = state.store.get_bank(id).await?;
-            self.0.insert(id, bank);
+        match self.0.entry(id) {
+            std::collections::hash_map::Entry::Occupied(entry) => Ok(entry.into_mut()),
+            std::collections::hash_map::Entry::Vacant(entry) => {
+                Ok(entry.insert(state.store.get_bank(id).await?))
+            }
         }
-        // Inserted just above when it was missing.
-        self.0
-            .get(&id)
-            .ok_or(Error::Worker("bank cache lost an entry".to_string()))
     }
 }
 

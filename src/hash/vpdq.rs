@@ -171,29 +171,9 @@ impl Vpdq {
     pub fn parse_text(text: &str) -> Result<Self, Error> {
         let mut features = Vec::new();
         for (number, line) in text.lines().enumerate() {
-            let line = line.trim();
-            // `#` lines are not vPDQ; `framematch hash` writes one before each of several videos.
-            if line.is_empty() || line.starts_with('#') {
-                continue;
+            if let Some(feature) = parse_text_line(line, number + 1)? {
+                features.push(feature);
             }
-            let location = || format!("line {}", number + 1);
-            let fields: Vec<&str> = line.split(',').map(str::trim).collect();
-            let [frame, quality, hash, timestamp, ..] = fields.as_slice() else {
-                return Err(Error::FieldCount {
-                    line: number + 1,
-                    found: fields.len(),
-                });
-            };
-            let frame_number = frame.parse::<u64>().map_err(|_| Error::FrameNumber {
-                location: location(),
-                text: (*frame).to_string(),
-            })?;
-            features.push(VpdqFeature {
-                frame_number,
-                quality: parse_quality(quality, &location)?,
-                hash: parse_hash(hash, &location)?,
-                timestamp_s: parse_timestamp(timestamp, &location)?,
-            });
         }
         Ok(Self { features })
     }
@@ -205,23 +185,11 @@ impl Vpdq {
     pub fn parse_json(text: &str) -> Result<Self, Error> {
         let entries: Vec<String> =
             serde_json::from_str(text).map_err(|source| Error::Json { source })?;
-        let mut features = Vec::with_capacity(entries.len());
-        for (entry, serialized) in entries.iter().enumerate() {
-            let location = || format!("entry {entry}");
-            let fields: Vec<&str> = serialized.split(',').map(str::trim).collect();
-            let [hash, quality, timestamp] = fields.as_slice() else {
-                return Err(Error::JsonFieldCount {
-                    entry,
-                    found: fields.len(),
-                });
-            };
-            features.push(VpdqFeature {
-                frame_number: entry as u64,
-                hash: parse_hash(hash, &location)?,
-                quality: parse_quality(quality, &location)?,
-                timestamp_s: parse_timestamp(timestamp, &location)?,
-            });
-        }
+        let features = entries
+            .iter()
+            .enumerate()
+            .map(|(entry, serialized)| parse_json_entry(serialized, entry))
+            .collect::<Result<_, _>>()?;
         Ok(Self { features })
     }
 
@@ -249,14 +217,71 @@ impl Vpdq {
     /// The timestamp is written with 3 decimals rather than python-threatexchange's 3 significant
     /// digits (`18.767`, not `18.8`): its reader parses both with `float()`, and nothing is lost.
     pub fn to_json(&self) -> String {
-        let entries: Vec<String> = self
-            .features
-            .iter()
-            .map(|f| format!("{},{},{:.3}", f.hash, f.quality, f.timestamp_s))
-            .collect();
+        let entries: Vec<String> = self.features.iter().map(json_entry).collect();
         // Serialising a list of strings cannot fail; fall back to an empty array regardless.
         serde_json::to_string(&entries).unwrap_or_else(|_| "[]".to_string())
     }
+}
+
+/// Reads one line of the reference text form, `number` being its 1-based line number: `None` for
+/// a blank or `#` comment line; extra fields after the 4th are ignored, as the reference reader
+/// does.
+///
+/// # Errors
+/// [`Error::FieldCount`], [`Error::FrameNumber`], [`Error::Quality`], [`Error::Hash`],
+/// [`Error::Timestamp`] naming the line.
+pub fn parse_text_line(line: &str, number: usize) -> Result<Option<VpdqFeature>, Error> {
+    let line = line.trim();
+    // `#` lines are not vPDQ; `framematch hash` writes one before each of several videos.
+    if line.is_empty() || line.starts_with('#') {
+        return Ok(None);
+    }
+    let location = || format!("line {number}");
+    let fields: Vec<&str> = line.split(',').map(str::trim).collect();
+    let [frame, quality, hash, timestamp, ..] = fields.as_slice() else {
+        return Err(Error::FieldCount {
+            line: number,
+            found: fields.len(),
+        });
+    };
+    let frame_number = frame.parse::<u64>().map_err(|_| Error::FrameNumber {
+        location: location(),
+        text: (*frame).to_string(),
+    })?;
+    Ok(Some(VpdqFeature {
+        frame_number,
+        quality: parse_quality(quality, &location)?,
+        hash: parse_hash(hash, &location)?,
+        timestamp_s: parse_timestamp(timestamp, &location)?,
+    }))
+}
+
+/// Reads one `"hex,quality,timestamp"` string of HMA's JSON form, at 0-based position `entry`
+/// (which becomes its frame number).
+///
+/// # Errors
+/// [`Error::JsonFieldCount`], [`Error::Quality`], [`Error::Hash`], [`Error::Timestamp`] naming
+/// the entry.
+pub fn parse_json_entry(serialized: &str, entry: usize) -> Result<VpdqFeature, Error> {
+    let location = || format!("entry {entry}");
+    let fields: Vec<&str> = serialized.split(',').map(str::trim).collect();
+    let [hash, quality, timestamp] = fields.as_slice() else {
+        return Err(Error::JsonFieldCount {
+            entry,
+            found: fields.len(),
+        });
+    };
+    Ok(VpdqFeature {
+        frame_number: entry as u64,
+        hash: parse_hash(hash, &location)?,
+        quality: parse_quality(quality, &location)?,
+        timestamp_s: parse_timestamp(timestamp, &location)?,
+    })
+}
+
+/// One entry of HMA's JSON form: `hex,quality,timestamp`, the timestamp with 3 decimals.
+pub fn json_entry(f: &VpdqFeature) -> String {
+    format!("{},{},{:.3}", f.hash, f.quality, f.timestamp_s)
 }
 
 /// One reference text line, without its newline: `frame,quality,hex,timestamp`.

@@ -7,6 +7,8 @@
 //!
 //! `cargo test --test it follow -- --nocapture` prints the add-on-A to match-on-B times.
 
+#![allow(clippy::print_stdout)] // the measured figures and the matrix are printed for the note
+
 use std::fs::File;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};

@@ -5,6 +5,7 @@ mod support;
 
 mod binary;
 mod errors;
+mod exchange_formats;
 mod follow;
 mod helm;
 mod index_conformance;

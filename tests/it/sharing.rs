@@ -6,6 +6,8 @@
 //! each answer's code. `cargo test --test it sharing::authorization_matrix -- --nocapture` prints
 //! the matrix as a Markdown table.
 
+#![allow(clippy::print_stdout)] // the measured figures and the matrix are printed for the note
+
 use std::collections::BTreeMap;
 use std::time::Duration;
 
