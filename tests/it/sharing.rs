@@ -297,6 +297,21 @@ impl World {
             })
             .await;
         answers.push(("Banks.UpdateBank", code(&update)));
+        let export = async {
+            let mut stream = server
+                .banks_as(key)
+                .await
+                .export_bank(pb::ExportBankRequest {
+                    bank: bank.into(),
+                    include_withdrawn: false,
+                })
+                .await?
+                .into_inner();
+            while stream.message().await?.is_some() {}
+            Ok::<(), tonic::Status>(())
+        }
+        .await;
+        answers.push(("Banks.ExportBank", code(&export)));
         let feed = feed_sees(server, key, bank).await;
         answers.push((
             "Exchange.Changes (bank's events sent)",
@@ -459,6 +474,9 @@ async fn authorization_matrix() {
         ("Banks.GetReference", "alpha-own", [OK, OK, OK]),
         ("Banks.GetReference", "beta-private", [NF, NF, OK]),
         ("Banks.GetReference", "beta-shared", [OK, OK, OK]),
+        ("Banks.ExportBank", "alpha-own", [OK, OK, OK]),
+        ("Banks.ExportBank", "beta-private", [NF, NF, OK]),
+        ("Banks.ExportBank", "beta-shared", [OK, OK, OK]),
         ("Banks.AddReference", "alpha-own", [PD, OK, OK]),
         ("Banks.AddReference", "beta-private", [NF, NF, OK]),
         ("Banks.AddReference", "beta-shared", [PD, PD, OK]),
