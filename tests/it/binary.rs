@@ -548,3 +548,182 @@ async fn health_is_not_serving_until_the_index_is_loaded() {
     assert!(loading.terminate().success());
     database.drop_now().await;
 }
+
+/// Runs the CLI with `key` as FRAMEMATCH_API_KEY (or none).
+fn run_as(key: Option<&str>, args: &[&str]) -> (i32, String, String) {
+    let mut command = Command::new(BIN);
+    command.env_remove("FRAMEMATCH_API_KEY").args(args);
+    if let Some(key) = key {
+        command.env("FRAMEMATCH_API_KEY", key);
+    }
+    let output = command.output().expect("run framematch");
+    (
+        output.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_bootstrap_key_is_printed_once_and_the_cli_manages_orgs_keys_sharing_and_audit() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    // No FRAMEMATCH_BOOTSTRAP_ADMIN_KEY: the server makes one and prints it once.
+    let mut child = std::process::Command::new(BIN)
+        .env_remove("FRAMEMATCH_BOOTSTRAP_ADMIN_KEY")
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--metrics-listen",
+            "127.0.0.1:0",
+            "--data-dir",
+        ])
+        .arg(dir.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn");
+    let stdout = child.stdout.take().expect("stdout");
+    let lines = tokio::task::spawn_blocking(move || {
+        let mut reader = BufReader::new(stdout);
+        let mut lines = Vec::new();
+        for _ in 0..3 {
+            let mut line = String::new();
+            reader.read_line(&mut line).expect("read");
+            lines.push(line.trim_end().to_string());
+        }
+        lines
+    })
+    .await
+    .expect("reader");
+    let url = format!(
+        "http://{}",
+        lines[0]
+            .strip_prefix("listening on ")
+            .expect("address line")
+    );
+    let admin = lines[2]
+        .strip_prefix("bootstrap admin key: ")
+        .unwrap_or_else(|| panic!("third line gives the key: {lines:?}"))
+        .to_string();
+    assert!(admin.starts_with("fmk_") && admin.len() == 68, "{admin}");
+    support::wait_serving(&url).await;
+    let server = ["--server", url.as_str()];
+    let cli = |key: Option<&str>, args: &[&str]| run_as(key, &[args, &server[..]].concat());
+
+    let (code, _, err) = cli(None, &["bank", "list"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("Unauthenticated"), "{err}");
+    assert_eq!(cli(Some(&admin), &["org", "create", "youtube"]).0, 0);
+    let (code, out, err) = cli(
+        Some(&admin),
+        &[
+            "key",
+            "create",
+            "--org",
+            "local",
+            "--role",
+            "contributor",
+            "--label",
+            "analysts",
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    let (contributor_id, contributor) = out.trim_end().split_once('\t').expect("id<TAB>secret");
+    let (code, out, err) = cli(
+        Some(&admin),
+        &["key", "create", "--org", "youtube", "--role", "matcher"],
+    );
+    assert_eq!(code, 0, "{err}");
+    let youtube = out
+        .trim_end()
+        .split_once('\t')
+        .expect("id<TAB>secret")
+        .1
+        .to_string();
+
+    let (code, _, err) = cli(
+        Some(contributor),
+        &[
+            "bank",
+            "create",
+            "attacks",
+            "--category",
+            "graphic_violence",
+            "--visibility",
+            "shared",
+            "--share-with",
+            "youtube",
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    let (_, out, _) = cli(Some(contributor), &["bank", "list"]);
+    assert!(
+        out.contains("\tattacks\tgraphic_violence\tlocal\tshared\tyoutube\n"),
+        "{out:?}"
+    );
+    // The partner sees the bank, not whom else it is shared with, and may not change it.
+    let (_, out, _) = cli(Some(&youtube), &["bank", "list"]);
+    assert!(
+        out.contains("\tattacks\tgraphic_violence\tlocal\tshared\t\n"),
+        "{out:?}"
+    );
+    let (code, _, err) = cli(
+        Some(&youtube),
+        &["bank", "share", "attacks", "--visibility", "public"],
+    );
+    assert_eq!(code, 2);
+    assert!(err.contains("PermissionDenied"), "{err}");
+    let (code, _, err) = cli(
+        Some(contributor),
+        &["bank", "share", "attacks", "--visibility", "private"],
+    );
+    assert_eq!(code, 0, "{err}");
+    let (_, out, _) = cli(Some(&youtube), &["bank", "list"]);
+    assert!(!out.contains("attacks"), "unshared: {out:?}");
+
+    let (code, out, err) = cli(Some(&admin), &["audit", "--bank", "attacks"]);
+    assert_eq!(code, 0, "{err}");
+    let rows: Vec<Vec<&str>> = out.lines().map(|l| l.split('\t').collect()).collect();
+    assert_eq!(rows.len(), 2, "{out}");
+    assert_eq!(rows[0][4], "bank_created");
+    assert_eq!(rows[0][2], "local");
+    assert_eq!(rows[0][3], contributor_id, "the key that acted");
+    assert_eq!(rows[1][4], "bank_updated");
+    assert_eq!(rows[1][9], "private");
+    let (code, _, err) = cli(Some(contributor), &["audit"]);
+    assert_eq!(code, 2, "audit needs an admin key");
+    assert!(err.contains("PermissionDenied"), "{err}");
+
+    assert_eq!(cli(Some(&admin), &["key", "revoke", contributor_id]).0, 0);
+    let (code, _, err) = cli(Some(contributor), &["bank", "list"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("Unauthenticated"), "{err}");
+    let (_, out, _) = cli(Some(&admin), &["key", "list", "--org", "local"]);
+    assert!(
+        out.lines().any(|l| l
+            .starts_with(&format!("{contributor_id}\tlocal\tcontributor\tanalysts\t"))
+            && l.ends_with("\trevoked")),
+        "{out}"
+    );
+
+    // After a restart no new bootstrap key is made (the store has keys), and the old one works.
+    let pid = child.id().to_string();
+    assert!(
+        std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .expect("kill")
+            .success()
+    );
+    assert!(child.wait().expect("wait").success());
+    let served = Served::start(dir.path()).await;
+    let (code, out, err) = run_as(Some(&admin), &["--server", &served.url, "key", "list"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        out.lines().count(),
+        3,
+        "bootstrap, contributor and matcher keys: {out}"
+    );
+    served.terminate();
+}

@@ -658,3 +658,297 @@ fn tls_misconfiguration_exits_64_naming_the_flag_and_file() {
     assert_eq!(code, 64, "{err}");
     assert!(err.contains("--tls-client-ca"), "{err}");
 }
+
+// === following a partner over TLS ===
+
+/// A plain `framematch serve` (embedded store) with `extra` flags, its log in `log`, SERVING.
+struct PlainNode {
+    child: Child,
+    url: String,
+    metrics: std::net::SocketAddr,
+    log: PathBuf,
+    _data: tempfile::TempDir,
+}
+
+impl PlainNode {
+    async fn start(extra: &[&str], log: PathBuf) -> Self {
+        let data = tempfile::tempdir().expect("temp dir");
+        let mut child = Command::new(BIN)
+            .env("FRAMEMATCH_BOOTSTRAP_ADMIN_KEY", support::ADMIN_KEY)
+            .env("RUST_LOG", "info,framematch::follow=debug")
+            .args([
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--metrics-listen",
+                "127.0.0.1:0",
+                "--data-dir",
+            ])
+            .arg(data.path())
+            .args(extra)
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&log).expect("log file"))
+            .spawn()
+            .expect("spawn framematch serve");
+        let stdout = child.stdout.take().expect("stdout");
+        let (first, second) = tokio::task::spawn_blocking(move || {
+            let mut reader = BufReader::new(stdout);
+            let (mut first, mut second) = (String::new(), String::new());
+            reader.read_line(&mut first).expect("first line");
+            reader.read_line(&mut second).expect("second line");
+            (first, second)
+        })
+        .await
+        .expect("reader");
+        let address = first
+            .trim()
+            .strip_prefix("listening on ")
+            .unwrap_or_else(|| panic!("first line names the address: {first:?}"));
+        let metrics = second
+            .trim()
+            .strip_prefix("metrics on ")
+            .and_then(|m| m.parse().ok())
+            .unwrap_or_else(|| panic!("second line names the metrics address: {second:?}"));
+        let node = Self {
+            url: format!("http://{address}"),
+            child,
+            metrics,
+            log,
+            _data: data,
+        };
+        support::wait_serving(&node.url).await;
+        node
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The value of `framematch_follow_connected` on its metrics endpoint, if exported.
+    async fn follow_connected(&self) -> Option<i64> {
+        let (status, _, body) = support::http_get(self.metrics, "/metrics").await;
+        assert_eq!(status, 200, "GET /metrics answered {status}");
+        body.lines()
+            .find(|l| l.starts_with("framematch_follow_connected"))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+    }
+
+    /// The banks `hash` matches on this server.
+    async fn matched_banks(&self, hash: &framematch::hash::PdqHash) -> Vec<String> {
+        pb::matcher_client::MatcherClient::new(
+            support::connect_as(&self.url, Some(support::ADMIN_KEY)).await,
+        )
+        .match_image(pb::MatchImageRequest {
+            options: None,
+            frame: Some(support::pdq_frame(0, 0, hash, 100)),
+        })
+        .await
+        .expect("match image")
+        .into_inner()
+        .result
+        .expect("result")
+        .matches
+        .into_iter()
+        .map(|m| m.source.expect("source").bank)
+        .collect()
+    }
+
+    /// Polls every 20 ms until `done` holds for the log text and follower metric, or fails
+    /// after 10 s naming `what` with the log.
+    async fn wait_until(&self, what: &str, done: impl Fn(&str, Option<i64>) -> bool) {
+        let started = std::time::Instant::now();
+        loop {
+            let connected = self.follow_connected().await;
+            let log = self.log_text();
+            if done(&log, connected) {
+                return;
+            }
+            assert!(
+                started.elapsed() < FOLLOW_DEADLINE,
+                "{what}: not within {FOLLOW_DEADLINE:?} (follow_connected {connected:?}); log:\n{log}"
+            );
+            tokio::time::sleep(FOLLOW_POLL).await;
+        }
+    }
+}
+
+impl Drop for PlainNode {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// How long a change on the partner may take to be matchable on the follower (the product asks
+/// for 2 s), and how often the follower is asked meanwhile.
+const FOLLOW_DEADLINE: std::time::Duration = std::time::Duration::from_secs(10);
+const FOLLOW_POLL: std::time::Duration = std::time::Duration::from_millis(20);
+
+impl Served {
+    /// A connection to this TLS server with the harness's client identity and the admin key.
+    async fn connect(&self, pki: &Pki) -> support::Authed {
+        let channel = tonic::transport::Channel::from_shared(self.url())
+            .expect("url")
+            .tls_config(pki.harness_client())
+            .expect("tls")
+            .connect()
+            .await
+            .expect("connect over tls");
+        tonic::service::interceptor::InterceptedService::new(
+            channel,
+            support::Bearer::new(support::ADMIN_KEY),
+        )
+    }
+}
+
+#[allow(clippy::print_stdout)] // the measured add-to-match time is printed
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_mirrors_a_partner_that_requires_client_certificates() {
+    let pki = Pki::new();
+    let logs = tempfile::tempdir().expect("temp dir");
+    let a = Served::start(&pki, &["--tls-client-ca", &pki.arg("ca.pem")]).await;
+    let a_url = a.url();
+
+    // On A: platform-b, a matcher key for it, and a bank platform-a shares with it.
+    let mut admin = pb::admin_client::AdminClient::new(a.connect(&pki).await);
+    for org in ["platform-a", "platform-b"] {
+        admin
+            .create_organisation(pb::CreateOrganisationRequest { name: org.into() })
+            .await
+            .expect("create organisation over mtls");
+    }
+    let key = admin
+        .create_api_key(pb::CreateApiKeyRequest {
+            organisation: "platform-b".into(),
+            role: pb::Role::Matcher as i32,
+            label: "B follows A over mTLS".into(),
+        })
+        .await
+        .expect("key for platform-b")
+        .into_inner()
+        .secret;
+    let mut banks = pb::banks_client::BanksClient::new(a.connect(&pki).await);
+    banks
+        .create_bank(pb::CreateBankRequest {
+            name: "shared".into(),
+            category: pb::Category::Terrorism as i32,
+            description: "shared over mTLS".into(),
+            visibility: pb::Visibility::Shared as i32,
+            shared_with: vec!["platform-b".into()],
+            owner: "platform-a".into(),
+        })
+        .await
+        .expect("create shared bank over mtls");
+
+    // B presents the client certificate; B' trusts A's CA but has no certificate to present.
+    let (ca, cert, client_key) = (
+        pki.arg("ca.pem"),
+        pki.arg("client.pem"),
+        pki.arg("client.key"),
+    );
+    let follow = [
+        "--follow",
+        a_url.as_str(),
+        "--follow-key",
+        key.as_str(),
+        "--follow-tls-ca",
+        ca.as_str(),
+    ];
+    let mut with_cert = follow.to_vec();
+    with_cert.extend([
+        "--follow-tls-client-cert",
+        cert.as_str(),
+        "--follow-tls-client-key",
+        client_key.as_str(),
+    ]);
+    let b = PlainNode::start(&with_cert, logs.path().join("b.log")).await;
+    let no_cert = PlainNode::start(&follow, logs.path().join("b-no-cert.log")).await;
+
+    // B's change stream opens over mTLS before anything is added, so what follows is the live
+    // add-on-A to match-on-B latency.
+    b.wait_until("B connected to A", |_, connected| connected == Some(1))
+        .await;
+
+    let reference = hash(42);
+    let started = std::time::Instant::now();
+    banks
+        .add_reference(tokio_stream::iter([
+            pb::AddReferenceRequest {
+                item: Some(pb::add_reference_request::Item::Header(
+                    pb::ReferenceHeader {
+                        bank: "shared".into(),
+                        external_id: "over-mtls".into(),
+                        note: "added on A over mTLS".into(),
+                    },
+                )),
+            },
+            pb::AddReferenceRequest {
+                item: Some(pb::add_reference_request::Item::Frame(support::pdq_frame(
+                    0, 0, &reference, 100,
+                ))),
+            },
+        ]))
+        .await
+        .expect("add reference on A over mtls");
+    let acked = started.elapsed();
+    let matched = loop {
+        let matched = b.matched_banks(&reference).await;
+        if !matched.is_empty() {
+            break matched;
+        }
+        assert!(
+            started.elapsed() < FOLLOW_DEADLINE,
+            "B did not match A's reference within {FOLLOW_DEADLINE:?}; B's log:\n{}",
+            b.log_text()
+        );
+        tokio::time::sleep(FOLLOW_POLL).await;
+    };
+    let total = started.elapsed();
+    assert_eq!(matched, vec!["platform-a.shared".to_string()]);
+    println!(
+        "over mTLS: add on A acknowledged in {acked:?}; first match on B {total:?} after the add"
+    );
+
+    // Without a client certificate A refuses the follower: it fails (one warning), keeps failing
+    // on its retries (logged at debug), is not connected, mirrors nothing, and serves all the
+    // same. The reference was added before B matched it, so B' has had as long to see it.
+    no_cert
+        .wait_until("B' keeps failing to follow A", |log, connected| {
+            connected == Some(0)
+                && log.contains("partner change stream down")
+                && log.contains("partner still unreachable")
+        })
+        .await;
+    assert!(
+        no_cert.matched_banks(&reference).await.is_empty(),
+        "a follower without a client certificate must not mirror A's reference; log:\n{}",
+        no_cert.log_text()
+    );
+    let stats = pb::banks_client::BanksClient::new(
+        support::connect_as(&no_cert.url, Some(support::ADMIN_KEY)).await,
+    )
+    .stats(pb::StatsRequest {})
+    .await
+    .expect("stats on B'")
+    .into_inner();
+    assert_eq!((stats.banks, stats.active_references), (0, 0), "{stats:?}");
+    let health = tonic_health::pb::health_client::HealthClient::new(
+        support::connect_as(&no_cert.url, None).await,
+    )
+    .check(tonic_health::pb::HealthCheckRequest {
+        service: String::new(),
+    })
+    .await
+    .expect("health on B'")
+    .into_inner();
+    assert_eq!(
+        health.status,
+        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    );
+    assert_eq!(b.follow_connected().await, Some(1), "B is still connected");
+    // The followers go first: A's graceful shutdown would otherwise wait on B's open stream.
+    drop(b);
+    drop(no_cert);
+    a.terminate();
+}
