@@ -757,6 +757,18 @@ fn notes_render_for_every_mode() {
             EVERYTHING,
             "dns:///fm-framematch-headless.moderation.svc:50051",
         ),
+        (
+            EMBEDDED,
+            "logs fm-framematch-0 | grep \"bootstrap admin key\"",
+        ),
+        (
+            &["auth.bootstrapAdminKeySecret=fm-admin"][..],
+            "the secret in Secret fm-admin (key admin-key)",
+        ),
+        (
+            &["auth.insecureNoAuth=true"][..],
+            "WARNING: auth.insecureNoAuth is on",
+        ),
     ] {
         let output = Command::new(&helm)
             .args(["template", RELEASE])
