@@ -80,7 +80,9 @@ impl Engine for ExactEngine {
     }
 
     fn hash(&self, entry: u32) -> Option<PdqHash> {
-        self.words.get(entry as usize).map(|w| PdqHash::from_words(*w))
+        self.words
+            .get(entry as usize)
+            .map(|w| PdqHash::from_words(*w))
     }
 
     fn len(&self) -> usize {

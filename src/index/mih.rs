@@ -179,7 +179,11 @@ fn table_radii(radius: u32, m: usize) -> Option<[i32; MAX_TABLES]> {
     }
     let mut radii = [-1; MAX_TABLES];
     for (t, r) in radii.iter_mut().take(m).enumerate() {
-        *r = if t as u32 <= a { s as i32 } else { s as i32 - 1 };
+        *r = if t as u32 <= a {
+            s as i32
+        } else {
+            s as i32 - 1
+        };
     }
     Some(radii)
 }
@@ -281,7 +285,7 @@ impl Level {
                 let k = k as usize;
                 cost += choose(self.hi_bits as usize, k) * (PROBE_COST + self.len / buckets);
                 // Expected candidates: entries whose substring is within r, for random codes.
-                cost += choose(sub.width as usize, k) * self.len * VERIFY_COST >> sub.width;
+                cost += (choose(sub.width as usize, k) * self.len * VERIFY_COST) >> sub.width;
             }
         }
         cost < self.len / 2
@@ -413,13 +417,7 @@ impl Verifier<'_> {
 
 /// Sorts one table: entries of `codes` (ids from `first`) by substring `sub`, into `dir` (bucket
 /// offsets over the high bits), `lows` and `ids`.
-fn sort_table(
-    codes: &[Code],
-    first: usize,
-    sub: Substring,
-    dir: &mut [u32],
-    slots: &mut [Slot],
-) {
+fn sort_table(codes: &[Code], first: usize, sub: Substring, dir: &mut [u32], slots: &mut [Slot]) {
     let buckets = dir.len() - 1;
     for code in codes {
         dir[(sub.of(&code.0) >> sub.low_bits) as usize + 1] += 1;
@@ -546,8 +544,7 @@ impl Engine for MihEngine {
     fn add_batch(&mut self, first: u32, hashes: &[PdqHash]) {
         debug_assert_eq!(first as usize, self.codes.len(), "entries are dense");
         reserve(&mut self.codes, hashes.len());
-        self.codes
-            .extend(hashes.iter().map(|h| Code(h.words())));
+        self.codes.extend(hashes.iter().map(|h| Code(h.words())));
         self.maybe_rebuild();
     }
 
@@ -555,7 +552,13 @@ impl Engine for MihEngine {
         let q = query.words();
         self.main.search(&self.codes, &q, radius, out);
         self.delta.search(&self.codes, &q, radius, out);
-        scan(&self.codes, self.delta.end()..self.codes.len(), &q, radius, out);
+        scan(
+            &self.codes,
+            self.delta.end()..self.codes.len(),
+            &q,
+            radius,
+            out,
+        );
     }
 
     fn hash(&self, entry: u32) -> Option<PdqHash> {
@@ -708,7 +711,10 @@ mod tests {
         let straddle = subs.iter().find(|s| s.start < 64 && s.start + s.width > 64);
         let straddle = straddle.expect("a substring across words 0 and 1");
         let one_bit = PdqHash::from_bit_fn(|k| k == 255 - 64).words();
-        assert_eq!(straddle.of(&one_bit), 1 << (straddle.start + straddle.width - 65));
+        assert_eq!(
+            straddle.of(&one_bit),
+            1 << (straddle.start + straddle.width - 65)
+        );
     }
 
     #[test]
@@ -717,7 +723,11 @@ mod tests {
         assert_eq!(ends, [0, 1, 17, 137, 697]);
         assert_eq!(masks[0], 0);
         for k in 0..4 {
-            assert!(masks[ends[k]..ends[k + 1]].iter().all(|m| m.count_ones() == k as u32));
+            assert!(
+                masks[ends[k]..ends[k + 1]]
+                    .iter()
+                    .all(|m| m.count_ones() == k as u32)
+            );
         }
         let mut unique = masks.clone();
         unique.sort_unstable();
@@ -758,7 +768,10 @@ mod tests {
         }
         assert!(main_builds >= 2, "{main_builds} main rebuilds");
         assert!(delta_builds >= 2, "{delta_builds} delta builds");
-        assert!(delta_searches >= 2, "{delta_searches} searches used a delta");
+        assert!(
+            delta_searches >= 2,
+            "{delta_searches} searches used a delta"
+        );
         for radius in [0, 15, 31, 40, 63] {
             assert_same(&mih, &exact, &hashes, radius);
         }

@@ -44,8 +44,9 @@ pub enum EngineKind {
     /// Linear popcount scan ([`exact::ExactEngine`]): exact, memory-bound.
     Exact,
     /// Exact multi-index hashing ([`mih::MihEngine`]): same results as `Exact`, far fewer
-    /// distance computations. The default: `cargo bench --bench index` measured 12 µs per query
-    /// at 100k frames and 136 µs at 1M, against 98 µs and 1.07 ms for the scan (one core).
+    /// distance computations. The default: `cargo bench --bench engines` measured 118 µs per
+    /// query (p50) at 1M frames against 1.17 ms for the scan, and 12x the scan's queries/s at
+    /// 1M (one core; README "Performance").
     #[default]
     Mih,
     /// Approximate graph search ([`hnsw::HnswEngine`]) with [`HnswParams`].
@@ -495,7 +496,8 @@ impl FrameIndex {
             if !bank_filter(reference.bank) {
                 continue;
             }
-            let (Some(hash), Some(&quality)) = (self.engine.hash(id), self.quality.get(id as usize))
+            let (Some(hash), Some(&quality)) =
+                (self.engine.hash(id), self.quality.get(id as usize))
             else {
                 continue;
             };
