@@ -7,8 +7,11 @@
 //!
 //! ```text
 //! cargo bench --bench engines -- [--sizes 100000,1000000] [--engines exact,mih,hnsw]
-//!     [--runs 5] [--json PATH] [--generate-only] [--hnsw-all-sizes]
+//!     [--runs 5] [--json PATH] [--generate-only] [--hnsw-all-sizes] [--mih-tables 11,13,16]
 //! ```
+//!
+//! `--mih-tables` adds rows for the bare `mih` engine (no `FrameIndex` around it) with a fixed
+//! table count, to compare table counts against the size rule (`mih::tables_for`).
 //!
 //! Throughput figures are medians over `--runs` passes over the whole query set; latencies are
 //! percentiles over every query of every single-thread pass. hnsw runs only at N <= 100k unless
@@ -23,7 +26,8 @@ use std::collections::BTreeMap;
 use std::time::Instant;
 
 use dataset::{Dataset, Query, QueryKind, RADIUS};
-use framematch::index::{EngineKind, FrameIndex, HnswParams};
+use framematch::index::mih::MihEngine;
+use framematch::index::{Engine, EngineKind, FrameIndex, HnswParams};
 use serde::Serialize;
 
 #[derive(Debug)]
@@ -34,6 +38,7 @@ struct Options {
     json: Option<String>,
     generate_only: bool,
     hnsw_all_sizes: bool,
+    mih_tables: Vec<usize>,
 }
 
 fn options() -> Options {
@@ -44,6 +49,7 @@ fn options() -> Options {
         json: None,
         generate_only: false,
         hnsw_all_sizes: false,
+        mih_tables: Vec::new(),
     };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
@@ -68,6 +74,14 @@ fn options() -> Options {
             "--json" => o.json = args.next(),
             "--generate-only" => o.generate_only = true,
             "--hnsw-all-sizes" => o.hnsw_all_sizes = true,
+            "--mih-tables" => {
+                o.mih_tables = args
+                    .next()
+                    .unwrap_or_default()
+                    .split(',')
+                    .map(|t| t.trim().parse().expect("table count"))
+                    .collect();
+            }
             // cargo bench passes --bench; anything else is ignored too.
             _ => {}
         }
@@ -259,6 +273,77 @@ fn bench_engine(ds: &Dataset, kind: EngineKind, runs: usize) -> Row {
     row
 }
 
+/// The bare `mih` engine with `tables` tables: same measurements as [`bench_engine`], except
+/// recall, which counts entry ids against the ground truth.
+fn bench_mih_tables(ds: &Dataset, tables: usize, runs: usize) -> Row {
+    let n = ds.refs.len();
+    let rss_before = rss_bytes();
+    let started = Instant::now();
+    let mut engine = MihEngine::with_tables(tables);
+    engine.add_batch(0, &ds.refs);
+    let build_s = started.elapsed().as_secs_f64();
+    let rss_after = rss_bytes();
+    let memory = engine.memory_bytes() as u64;
+    let search = |q: &Query, out: &mut Vec<(u32, u32)>| {
+        out.clear();
+        engine.search_radius(&q.hash, RADIUS, out);
+    };
+    let found: Vec<Vec<(u32, u32)>> = ds
+        .queries
+        .iter()
+        .map(|q| {
+            let mut out = Vec::new();
+            search(q, &mut out);
+            out.sort_unstable();
+            out
+        })
+        .collect();
+    let (recall, identical) = recall(ds, &found);
+    let (mut qps1, mut qps2, mut latencies) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..runs {
+        let mut out = Vec::new();
+        let started = Instant::now();
+        for q in &ds.queries {
+            let t = Instant::now();
+            search(q, &mut out);
+            std::hint::black_box(out.len());
+            latencies.push(t.elapsed().as_secs_f64());
+        }
+        qps1.push(ds.queries.len() as f64 / started.elapsed().as_secs_f64());
+        let started = Instant::now();
+        std::thread::scope(|scope| {
+            for t in 0..2 {
+                scope.spawn(move || {
+                    let mut out = Vec::new();
+                    let offset = t * ds.queries.len() / 2;
+                    for i in 0..ds.queries.len() {
+                        search(&ds.queries[(i + offset) % ds.queries.len()], &mut out);
+                        std::hint::black_box(out.len());
+                    }
+                });
+            }
+        });
+        qps2.push(ds.queries.len() as f64 / started.elapsed().as_secs_f64());
+    }
+    latencies.sort_by(f64::total_cmp);
+    Row {
+        n,
+        engine: format!("mih engine, {tables} tables"),
+        build_s,
+        memory_bytes: memory,
+        memory_bytes_per_frame: memory as f64 / n as f64,
+        rss_delta_bytes_per_frame: rss_after.saturating_sub(rss_before) as f64 / n as f64,
+        qps_1t: median(&mut qps1),
+        qps_2t_per_core: median(&mut qps2),
+        p50_us: percentile(&latencies, 50.0) * 1e6,
+        p99_us: percentile(&latencies, 99.0) * 1e6,
+        recall,
+        identical_to_exact: identical,
+        queries: ds.queries.len(),
+        true_pairs: ds.truth.pairs(),
+    }
+}
+
 fn main() {
     let o = options();
     let mut rows = Vec::new();
@@ -274,6 +359,9 @@ fn main() {
                 continue;
             }
             rows.push(bench_engine(&ds, kind, o.runs));
+        }
+        for &tables in &o.mih_tables {
+            rows.push(bench_mih_tables(&ds, tables, o.runs));
         }
     }
     if o.generate_only {

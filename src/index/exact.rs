@@ -7,7 +7,7 @@
 
 use std::mem::size_of;
 
-use super::Engine;
+use super::{Engine, reserve};
 use crate::hash::{PdqHash, hamming as distance};
 
 /// Entries compared per block of the scan: the distance computations of a block are
@@ -42,11 +42,13 @@ impl Engine for ExactEngine {
     /// Entries must arrive in order 0, 1, 2, ...: the position is the id.
     fn add(&mut self, entry: u32, hash: &PdqHash) {
         debug_assert_eq!(entry as usize, self.words.len(), "entries are dense");
+        reserve(&mut self.words, 1);
         self.words.push(hash.words());
     }
 
     fn add_batch(&mut self, first: u32, hashes: &[PdqHash]) {
         debug_assert_eq!(first as usize, self.words.len(), "entries are dense");
+        reserve(&mut self.words, hashes.len());
         self.words.extend(hashes.iter().map(PdqHash::words));
     }
 
@@ -75,6 +77,12 @@ impl Engine for ExactEngine {
                 out.push((id, x));
             }
         }
+    }
+
+    fn hash(&self, entry: u32) -> Option<PdqHash> {
+        self.words
+            .get(entry as usize)
+            .map(|w| PdqHash::from_words(*w))
     }
 
     fn len(&self) -> usize {
@@ -142,5 +150,7 @@ mod tests {
         assert_eq!(out, [(99, 99), (0, 0)]);
         assert_eq!(engine.name(), "exact");
         assert_eq!(engine.memory_bytes(), 64);
+        assert_eq!(engine.hash(0), Some(hash));
+        assert_eq!(engine.hash(1), None);
     }
 }

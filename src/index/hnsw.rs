@@ -6,7 +6,9 @@
 //!   [`HnswParams::ef_search`], keeping those within the radius. It can miss matches (recall is
 //!   measured in tests/it/index_conformance.rs) and never returns more than `knn`.
 //! - hnsw_rs cannot delete: the owner ([`super::FrameIndex`]) filters tombstones and rebuilds.
-//! - The graph owns copies of the hashes (`Hnsw<'static, ..>`); no hnsw_rs type is public.
+//! - The graph owns copies of the hashes (`Hnsw<'static, ..>`); no hnsw_rs type is public. The
+//!   engine keeps its own flat copy too, by entry id, so that [`Engine::hash`] needs nothing
+//!   from hnsw_rs (32 bytes per entry beside its ~2.4 KB).
 
 use anndists::dist::Distance;
 use hnsw_rs::hnsw::Hnsw;
@@ -42,6 +44,8 @@ pub struct HnswEngine {
     graph: Hnsw<'static, u64, PdqHamming>,
     params: HnswParams,
     len: usize,
+    /// Every hash by entry id.
+    codes: Vec<PdqHash>,
 }
 
 impl std::fmt::Debug for HnswEngine {
@@ -72,6 +76,7 @@ impl HnswEngine {
             graph,
             params,
             len: 0,
+            codes: Vec::new(),
         }
     }
 
@@ -88,6 +93,7 @@ impl Engine for HnswEngine {
 
     fn add(&mut self, entry: u32, hash: &PdqHash) {
         self.graph.insert_slice((&hash.words(), entry as usize));
+        self.codes.push(*hash);
         self.len += 1;
     }
 
@@ -104,6 +110,7 @@ impl Engine for HnswEngine {
             .map(|(entry, w)| (w.as_slice(), entry))
             .collect();
         self.graph.parallel_insert_slice(&batch);
+        self.codes.extend_from_slice(hashes);
         self.len += hashes.len();
     }
 
@@ -124,6 +131,10 @@ impl Engine for HnswEngine {
         }
     }
 
+    fn hash(&self, entry: u32) -> Option<PdqHash> {
+        self.codes.get(entry as usize).copied()
+    }
+
     fn len(&self) -> usize {
         self.len
     }
@@ -139,6 +150,7 @@ impl Engine for HnswEngine {
         const PER_LINK: usize = 8 + 48;
         let links = self.params.max_connections * 2;
         self.len * (PER_POINT + links * PER_LINK)
+            + self.codes.capacity() * std::mem::size_of::<PdqHash>()
     }
 }
 
@@ -190,6 +202,8 @@ mod tests {
         hnsw.add_batch(100, &hashes[100..]);
         exact.add_batch(0, &hashes);
         assert_eq!(hnsw.len(), 400);
+        assert_eq!(hnsw.hash(7), Some(hashes[7]));
+        assert_eq!(hnsw.hash(400), None);
         assert!(hnsw.memory_bytes() > 400 * 32);
         for base in &bases {
             let query = PdqHash::from_words(*base);

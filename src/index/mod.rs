@@ -44,8 +44,9 @@ pub enum EngineKind {
     /// Linear popcount scan ([`exact::ExactEngine`]): exact, memory-bound.
     Exact,
     /// Exact multi-index hashing ([`mih::MihEngine`]): same results as `Exact`, far fewer
-    /// distance computations. The default: `cargo bench --bench index` measured 12 µs per query
-    /// at 100k frames and 136 µs at 1M, against 98 µs and 1.07 ms for the scan (one core).
+    /// distance computations. The default: `cargo bench --bench engines` measured 118 µs per
+    /// query (p50) at 1M frames against 1.17 ms for the scan, and 12x the scan's queries/s at
+    /// 1M (one core; README "Performance").
     #[default]
     Mih,
     /// Approximate graph search ([`hnsw::HnswEngine`]) with [`HnswParams`].
@@ -165,6 +166,9 @@ pub trait Engine: Send + Sync {
     /// particular order. An approximate engine may miss some; it never reports one outside.
     fn search_radius(&self, query: &PdqHash, radius: u32, out: &mut Vec<(u32, u32)>);
 
+    /// The hash added under `entry`, if any. [`FrameIndex`] keeps no copy of its own.
+    fn hash(&self, entry: u32) -> Option<PdqHash>;
+
     /// Number of entries added.
     fn len(&self) -> usize;
 
@@ -173,8 +177,18 @@ pub trait Engine: Send + Sync {
         self.len() == 0
     }
 
-    /// Approximate heap use in bytes.
+    /// Heap use in bytes: the capacity of every allocation the engine owns (an estimate for
+    /// hnsw, whose allocations hnsw_rs owns).
     fn memory_bytes(&self) -> usize;
+}
+
+/// Makes room in `vec` for `additional` more items, growing by at least an eighth of its length
+/// rather than doubling: repeated small appends stay amortised O(1), a bulk load into an empty
+/// vector allocates exactly, and at most an eighth of the capacity sits unused.
+pub(crate) fn reserve<T>(vec: &mut Vec<T>, additional: usize) {
+    if vec.capacity() - vec.len() < additional {
+        vec.reserve_exact(additional.max(vec.len() / 8));
+    }
 }
 
 /// Builds an empty engine, sized for `capacity` entries.
@@ -186,11 +200,13 @@ fn new_engine(kind: EngineKind, params: HnswParams, capacity: usize) -> Box<dyn 
     }
 }
 
-/// Per-entry metadata: the frame itself plus the slot of its reference in `references`.
-/// 56 bytes; the hash is kept here too so that rebuilds need nothing from the engine.
+/// Per-entry metadata: the frame's fields other than its hash (which the engine holds, see
+/// [`Engine::hash`]) and quality (kept apart in `FrameIndex::quality`, which saves 7 bytes of
+/// padding), plus the slot of its reference in `references`. 16 bytes.
 #[derive(Clone, Copy, Debug)]
 struct Entry {
-    frame: FrameSignal,
+    timestamp_ms: u64,
+    frame_index: u32,
     slot: u32,
 }
 
@@ -245,8 +261,10 @@ pub struct FrameIndex {
     kind: EngineKind,
     params: HnswParams,
     engine: Box<dyn Engine>,
-    /// Indexed by entry id; `entries.len() == engine.len()`.
+    /// Indexed by entry id; `entries.len() == quality.len() == engine.len()`.
     entries: Vec<Entry>,
+    /// Each entry's PDQ quality.
+    quality: Vec<u8>,
     /// Entry ids of withdrawn frames still present in the engine.
     tombstoned: BitSet,
     tombstones: usize,
@@ -276,6 +294,7 @@ impl FrameIndex {
             params: hnsw,
             engine: new_engine(kind, hnsw, 0),
             entries: Vec::new(),
+            quality: Vec::new(),
             tombstoned: BitSet::default(),
             tombstones: 0,
             references: Vec::new(),
@@ -321,6 +340,10 @@ impl FrameIndex {
             // Size the engine for the load: hnsw_rs pre-allocates its layers from this hint.
             self.engine = new_engine(self.kind, self.params, frames.len());
         }
+        // At most this many new entries (fewer if some references are already known).
+        reserve(&mut self.entries, frames.len());
+        reserve(&mut self.quality, frames.len());
+        let mut hashes: Vec<PdqHash> = Vec::with_capacity(frames.len());
         let mut rest = frames.as_slice();
         while let Some(head) = rest.first() {
             let run = rest
@@ -330,10 +353,11 @@ impl FrameIndex {
             let (group, tail) = rest.split_at(run);
             if !self.slots.contains_key(&head.reference) {
                 self.push_reference(head.reference, head.bank, group.iter().map(|f| f.frame));
+                hashes.extend(group.iter().map(|f| f.frame.hash));
             }
             rest = tail;
         }
-        let hashes: Vec<PdqHash> = self.entries[first..].iter().map(|e| e.frame.hash).collect();
+        drop(frames);
         self.engine.add_batch(entry_id(first), &hashes);
     }
 
@@ -347,8 +371,16 @@ impl FrameIndex {
         let slot = entry_id(self.references.len());
         let first = entry_id(self.entries.len());
         let count = entry_id(frames.len());
-        self.entries
-            .extend(frames.map(|frame| Entry { frame, slot }));
+        reserve(&mut self.entries, frames.len());
+        reserve(&mut self.quality, frames.len());
+        for frame in frames {
+            self.entries.push(Entry {
+                timestamp_ms: frame.timestamp_ms,
+                frame_index: frame.frame_index,
+                slot,
+            });
+            self.quality.push(frame.quality);
+        }
         self.references.push(RefEntry {
             id: reference,
             bank,
@@ -366,8 +398,9 @@ impl FrameIndex {
     ///
     /// When tombstones reach [`REBUILD_FRACTION`] of the entries (and at least
     /// [`REBUILD_MIN_TOMBSTONES`]), this call rebuilds the engine from the live entries before
-    /// returning. That costs a full re-insert under the caller's write lock: a copy of 88 bytes
-    /// per live frame for `exact` (milliseconds per 10^5 frames), but a whole graph build for
+    /// returning. That costs a full re-insert under the caller's write lock: a copy of 49 bytes
+    /// per live frame for `exact` (milliseconds per 10^5 frames), a table build for `mih` (about
+    /// 0.1 s per 10^6 frames), but a whole graph build for
     /// `hnsw` (90-174 s per 10^5 frames measured at the default parameters on two busy cores).
     /// Call it off the async runtime (`spawn_blocking`).
     pub fn withdraw(&mut self, reference: ReferenceId) -> bool {
@@ -407,7 +440,10 @@ impl FrameIndex {
     /// Drops tombstoned entries and rebuilds the engine from the live ones, in order, so that
     /// every reference keeps a contiguous run. Entry ids are remapped.
     fn rebuild(&mut self) {
-        let mut entries = Vec::with_capacity(self.entries.len() - self.tombstones);
+        let live = self.entries.len() - self.tombstones;
+        let mut entries = Vec::with_capacity(live);
+        let mut quality = Vec::with_capacity(live);
+        let mut hashes = Vec::with_capacity(live);
         for reference in &mut self.references {
             let (first, count) = (reference.first as usize, reference.count as usize);
             reference.first = entry_id(entries.len());
@@ -417,13 +453,17 @@ impl FrameIndex {
             }
             if let Some(run) = self.entries.get(first..first + count) {
                 entries.extend_from_slice(run);
+                quality.extend_from_slice(&self.quality[first..first + count]);
+                let ids = entry_id(first)..entry_id(first + count);
+                hashes.extend(ids.filter_map(|id| self.engine.hash(id)));
             }
         }
+        debug_assert_eq!(hashes.len(), entries.len(), "the engine holds every entry");
         self.entries = entries;
+        self.quality = quality;
         self.tombstoned.clear();
         self.tombstones = 0;
         self.engine = new_engine(self.kind, self.params, self.entries.len());
-        let hashes: Vec<PdqHash> = self.entries.iter().map(|e| e.frame.hash).collect();
         self.engine.add_batch(0, &hashes);
     }
 
@@ -456,10 +496,20 @@ impl FrameIndex {
             if !bank_filter(reference.bank) {
                 continue;
             }
+            let (Some(hash), Some(&quality)) =
+                (self.engine.hash(id), self.quality.get(id as usize))
+            else {
+                continue;
+            };
             out.push(Match {
                 reference: reference.id,
                 bank: reference.bank,
-                frame: entry.frame,
+                frame: FrameSignal {
+                    frame_index: entry.frame_index,
+                    timestamp_ms: entry.timestamp_ms,
+                    hash,
+                    quality,
+                },
                 distance,
             });
         }
@@ -482,12 +532,14 @@ impl FrameIndex {
         }
         let (first, count) = (reference.first as usize, reference.count as usize);
         let run = self.entries.get(first..first + count)?;
+        let quality = self.quality.get(first..first + count)?;
         // Distinct frame indexes: a frame with uniform borders is stored under two hashes (the
         // whole picture and its content area) and still counts as one frame.
         let mut frames: Vec<u32> = run
             .iter()
-            .filter(|e| e.frame.quality >= min_quality)
-            .map(|e| e.frame.frame_index)
+            .zip(quality)
+            .filter(|&(_, &q)| q >= min_quality)
+            .map(|(e, _)| e.frame_index)
             .collect();
         frames.sort_unstable();
         frames.dedup();
@@ -509,11 +561,19 @@ impl FrameIndex {
         self.tombstones
     }
 
-    /// Approximate heap use in bytes: metadata, reference table and engine.
+    /// Heap use in bytes: the capacity of the metadata, the reference table and its map, the
+    /// tombstones and the engine ([`Engine::memory_bytes`]).
     pub fn memory_bytes(&self) -> usize {
-        // A hashbrown bucket holds the pair plus one control byte.
-        let map = self.slots.capacity() * (size_of::<(ReferenceId, u32)>() + 1);
+        // A hashbrown bucket holds the pair plus one control byte; capacity() is the usable
+        // share (7/8) of the buckets.
+        let buckets = (self.slots.capacity() * 8).div_ceil(7).next_power_of_two();
+        let map = if self.slots.capacity() == 0 {
+            0
+        } else {
+            buckets * (size_of::<(ReferenceId, u32)>() + 1)
+        };
         self.entries.capacity() * size_of::<Entry>()
+            + self.quality.capacity()
             + self.tombstoned.words.capacity() * size_of::<u64>()
             + self.references.capacity() * size_of::<RefEntry>()
             + map
@@ -785,6 +845,12 @@ mod tests {
     #[test]
     fn rebuild_after_many_withdrawals_keeps_results_identical() {
         rebuild_keeps_results(EngineKind::Exact, 400);
+    }
+
+    #[test]
+    fn mih_rebuild_after_many_withdrawals_keeps_results_identical() {
+        // Enough frames (about 9,000) that mih indexes them in tables rather than a tail.
+        rebuild_keeps_results(EngineKind::Mih, 2000);
     }
 
     #[test]

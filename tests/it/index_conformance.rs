@@ -264,6 +264,39 @@ fn hnsw_recall_meets_minimum() {
     );
 }
 
+/// `mih` returns exactly what `exact` returns on a seeded set large enough to be indexed in
+/// tables (not only scanned), loaded in bulk and then grown by single references past a rebuild,
+/// with withdrawals, at radii on both sides of the table probe limits.
+#[test]
+fn mih_equals_exact_on_a_seeded_set_through_inserts_and_withdrawals() {
+    let (frames, queries) = recall_set(0x31f, 24_000, 150);
+    let (bulk, rest) = frames.split_at(16_000);
+    let mut exact = FrameIndex::new(EngineKind::Exact, HnswParams::default());
+    let mut mih = FrameIndex::new(EngineKind::Mih, HnswParams::default());
+    for index in [&mut exact, &mut mih] {
+        index.load(bulk.to_vec());
+        for chunk in rest.chunks(5) {
+            index.insert_reference(
+                chunk[0].reference,
+                chunk[0].bank,
+                &chunk.iter().map(|f| f.frame).collect::<Vec<_>>(),
+            );
+        }
+        for id in (1..4_800).step_by(7) {
+            index.withdraw(ReferenceId(id));
+        }
+    }
+    assert_eq!(mih.live_frames(), exact.live_frames());
+    let (mut want, mut got) = (Vec::new(), Vec::new());
+    for radius in [0, 8, 31, 32, 47, 63, 64] {
+        for query in &queries {
+            exact.search(query, radius, &|_| true, &mut want);
+            mih.search(query, radius, &|_| true, &mut got);
+            assert_eq!(got, want, "radius {radius}");
+        }
+    }
+}
+
 /// Queries per second of `index` over `queries`, single thread, and the number of hits.
 fn throughput(index: &FrameIndex, queries: &[PdqHash]) -> (f64, usize) {
     let mut out = Vec::new();
