@@ -17,8 +17,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::Server;
+use tonic::transport::server::TcpIncoming;
 use tonic_health::server::HealthReporter;
 
 use tonic::service::interceptor::InterceptedService;
@@ -245,7 +245,10 @@ async fn serve_grpc(
         .add_service(banks)
         .add_service(admin)
         .add_service(exchange)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
+        // TCP_NODELAY: an answer is one small HTTP/2 frame; without it Nagle's algorithm holds it
+        // back until the client's (delayed) ACK, which at video frame rates means until the next
+        // frame arrives, tens of milliseconds later.
+        .serve_with_incoming_shutdown(TcpIncoming::from(listener).with_nodelay(Some(true)), async {
             // A dropped sender also means stop.
             let _ = stop_rx.await;
         });

@@ -644,3 +644,74 @@ async fn unrelated_shared_videos_never_match_by_either_rule() {
     }
     server.stop().await;
 }
+
+/// Frames of one stream are hashed and searched concurrently (issue #6), but answered in the
+/// order they were sent: slow image frames and fast precomputed hashes interleaved come back in
+/// sending order, and a bad frame ends the stream only after every frame before it is answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frames_of_one_stream_are_answered_in_order_even_when_matched_concurrently() {
+    let Some(image) = support::conformance_file("pdq/bridge-1-original.jpg") else {
+        return;
+    };
+    let server = TestServer::start_with(|config| config.hash_workers = 2).await;
+    let frame = |i: u32| -> pb::Frame {
+        if i % 3 == 0 {
+            pb::Frame {
+                frame_index: i,
+                timestamp_ms: u64::from(i) * 40,
+                ..support::image_frame(image.clone())
+            }
+        } else {
+            let hash = PdqHash::from_bit_fn(|k| (k * 7 + i as usize * 13) % 5 < 2);
+            support::pdq_frame(i, u64::from(i) * 40, &hash, 100)
+        }
+    };
+    let requests: Vec<pb::MatchRequest> = (0..24)
+        .map(|i| pb::MatchRequest {
+            options: None,
+            frame: Some(frame(i)),
+        })
+        .collect();
+    let responses = support::match_video(&server, requests)
+        .await
+        .expect("stream");
+    let order: Vec<u32> = responses
+        .iter()
+        .filter_map(|r| match &r.result {
+            Some(pb::match_response::Result::Frame(f)) => Some(f.frame_index),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(order, (0..24).collect::<Vec<_>>());
+
+    // Frame 5 is an empty image: frames 0-4 are answered, then INVALID_ARGUMENT.
+    let mut requests: Vec<pb::MatchRequest> = (0..9)
+        .map(|i| pb::MatchRequest {
+            options: None,
+            frame: Some(frame(i)),
+        })
+        .collect();
+    requests[5].frame = Some(support::image_frame(Vec::new()));
+    let mut stream = server
+        .matcher()
+        .await
+        .match_video(tokio_stream::iter(requests))
+        .await
+        .expect("open")
+        .into_inner();
+    let mut answered = Vec::new();
+    let status = loop {
+        match stream.message().await {
+            Ok(Some(response)) => {
+                if let Some(pb::match_response::Result::Frame(f)) = response.result {
+                    answered.push(f.frame_index);
+                }
+            }
+            Ok(None) => panic!("the stream must end with an error"),
+            Err(status) => break status,
+        }
+    };
+    assert_eq!(answered, vec![0, 1, 2, 3, 4]);
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status}");
+    server.stop().await;
+}
