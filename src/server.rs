@@ -248,10 +248,13 @@ async fn serve_grpc(
         // TCP_NODELAY: an answer is one small HTTP/2 frame; without it Nagle's algorithm holds it
         // back until the client's (delayed) ACK, which at video frame rates means until the next
         // frame arrives, tens of milliseconds later.
-        .serve_with_incoming_shutdown(TcpIncoming::from(listener).with_nodelay(Some(true)), async {
-            // A dropped sender also means stop.
-            let _ = stop_rx.await;
-        });
+        .serve_with_incoming_shutdown(
+            TcpIncoming::from(listener).with_nodelay(Some(true)),
+            async {
+                // A dropped sender also means stop.
+                let _ = stop_rx.await;
+            },
+        );
     tokio::pin!(server);
 
     let result = tokio::select! {

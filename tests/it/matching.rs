@@ -655,7 +655,7 @@ async fn frames_of_one_stream_are_answered_in_order_even_when_matched_concurrent
     };
     let server = TestServer::start_with(|config| config.hash_workers = 2).await;
     let frame = |i: u32| -> pb::Frame {
-        if i % 3 == 0 {
+        if i.is_multiple_of(3) {
             pb::Frame {
                 frame_index: i,
                 timestamp_ms: u64::from(i) * 40,
