@@ -766,9 +766,35 @@ pub struct RpcCall {
     metrics: Metrics,
 }
 
+/// Reads W3C trace-context headers (`traceparent`, `tracestate`) from gRPC metadata.
+struct MetadataExtractor<'a>(&'a tonic::metadata::MetadataMap);
+
+impl opentelemetry::propagation::Extractor for MetadataExtractor<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).and_then(|value| value.to_str().ok())
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        self.0
+            .keys()
+            .filter_map(|key| match key {
+                tonic::metadata::KeyRef::Ascii(key) => Some(key.as_str()),
+                tonic::metadata::KeyRef::Binary(_) => None,
+            })
+            .collect()
+    }
+}
+
 impl RpcCall {
     /// Opens the RPC's span, attributed to organisation `org`. Streaming RPCs get a fresh stream id.
-    pub fn start(rpc: Rpc, org: &str, metrics: &Metrics) -> Self {
+    /// When the client sent a W3C `traceparent` in `metadata`, the span continues that trace (its
+    /// parent is the client's span); otherwise it starts a trace of its own.
+    pub fn start(
+        rpc: Rpc,
+        org: &str,
+        metrics: &Metrics,
+        metadata: &tonic::metadata::MetadataMap,
+    ) -> Self {
         let stream_id = rpc.is_stream().then(uuid::Uuid::new_v4);
         // Field names follow the OpenTelemetry RPC conventions; `otel.*` fields are read by
         // tracing-opentelemetry (span name, kind, status).
@@ -786,6 +812,15 @@ impl RpcCall {
         );
         if let Some(id) = stream_id {
             span.record("stream_id", tracing::field::display(id));
+        }
+        if metadata.contains_key("traceparent") {
+            use opentelemetry::propagation::TextMapPropagator as _;
+            use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+            let parent = opentelemetry_sdk::propagation::TraceContextPropagator::new()
+                .extract(&MetadataExtractor(metadata));
+            // Fails only when no OpenTelemetry layer is installed, and then there is no trace to
+            // join anyway.
+            let _ = span.set_parent(parent);
         }
         Self {
             rpc,

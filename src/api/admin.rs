@@ -37,7 +37,7 @@ impl AdminService {
         rpc: Rpc,
     ) -> Result<(Caller, crate::telemetry::RpcCall), Status> {
         let caller = auth::caller_of(request)?;
-        let call = self.state.rpc_call(rpc, &caller);
+        let call = self.state.rpc_call(rpc, &caller, request.metadata());
         Ok((caller, call))
     }
 }

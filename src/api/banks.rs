@@ -84,7 +84,9 @@ impl Banks for BanksService {
         request: Request<pb::CreateBankRequest>,
     ) -> Result<Response<pb::Bank>, Status> {
         let caller = auth::caller_of(&request)?;
-        let call = self.state.rpc_call(Rpc::CreateBank, &caller);
+        let call = self
+            .state
+            .rpc_call(Rpc::CreateBank, &caller, request.metadata());
         call.run(async {
             self.state.ensure_ready()?;
             caller.require(Role::Contributor).map_err(Error::from)?;
@@ -144,7 +146,9 @@ impl Banks for BanksService {
         request: Request<pb::ListBanksRequest>,
     ) -> Result<Response<pb::ListBanksResponse>, Status> {
         let caller = auth::caller_of(&request)?;
-        let call = self.state.rpc_call(Rpc::ListBanks, &caller);
+        let call = self
+            .state
+            .rpc_call(Rpc::ListBanks, &caller, request.metadata());
         call.run(async {
             self.state.ensure_ready()?;
             let banks = self.state.store.list_banks().await.map_err(Error::from)?;
@@ -167,7 +171,9 @@ impl Banks for BanksService {
         request: Request<pb::UpdateBankRequest>,
     ) -> Result<Response<pb::Bank>, Status> {
         let caller = auth::caller_of(&request)?;
-        let call = self.state.rpc_call(Rpc::UpdateBank, &caller);
+        let call = self
+            .state
+            .rpc_call(Rpc::UpdateBank, &caller, request.metadata());
         call.run(async {
             self.state.ensure_ready()?;
             let pb::UpdateBankRequest {
@@ -206,7 +212,9 @@ impl Banks for BanksService {
         request: Request<Streaming<pb::AddReferenceRequest>>,
     ) -> Result<Response<pb::AddReferenceResponse>, Status> {
         let caller = auth::caller_of(&request)?;
-        let call = self.state.rpc_call(Rpc::AddReference, &caller);
+        let call = self
+            .state
+            .rpc_call(Rpc::AddReference, &caller, request.metadata());
         call.run(async {
             self.state.ensure_ready()?;
             let _open = self.state.metrics.stream_opened(Rpc::AddReference);
@@ -327,7 +335,9 @@ impl Banks for BanksService {
         request: Request<pb::WithdrawReferenceRequest>,
     ) -> Result<Response<pb::Reference>, Status> {
         let caller = auth::caller_of(&request)?;
-        let call = self.state.rpc_call(Rpc::WithdrawReference, &caller);
+        let call = self
+            .state
+            .rpc_call(Rpc::WithdrawReference, &caller, request.metadata());
         call.run(async {
             self.state.ensure_ready()?;
             let pb::WithdrawReferenceRequest {
@@ -374,7 +384,9 @@ impl Banks for BanksService {
         request: Request<pb::GetReferenceRequest>,
     ) -> Result<Response<pb::Reference>, Status> {
         let caller = auth::caller_of(&request)?;
-        let call = self.state.rpc_call(Rpc::GetReference, &caller);
+        let call = self
+            .state
+            .rpc_call(Rpc::GetReference, &caller, request.metadata());
         call.run(async {
             self.state.ensure_ready()?;
             let pb::GetReferenceRequest { reference_id } = request.into_inner();
@@ -392,7 +404,7 @@ impl Banks for BanksService {
         request: Request<pb::StatsRequest>,
     ) -> Result<Response<pb::StatsResponse>, Status> {
         let caller = auth::caller_of(&request)?;
-        let call = self.state.rpc_call(Rpc::Stats, &caller);
+        let call = self.state.rpc_call(Rpc::Stats, &caller, request.metadata());
         call.run(async {
             self.state.ensure_ready()?;
             let stats = self.state.store.stats().await.map_err(Error::from)?;
@@ -426,7 +438,9 @@ impl Banks for BanksService {
         request: Request<pb::ExportBankRequest>,
     ) -> Result<Response<Self::ExportBankStream>, Status> {
         let caller = auth::caller_of(&request)?;
-        let call = self.state.rpc_call(Rpc::ExportBank, &caller);
+        let call = self
+            .state
+            .rpc_call(Rpc::ExportBank, &caller, request.metadata());
         let span = call.span().clone();
         let opened = async {
             self.state.ensure_ready()?;

@@ -59,7 +59,9 @@ impl Exchange for ExchangeService {
         request: Request<pb::ChangesRequest>,
     ) -> Result<Response<Self::ChangesStream>, Status> {
         let caller = auth::caller_of(&request)?;
-        let call = self.state.rpc_call(Rpc::Changes, &caller);
+        let call = self
+            .state
+            .rpc_call(Rpc::Changes, &caller, request.metadata());
         let pb::ChangesRequest { cursor } = request.into_inner();
         let opened = call.span().in_scope(|| -> Result<(), Status> {
             self.state.ensure_ready()?;

@@ -58,7 +58,9 @@ impl Matcher for MatcherService {
         request: Request<Streaming<pb::MatchRequest>>,
     ) -> Result<Response<Self::MatchVideoStream>, Status> {
         let caller = auth::caller_of(&request)?;
-        let call = self.state.rpc_call(Rpc::MatchVideo, &caller);
+        let call = self
+            .state
+            .rpc_call(Rpc::MatchVideo, &caller, request.metadata());
         let opened = call.span().in_scope(|| -> Result<_, Status> {
             self.state.ensure_ready()?;
             Arc::clone(&self.state.streams)
@@ -114,7 +116,9 @@ impl Matcher for MatcherService {
         request: Request<pb::MatchImageRequest>,
     ) -> Result<Response<pb::MatchImageResponse>, Status> {
         let caller = auth::caller_of(&request)?;
-        let call = self.state.rpc_call(Rpc::MatchImage, &caller);
+        let call = self
+            .state
+            .rpc_call(Rpc::MatchImage, &caller, request.metadata());
         call.run(async {
             self.state.ensure_ready()?;
             let pb::MatchImageRequest { options, frame } = request.into_inner();

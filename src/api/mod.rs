@@ -251,10 +251,16 @@ impl AppState {
             .send_modify(|generation| *generation = generation.wrapping_add(1));
     }
 
-    /// Opens the span of one RPC, attributed to the caller's organisation.
-    pub fn rpc_call(&self, rpc: Rpc, caller: &Caller) -> RpcCall {
+    /// Opens the span of one RPC, attributed to the caller's organisation, continuing the
+    /// client's trace when its metadata carries a W3C `traceparent`.
+    pub fn rpc_call(
+        &self,
+        rpc: Rpc,
+        caller: &Caller,
+        metadata: &tonic::metadata::MetadataMap,
+    ) -> RpcCall {
         let org = self.catalog.read().org_name(caller.org);
-        RpcCall::start(rpc, &org, &self.metrics)
+        RpcCall::start(rpc, &org, &self.metrics, metadata)
     }
 
     /// UNAVAILABLE until the index is loaded, and again once shutdown has started.

@@ -495,6 +495,10 @@ fn string(value: Option<&any_value::Value>) -> Option<&str> {
     }
 }
 
+/// The trace and span ids of the client's side in the trace-propagation check.
+const CLIENT_TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
+const CLIENT_SPAN: &str = "00f067aa0ba902b7";
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn binary_exports_one_span_per_rpc_and_metrics_over_otlp() {
     let collector = Collector::default();
@@ -544,13 +548,18 @@ async fn binary_exports_one_span_per_rpc_and_metrics_over_otlp() {
         ]))
         .await
         .expect("add reference");
-    matcher
-        .match_image(pb::MatchImageRequest {
-            options: None,
-            frame: Some(support::pdq_frame(0, 0, &a, 100)),
-        })
-        .await
-        .expect("match image");
+    // The upload service's own trace: the server's span joins it (W3C trace context).
+    let mut traced = tonic::Request::new(pb::MatchImageRequest {
+        options: None,
+        frame: Some(support::pdq_frame(0, 0, &a, 100)),
+    });
+    traced.metadata_mut().insert(
+        "traceparent",
+        format!("00-{CLIENT_TRACE}-{CLIENT_SPAN}-01")
+            .parse()
+            .expect("ASCII"),
+    );
+    matcher.match_image(traced).await.expect("match image");
     let mut answers = matcher
         .match_video(tokio_stream::iter(vec![
             video_request(support::pdq_frame(0, 0, &a, 100)),
@@ -598,6 +607,26 @@ async fn binary_exports_one_span_per_rpc_and_metrics_over_otlp() {
         );
         let span = found[0];
         assert_eq!(span.kind, SpanKind::Server as i32, "{name} kind");
+        let hex = |bytes: &[u8]| bytes.iter().map(|b| format!("{b:02x}")).collect::<String>();
+        if name.ends_with("MatchImage") {
+            assert_eq!(
+                hex(&span.trace_id),
+                CLIENT_TRACE,
+                "joins the client's trace"
+            );
+            assert_eq!(
+                hex(&span.parent_span_id),
+                CLIENT_SPAN,
+                "child of the client's span"
+            );
+        } else {
+            assert_ne!(
+                hex(&span.trace_id),
+                CLIENT_TRACE,
+                "{name} starts its own trace"
+            );
+            assert!(span.parent_span_id.is_empty(), "{name} is a root span");
+        }
         assert_eq!(
             string(attribute(&span.attributes, "org")),
             Some("local"),
