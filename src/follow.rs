@@ -774,7 +774,13 @@ impl std::fmt::Display for Failure {
                 Ok(())
             }
             Failure::Status(status) => {
-                write!(f, "{:?}: {}", status.code(), status.message())
+                // With the transport failure behind it, and for a failed connection the hint
+                // about client certificates (the CLI's wording names its own flags).
+                let message = client::status_message(status).replace(
+                    "--tls-client-cert and --tls-client-key",
+                    "--follow-tls-client-cert and --follow-tls-client-key",
+                );
+                write!(f, "{:?}: {message}", status.code())
             }
             Failure::Ended => f.write_str("the partner ended the stream"),
             Failure::Store(error) => write!(f, "local store: {error}"),

@@ -918,6 +918,7 @@ async fn a_follower_mirrors_a_partner_that_requires_client_certificates() {
             connected == Some(0)
                 && log.contains("partner change stream down")
                 && log.contains("partner still unreachable")
+                && log.contains("check --follow-tls-client-cert and --follow-tls-client-key")
         })
         .await;
     assert!(
