@@ -285,3 +285,65 @@ async fn a_replica_that_loses_the_database_keeps_matching_and_recovers() {
     assert!(matches(&server, &hash(5), again).await);
     server.stop().await;
 }
+
+/// Whether `key` is accepted by `server` now (UNAUTHENTICATED otherwise).
+async fn accepts(server: &TestServer, key: &str) -> bool {
+    match pb::banks_client::BanksClient::new(server.connect_as(Some(key)).await)
+        .stats(pb::StatsRequest {})
+        .await
+    {
+        Ok(_) => true,
+        Err(status) if status.code() == tonic::Code::Unauthenticated => false,
+        Err(status) => panic!("unexpected answer: {status}"),
+    }
+}
+
+/// Waits until `accepts` says `want`, for at most 10 s; returns how long it took.
+async fn until_key(server: &TestServer, key: &str, want: bool) -> Duration {
+    let started = Instant::now();
+    while accepts(server, key).await != want {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "replica did not converge on the key within 10 s"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    started.elapsed()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_created_and_revoked_through_one_replica_apply_on_the_others() {
+    let Some(database) = Database::create().await else {
+        return;
+    };
+    let a = replica(&database).await;
+    let b = replica(&database).await;
+    let created = a
+        .admin()
+        .await
+        .create_api_key(pb::CreateApiKeyRequest {
+            organisation: "local".into(),
+            role: pb::Role::Matcher as i32,
+            label: "replicated".into(),
+        })
+        .await
+        .expect("create through A")
+        .into_inner();
+    let took = until_key(&b, &created.secret, true).await;
+    eprintln!("replica B accepted A's new key after {took:?}");
+    a.admin()
+        .await
+        .revoke_api_key(pb::RevokeApiKeyRequest {
+            id: created.key.expect("key").id,
+        })
+        .await
+        .expect("revoke through A");
+    assert!(
+        !accepts(&a, &created.secret).await,
+        "the revoking replica refuses it at once"
+    );
+    let took = until_key(&b, &created.secret, false).await;
+    eprintln!("replica B refused the revoked key after {took:?}");
+    a.stop().await;
+    b.stop().await;
+}
