@@ -36,9 +36,9 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension, Row, Transaction, Trans
 
 use super::{DEFAULT_ORG_NAME, Error, NewBank, StoreStats, rows};
 use crate::model::{
-    Actor, ApiKey, Bank, BankId, Change, ChangeKind, ChangeSeq, FrameSignal, IndexedFrame,
-    KeyDigest, KeyId, NewApiKey, NewReference, OrgId, Organisation, Reference, ReferenceId,
-    ReferenceState, Visibility, now_ms,
+    Actor, ApiKey, Bank, BankId, Change, ChangeKind, ChangeSeq, FrameSignal, IndexedFrame, KeyId,
+    NewApiKey, NewReference, OrgId, Organisation, Reference, ReferenceId, ReferenceState,
+    Visibility, now_ms,
 };
 
 /// File name of the database inside the data directory.
@@ -564,21 +564,6 @@ impl EmbeddedStore {
     /// See [`super::Store::get_api_key`].
     pub(super) async fn get_api_key(&self, id: KeyId) -> Result<ApiKey, Error> {
         self.read(move |tx| read_api_key(tx, id)).await
-    }
-
-    /// See [`super::Store::api_key_by_digest`].
-    pub(super) async fn api_key_by_digest(
-        &self,
-        digest: KeyDigest,
-    ) -> Result<Option<ApiKey>, Error> {
-        self.read(move |tx| {
-            tx.prepare_cached(&format!("{KEY_SELECT} WHERE key_hash = ?1"))?
-                .query_row([digest.as_slice()], KeyRow::from_row)
-                .optional()?
-                .map(KeyRow::into_key)
-                .transpose()
-        })
-        .await
     }
 
     /// See [`super::Store::list_api_keys`].

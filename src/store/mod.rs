@@ -39,8 +39,8 @@ use tokio::sync::mpsc;
 
 use crate::hash::PdqHash;
 use crate::model::{
-    Actor, ApiKey, Bank, BankId, Category, Change, ChangeSeq, FrameSignal, IndexedFrame, KeyDigest,
-    KeyId, NewApiKey, NewReference, OrgId, Organisation, Reference, ReferenceId, Visibility,
+    Actor, ApiKey, Bank, BankId, Category, Change, ChangeSeq, FrameSignal, IndexedFrame, KeyId,
+    NewApiKey, NewReference, OrgId, Organisation, Reference, ReferenceId, Visibility,
 };
 
 /// Longest bank or organisation name, in characters.
@@ -484,18 +484,6 @@ impl Store {
         match self {
             Store::Embedded(store) => store.get_api_key(id).await,
             Store::Postgres(store) => store.get_api_key(id).await,
-        }
-    }
-
-    /// The API key whose secret has this SHA-256 digest, revoked or not (`None` when there is
-    /// none): how a request is authenticated. Check [`ApiKey::revoked_ms`].
-    ///
-    /// # Errors
-    /// [`Error::Corrupt`]; backend errors.
-    pub async fn api_key_by_digest(&self, digest: KeyDigest) -> Result<Option<ApiKey>, Error> {
-        match self {
-            Store::Embedded(store) => store.api_key_by_digest(digest).await,
-            Store::Postgres(store) => store.api_key_by_digest(digest).await,
         }
     }
 
@@ -1389,7 +1377,7 @@ mod tests {
         Ok(())
     }
 
-    fn digest(seed: u8) -> KeyDigest {
+    fn digest(seed: u8) -> crate::model::KeyDigest {
         [seed; 32]
     }
 
@@ -1552,11 +1540,6 @@ mod tests {
         assert_eq!(store.get_api_key(admin.id).await?, admin);
         assert_eq!(store.get_api_key(matcher.id).await?, matcher);
         assert_eq!(
-            store.api_key_by_digest(digest(2)).await?,
-            Some(matcher.clone())
-        );
-        assert_eq!(store.api_key_by_digest(digest(9)).await?, None);
-        assert_eq!(
             store.list_api_keys().await?,
             vec![admin.clone(), matcher.clone(), longest.clone()]
         );
@@ -1633,10 +1616,6 @@ mod tests {
             }
         );
         assert_eq!(store.get_api_key(matcher.id).await?, revoked);
-        assert_eq!(
-            store.api_key_by_digest(digest(2)).await?,
-            Some(revoked.clone())
-        );
         let change = last_change(&store).await?;
         assert_eq!(
             change.kind,

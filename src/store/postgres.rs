@@ -66,9 +66,9 @@ use tokio_stream::StreamExt;
 
 use super::{DEFAULT_ORG_NAME, Error, NewBank, StoreStats, rows};
 use crate::model::{
-    Actor, ApiKey, Bank, BankId, Change, ChangeKind, ChangeSeq, FrameSignal, IndexedFrame,
-    KeyDigest, KeyId, NewApiKey, NewReference, OrgId, Organisation, Reference, ReferenceId,
-    ReferenceState, Visibility, now_ms,
+    Actor, ApiKey, Bank, BankId, Change, ChangeKind, ChangeSeq, FrameSignal, IndexedFrame, KeyId,
+    NewApiKey, NewReference, OrgId, Organisation, Reference, ReferenceId, ReferenceState,
+    Visibility, now_ms,
 };
 
 /// The `NOTIFY` channel every write signals on, with its change's sequence number as payload.
@@ -742,26 +742,6 @@ impl PostgresStore {
                     kind: "api key",
                     key: id.to_string(),
                 })
-        })
-        .await
-    }
-
-    /// See [`super::Store::api_key_by_digest`].
-    pub(super) async fn api_key_by_digest(
-        &self,
-        digest: KeyDigest,
-    ) -> Result<Option<ApiKey>, Error> {
-        bounded("api_key_by_digest", async {
-            let client = self.client().await?;
-            let stmt = client
-                .prepare_cached(&format!("{KEY_SELECT} WHERE key_hash = $1"))
-                .await?;
-            client
-                .query_opt(&stmt, &[&digest.as_slice()])
-                .await?
-                .as_ref()
-                .map(key_from_row)
-                .transpose()
         })
         .await
     }
