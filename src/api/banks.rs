@@ -467,29 +467,17 @@ impl Banks for BanksService {
                 return Err(status);
             }
         };
-        let (tx, rx) = mpsc::channel(EXPORT_BUFFER);
         let state = self.state.clone();
-        tokio::spawn(
-            async move {
-                let open = state.metrics.stream_opened(Rpc::ExportBank);
-                let result = tokio::select! {
-                    result = export_references(&state, references, &tx) => result,
-                    () = state.streams_aborted() => Err(Status::unavailable(
-                        "the server is shutting down and the grace period for open streams is over; retry on another replica",
-                    )),
-                };
-                let code = result.as_ref().map_err(Status::code).copied();
-                if let Err(status) = result {
-                    // The client may be gone already; then there is nobody left to tell.
-                    let _ = tx.send(Err(status)).await;
-                }
-                drop(open);
-                call.finish(code);
-                drop(tx);
-            }
-            .instrument(span),
+        let stream = self.state.spawn_stream(
+            call,
+            EXPORT_BUFFER,
+            "the server is shutting down and the grace period for open streams is over; retry on another replica",
+            move |tx| async move {
+                let _open = state.metrics.stream_opened(Rpc::ExportBank);
+                export_references(&state, references, &tx).await
+            },
         );
-        Ok(Response::new(ReceiverStream::new(rx)))
+        Ok(Response::new(stream))
     }
 }
 

@@ -16,7 +16,6 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
-use tracing::Instrument as _;
 
 use crate::auth::{self, Caller};
 use crate::model::{Bank, BankId, Change, ChangeKind, ChangeSeq, ReferenceId};
@@ -78,27 +77,20 @@ impl Exchange for ExchangeService {
             call.finish(Err(status.code()));
             return Err(status);
         }
-        let (tx, rx) = mpsc::channel(EVENT_BUFFER);
         let state = self.state.clone();
-        let span = call.span().clone();
-        tokio::spawn(
-            async move {
-                let result = tokio::select! {
+        let stream = self.state.spawn_stream(
+            call,
+            EVENT_BUFFER,
+            "the server is shutting down; resume from the last cursor on another replica",
+            move |tx| async move {
+                tokio::select! {
                     result = feed(&state, caller, ChangeSeq(cursor), &tx) => result,
-                    () = state.streams_aborted() => Err(Status::unavailable(
-                        "the server is shutting down; resume from the last cursor on another replica",
-                    )),
+                    // A caught-up feed waits for changes; a client that left ends it at once.
                     () = tx.closed() => Ok(()),
-                };
-                let code = result.as_ref().map_err(Status::code).copied();
-                if let Err(status) = result {
-                    let _ = tx.send(Err(status)).await;
                 }
-                call.finish(code);
-            }
-            .instrument(span),
+            },
         );
-        Ok(Response::new(ReceiverStream::new(rx)))
+        Ok(Response::new(stream))
     }
 }
 

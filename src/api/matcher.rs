@@ -14,7 +14,6 @@ use std::sync::Arc;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
-use tracing::Instrument as _;
 
 use crate::auth::{self, Caller};
 use futures_util::future::{self, BoxFuture, FutureExt as _};
@@ -81,34 +80,20 @@ impl Matcher for MatcherService {
             }
         };
         let mut inbound = request.into_inner();
-        let (tx, rx) = mpsc::channel(RESPONSE_BUFFER);
         let state = self.state.clone();
-        let span = call.span().clone();
-        tokio::spawn(
-            async move {
+        let stream = self.state.spawn_stream(
+            call,
+            RESPONSE_BUFFER,
+            "the server is shutting down and the grace period for open streams is over; retry on another replica",
+            move |tx| async move {
                 // Held for the stream's life: counts towards max_concurrent_streams.
                 let _permit = permit;
-                let open = state.metrics.stream_opened(Rpc::MatchVideo);
-                // A stream still open when the shutdown grace period ends is told so.
-                let result = tokio::select! {
-                    result = run_stream(&state, &caller, &mut inbound, &tx) => result,
-                    () = state.streams_aborted() => Err(Status::unavailable(
-                        "the server is shutting down and the grace period for open streams is over; retry on another replica",
-                    )),
-                };
-                let code = result.as_ref().map_err(Status::code).copied();
-                if let Err(status) = result {
-                    // The client may be gone already; then there is nobody left to tell.
-                    let _ = tx.send(Err(status)).await;
-                }
                 // The stream stops counting as open before the client can see its end.
-                drop(open);
-                call.finish(code);
-                drop(tx);
-            }
-            .instrument(span),
+                let _open = state.metrics.stream_opened(Rpc::MatchVideo);
+                run_stream(&state, &caller, &mut inbound, &tx).await
+            },
         );
-        Ok(Response::new(ReceiverStream::new(rx)))
+        Ok(Response::new(stream))
     }
 
     async fn match_image(

@@ -19,12 +19,16 @@ pub mod matcher;
 pub mod status;
 
 use std::collections::{HashMap, HashSet};
+use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use parking_lot::RwLock;
-use tokio::sync::Semaphore;
+use tokio::sync::{Semaphore, mpsc};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::Status;
+use tracing::Instrument as _;
 
 use crate::auth::{AuthMode, Caller, KeyRing};
 use crate::config::{Limits, ServeConfig};
@@ -277,6 +281,44 @@ impl AppState {
         }
     }
 
+    /// Runs the body of a server-streaming RPC on its own task and returns the stream the client
+    /// reads. The body sends its items through the sender it is given; when it fails, its status
+    /// is the stream's last item. When the shutdown grace period ends first, the stream ends with
+    /// UNAVAILABLE and `on_shutdown` as its message. Either way the RPC's span and metrics are
+    /// finished with the outcome.
+    pub fn spawn_stream<T, F>(
+        &self,
+        call: RpcCall,
+        buffer: usize,
+        on_shutdown: &'static str,
+        body: impl FnOnce(mpsc::Sender<Result<T, Status>>) -> F,
+    ) -> ReceiverStream<Result<T, Status>>
+    where
+        T: Send + 'static,
+        F: Future<Output = Result<(), Status>> + Send + 'static,
+    {
+        let (tx, rx) = mpsc::channel(buffer);
+        let body = body(tx.clone());
+        let state = self.clone();
+        let span = call.span().clone();
+        tokio::spawn(
+            async move {
+                let result = tokio::select! {
+                    result = body => result,
+                    () = state.streams_aborted() => Err(Status::unavailable(on_shutdown)),
+                };
+                let code = result.as_ref().map_err(Status::code).copied();
+                if let Err(status) = result {
+                    // The client may be gone already; then there is nobody left to tell.
+                    let _ = tx.send(Err(status)).await;
+                }
+                call.finish(code);
+            }
+            .instrument(span),
+        );
+        ReceiverStream::new(rx)
+    }
+
     /// Number of MatchVideo streams open now.
     pub fn open_streams(&self) -> usize {
         self.limits
@@ -372,11 +414,7 @@ impl AppState {
         filter: &Arc<BankFilter>,
     ) -> Result<(QueryFrame, Vec<FrameHit>), Error> {
         let started = Instant::now();
-        let job_input_kind = if matches!(input.content, Content::Pdq { .. }) {
-            InputKind::Pdq
-        } else {
-            InputKind::Pixels
-        };
+        let precomputed = matches!(input.content, Content::Pdq { .. });
         let index = Arc::clone(&self.index);
         let params = Arc::clone(params);
         let filter = Arc::clone(filter);
@@ -395,7 +433,6 @@ impl AppState {
         // run in one job on the blocking pool, off the async workers. A precomputed hash is only
         // searched, which with `mih` is quicker than the pool's hand-offs. The index read lock
         // lives only inside the job.
-        let precomputed = matches!(job_input_kind, InputKind::Pdq);
         let (query, hashed, hits, searched) = if precomputed && self.inline_search {
             job()?
         } else {
@@ -423,13 +460,6 @@ impl AppState {
         );
         Ok((query, hits))
     }
-}
-
-/// Whether a frame arrives hashed or as pixels.
-#[derive(Clone, Copy)]
-enum InputKind {
-    Pdq,
-    Pixels,
 }
 
 /// The input kind ("image" or "rgb") and how long hashing it took, for the hashing metric.
