@@ -75,6 +75,7 @@ async fn write_store(dir: &Path, n: usize) {
                     note: String::new(),
                     added_by: org,
                     frames,
+                    embeddings: Vec::new(),
                 },
                 Actor::system(org),
             )

@@ -369,6 +369,7 @@ mod tests {
             visibility,
             description: String::new(),
             created_ms: 0,
+            embedding_spaces: Vec::new(),
         }
     }
 

@@ -530,6 +530,7 @@ fn read_file(path: &Path) -> Result<Vec<u8>, Error> {
 
 fn image_frame(bytes: Vec<u8>) -> pb::Frame {
     pb::Frame {
+        embeddings: Vec::new(),
         frame_index: 0,
         timestamp_ms: 0,
         signal: Some(pb::frame::Signal::Image(bytes)),
@@ -774,6 +775,7 @@ pub async fn bank(command: BankCommand, server: &ClientOptions) -> Result<(), Er
         } => {
             let bank = client
                 .create_bank(pb::CreateBankRequest {
+                    embedding_spaces: Vec::new(),
                     name: name.clone(),
                     category: crate::api::convert::category_to_pb(category) as i32,
                     description,
@@ -1093,6 +1095,7 @@ async fn reference_frames(path: &Path, sampling: SamplingOptions) -> Result<Vec<
                 .frames
                 .iter()
                 .map(|frame| pb::Frame {
+                    embeddings: Vec::new(),
                     frame_index: u32::try_from(frame.frame_index).unwrap_or(u32::MAX),
                     timestamp_ms: timestamp_ms(frame.timestamp_s),
                     signal: Some(pb::frame::Signal::Pdq(video_signal(frame, false))),
@@ -1104,6 +1107,7 @@ async fn reference_frames(path: &Path, sampling: SamplingOptions) -> Result<Vec<
         .features
         .iter()
         .map(|f| pb::Frame {
+            embeddings: Vec::new(),
             frame_index: u32::try_from(f.frame_number).unwrap_or(u32::MAX),
             timestamp_ms: f.timestamp_ms(),
             signal: Some(pb::frame::Signal::Pdq(pdq_signal(&f.hash, f.quality, None))),
@@ -1356,6 +1360,7 @@ async fn scan_video(
         .map(|(i, frame)| pb::MatchRequest {
             options: (i == 0).then(|| options.clone()),
             frame: Some(pb::Frame {
+                embeddings: Vec::new(),
                 frame_index: u32::try_from(frame.frame_index).unwrap_or(u32::MAX),
                 timestamp_ms: timestamp_ms(frame.timestamp_s),
                 signal: Some(pb::frame::Signal::Pdq(video_signal(frame, dihedral))),
@@ -1401,6 +1406,7 @@ async fn scan_images(
             let request = pb::MatchRequest {
                 options: options.take(),
                 frame: Some(pb::Frame {
+                    embeddings: Vec::new(),
                     frame_index: u32::try_from(position.frame_index).unwrap_or(u32::MAX),
                     timestamp_ms: timestamp_ms(position.timestamp_s),
                     signal: Some(pb::frame::Signal::Image(jpeg)),

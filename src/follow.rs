@@ -655,6 +655,7 @@ impl Follower {
                     note: reference.note,
                     added_by: owner,
                     frames,
+                    embeddings: Vec::new(),
                 },
                 Actor::system(owner),
             )
@@ -1080,6 +1081,7 @@ mod tests {
     fn partner_frames_are_checked() {
         let hash = PdqHash::from_bit_fn(|k| k % 3 == 0);
         let good = pb::StoredFrame {
+            embeddings: Vec::new(),
             frame_index: 4,
             timestamp_ms: 4000,
             pdq: hash.as_bytes().to_vec(),

@@ -74,6 +74,7 @@ impl Payload {
             ),
         };
         pb::Frame {
+            embeddings: Vec::new(),
             frame_index,
             timestamp_ms,
             signal: Some(signal),

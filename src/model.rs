@@ -222,7 +222,7 @@ pub struct Organisation {
 }
 
 /// A named collection of reference content.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct Bank {
     /// Its id.
     pub id: BankId,
@@ -238,6 +238,85 @@ pub struct Bank {
     pub description: String,
     /// Creation time, milliseconds since the Unix epoch.
     pub created_ms: i64,
+    /// The embedding spaces the bank holds beside PDQ (empty: PDQ only).
+    pub embedding_spaces: Vec<EmbeddingSpace>,
+}
+
+/// How the vectors of an embedding space are compared.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub enum Metric {
+    /// Cosine similarity: vectors are L2-normalised before they are stored or searched, and the
+    /// score is their dot product, -1 to 1.
+    #[default]
+    Cosine,
+    /// The dot product of the vectors as they are.
+    Dot,
+}
+
+impl Metric {
+    /// Every metric, in declaration order.
+    pub const ALL: [Metric; 2] = [Metric::Cosine, Metric::Dot];
+
+    /// The stable text form used in the store and on the command line.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Metric::Cosine => "cosine",
+            Metric::Dot => "dot",
+        }
+    }
+}
+
+impl fmt::Display for Metric {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A metric name that is not one of [`Metric::ALL`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown embedding metric {0:?}; expected one of cosine, dot")]
+pub struct UnknownMetric(pub String);
+
+impl FromStr for Metric {
+    type Err = UnknownMetric;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        Metric::ALL
+            .into_iter()
+            .find(|m| m.as_str() == text)
+            .ok_or_else(|| UnknownMetric(text.to_string()))
+    }
+}
+
+/// An embedding space as a bank declares it: which vectors its references carry beside PDQ and
+/// when two of them match.
+///
+/// A space is known server-wide by its name: every bank that declares `sscd` declares the same
+/// dimension and metric (the store refuses a conflicting declaration), so one vector index per
+/// space serves every bank; the threshold is the bank's own.
+#[derive(Clone, Debug, PartialEq)]
+pub struct EmbeddingSpace {
+    /// 1 to 64 characters of `[a-z0-9_-]`.
+    pub name: String,
+    /// Vector length, 1..=4096.
+    pub dimension: u32,
+    /// How vectors compare.
+    pub metric: Metric,
+    /// A reference frame matches when its score against the upload frame is at least this.
+    pub threshold: f32,
+}
+
+/// One frame's vector in one embedding space.
+#[derive(Clone, Debug, PartialEq)]
+pub struct FrameEmbedding {
+    /// The frame it belongs to (as in [`FrameSignal::frame_index`]).
+    pub frame_index: u32,
+    /// That frame's presentation time in milliseconds.
+    pub timestamp_ms: u64,
+    /// The space's name.
+    pub space: String,
+    /// The vector: `dimension` finite values, L2-normalised for cosine spaces.
+    pub vector: Vec<f32>,
 }
 
 /// Lifecycle of a reference.
@@ -289,7 +368,7 @@ pub struct Reference {
 }
 
 /// What a new reference is made of, before the store gives it an id.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct NewReference {
     /// Target bank.
     pub bank: BankId,
@@ -301,6 +380,9 @@ pub struct NewReference {
     pub added_by: OrgId,
     /// Its frames, in any order; the store keeps the first frame of each distinct hash.
     pub frames: Vec<FrameSignal>,
+    /// Vectors of its frames in the bank's embedding spaces, each naming its frame by
+    /// `frame_index`; empty for a bank without spaces.
+    pub embeddings: Vec<FrameEmbedding>,
 }
 
 /// What happened, in one change-log entry.
@@ -367,6 +449,17 @@ pub struct IndexedFrame {
     pub bank: BankId,
     /// The frame.
     pub frame: FrameSignal,
+}
+
+/// A frame's vector as the index needs it: the vector plus where it came from.
+#[derive(Clone, Debug, PartialEq)]
+pub struct IndexedEmbedding {
+    /// The reference it belongs to.
+    pub reference: ReferenceId,
+    /// The bank of that reference.
+    pub bank: BankId,
+    /// The frame's vector.
+    pub embedding: FrameEmbedding,
 }
 
 /// Milliseconds since the Unix epoch, now.

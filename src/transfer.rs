@@ -264,6 +264,7 @@ pub async fn import(args: ImportArgs, server: &ClientOptions) -> Result<(), Erro
         let messages =
             std::iter::once(header).chain(signals.into_iter().map(|f| pb::AddReferenceRequest {
                 item: Some(pb::add_reference_request::Item::Frame(pb::Frame {
+                    embeddings: Vec::new(),
                     frame_index: f.frame_index,
                     timestamp_ms: f.timestamp_ms,
                     signal: Some(pb::frame::Signal::Pdq(pb::PdqSignal {

@@ -97,6 +97,7 @@ impl Banks for BanksService {
                 visibility,
                 shared_with,
                 owner,
+                embedding_spaces: _,
             } = request.into_inner();
             let category = convert::category_from_pb(category)?;
             check_text("description", &description, MAX_NOTE_BYTES)?;
@@ -298,6 +299,7 @@ impl Banks for BanksService {
                         note,
                         added_by: caller.org,
                         frames,
+                        embeddings: Vec::new(),
                     },
                     caller.actor(),
                 )

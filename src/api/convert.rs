@@ -62,6 +62,7 @@ impl FrameInput {
             frame_index,
             timestamp_ms,
             signal,
+            embeddings: _,
         } = frame;
         let content = match signal {
             None => {
@@ -387,6 +388,9 @@ pub fn frame_result_to_pb(
             distance: hit.distance,
             dihedral: dihedral_to_pb(hit.dihedral) as i32,
             content_area: hit.content_area,
+            signal: pb::Signal::Pdq as i32,
+            space: String::new(),
+            score: 0.0,
         })
         .collect();
     pb::FrameResult {
@@ -453,6 +457,7 @@ pub fn bank_to_pb(catalog: &Catalog, bank: &Bank, show_shares: bool) -> pb::Bank
         ),
     };
     pb::Bank {
+        embedding_spaces: Vec::new(),
         id: bank.id.0,
         name: bank.name.clone(),
         category: category_to_pb(bank.category) as i32,
@@ -518,6 +523,7 @@ pub fn visibility_from_pb(
 /// A stored frame for the wire (export and the change feed).
 pub fn stored_frame_to_pb(frame: &FrameSignal) -> pb::StoredFrame {
     pb::StoredFrame {
+        embeddings: Vec::new(),
         frame_index: frame.frame_index,
         timestamp_ms: frame.timestamp_ms,
         pdq: frame.hash.as_bytes().to_vec(),
@@ -563,6 +569,7 @@ mod tests {
 
     fn frame(signal: pb::frame::Signal) -> pb::Frame {
         pb::Frame {
+            embeddings: Vec::new(),
             frame_index: 3,
             timestamp_ms: 3000,
             signal: Some(signal),

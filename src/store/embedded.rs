@@ -1059,6 +1059,7 @@ fn insert_bank(tx: &Transaction<'_>, new: NewBank, actor: Actor) -> Result<Bank,
         visibility: new.visibility,
         description: new.description,
         created_ms,
+        embedding_spaces: Vec::new(),
     })
 }
 
@@ -1478,6 +1479,7 @@ mod tests {
                     note: String::new(),
                     added_by: local,
                     frames: vec![frame(0, 1), frame(1, 2)],
+                    embeddings: Vec::new(),
                 },
                 Actor::system(local),
             )

@@ -950,6 +950,7 @@ mod tests {
             note: "a note".to_string(),
             added_by,
             frames,
+            embeddings: Vec::new(),
         }
     }
 

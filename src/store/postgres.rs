@@ -1501,6 +1501,7 @@ async fn insert_bank(tx: &Transaction<'_>, new: NewBank, actor: Actor) -> Result
         visibility: new.visibility,
         description: new.description,
         created_ms,
+        embedding_spaces: Vec::new(),
     })
 }
 
@@ -2027,6 +2028,7 @@ mod tests {
                     note: String::new(),
                     added_by: local,
                     frames: vec![frame(0, 1), frame(1, 2)],
+                    embeddings: Vec::new(),
                 },
                 Actor::system(local),
             )
@@ -2289,6 +2291,7 @@ mod tests {
                             note: String::new(),
                             added_by: local,
                             frames: vec![frame(0, 1)],
+                            embeddings: Vec::new(),
                         },
                         actor,
                     )
@@ -2494,6 +2497,7 @@ mod tests {
                     note: String::new(),
                     added_by: local,
                     frames: frames.clone(),
+                    embeddings: Vec::new(),
                 },
                 Actor::system(local),
             )
@@ -2575,6 +2579,7 @@ mod tests {
                                     note: String::new(),
                                     added_by: local,
                                     frames: vec![frame(0, seed), frame(1, seed.wrapping_add(1))],
+                                    embeddings: Vec::new(),
                                 },
                                 Actor::system(local),
                             )

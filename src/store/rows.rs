@@ -263,6 +263,7 @@ pub(super) fn bank(columns: BankColumns<'_>) -> Result<Bank, Error> {
         visibility,
         description,
         created_ms,
+        embedding_spaces: Vec::new(),
     })
 }
 

@@ -132,6 +132,7 @@ async fn acked_reference_survives_kill() {
     let mut banks = served.banks().await;
     banks
         .create_bank(pb::CreateBankRequest {
+            embedding_spaces: Vec::new(),
             name: "durable".into(),
             category: pb::Category::SuicideSelfHarm as i32,
             description: String::new(),
@@ -424,6 +425,7 @@ async fn two_server_processes_on_one_postgres_database_converge() {
     a.banks()
         .await
         .create_bank(pb::CreateBankRequest {
+            embedding_spaces: Vec::new(),
             name: "shared".into(),
             category: pb::Category::Terrorism as i32,
             description: String::new(),

@@ -57,6 +57,7 @@ async fn assert_still_serving(server: &TestServer) {
 
 fn frame(signal: Option<pb::frame::Signal>) -> pb::Frame {
     pb::Frame {
+        embeddings: Vec::new(),
         frame_index: 0,
         timestamp_ms: 0,
         signal,

@@ -202,6 +202,7 @@ async fn create_bank(
     node.banks()
         .await
         .create_bank(pb::CreateBankRequest {
+            embedding_spaces: Vec::new(),
             name: name.into(),
             category: pb::Category::Terrorism as i32,
             description: format!("{name} on A"),

@@ -287,6 +287,7 @@ async fn bank_filter_limits_the_search_and_unknown_banks_are_not_found() {
         .banks()
         .await
         .create_bank(pb::CreateBankRequest {
+            embedding_spaces: Vec::new(),
             name: "one".into(),
             category: pb::Category::Terrorism as i32,
             description: String::new(),
@@ -299,6 +300,7 @@ async fn bank_filter_limits_the_search_and_unknown_banks_are_not_found() {
         .banks()
         .await
         .create_bank(pb::CreateBankRequest {
+            embedding_spaces: Vec::new(),
             name: "four".into(),
             category: 0,
             description: String::new(),
@@ -552,6 +554,7 @@ async fn an_excerpt_inside_an_unrelated_upload_matches_by_its_run() {
     for frame in filler.iter().chain(&excerpt).chain(&filler) {
         let i = u32::try_from(timeline.len()).expect("index");
         timeline.push(pb::Frame {
+            embeddings: Vec::new(),
             frame_index: i,
             timestamp_ms: u64::from(i) * 1000,
             signal: frame.signal.clone(),
@@ -657,6 +660,7 @@ async fn frames_of_one_stream_are_answered_in_order_even_when_matched_concurrent
     let frame = |i: u32| -> pb::Frame {
         if i.is_multiple_of(3) {
             pb::Frame {
+                embeddings: Vec::new(),
                 frame_index: i,
                 timestamp_ms: u64::from(i) * 40,
                 ..support::image_frame(image.clone())

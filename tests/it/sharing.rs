@@ -62,6 +62,7 @@ async fn create_bank_as(
         .banks_as(key)
         .await
         .create_bank(pb::CreateBankRequest {
+            embedding_spaces: Vec::new(),
             name: name.into(),
             category: pb::Category::GraphicViolence as i32,
             visibility: visibility as i32,

@@ -300,6 +300,7 @@ pub fn conformance_file(relative: &str) -> Option<Vec<u8>> {
 /// An image frame.
 pub fn image_frame(bytes: Vec<u8>) -> pb::Frame {
     pb::Frame {
+        embeddings: Vec::new(),
         frame_index: 0,
         timestamp_ms: 0,
         signal: Some(pb::frame::Signal::Image(bytes)),
@@ -314,6 +315,7 @@ pub fn pdq_frame(
     quality: u32,
 ) -> pb::Frame {
     pb::Frame {
+        embeddings: Vec::new(),
         frame_index,
         timestamp_ms,
         signal: Some(pb::frame::Signal::Pdq(pb::PdqSignal {
@@ -331,6 +333,7 @@ pub async fn create_bank(server: &TestServer, name: &str) -> pb::Bank {
         .banks()
         .await
         .create_bank(pb::CreateBankRequest {
+            embedding_spaces: Vec::new(),
             name: name.into(),
             category: pb::Category::GraphicViolence as i32,
             description: String::new(),

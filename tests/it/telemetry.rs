@@ -521,6 +521,7 @@ async fn binary_exports_one_span_per_rpc_and_metrics_over_otlp() {
     banks
         .clone()
         .create_bank(pb::CreateBankRequest {
+            embedding_spaces: Vec::new(),
             name: "violent".into(),
             category: pb::Category::GraphicViolence as i32,
             description: String::new(),

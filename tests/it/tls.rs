@@ -831,6 +831,7 @@ async fn a_follower_mirrors_a_partner_that_requires_client_certificates() {
     let mut banks = pb::banks_client::BanksClient::new(a.connect(&pki).await);
     banks
         .create_bank(pb::CreateBankRequest {
+            embedding_spaces: Vec::new(),
             name: "shared".into(),
             category: pb::Category::Terrorism as i32,
             description: "shared over mTLS".into(),
