@@ -8,16 +8,126 @@
 //!   denominator of the reference percentage;
 //! - a frame counts as matched when some frame on the other side is within the distance.
 //!
+//! Embeddings (issue #11) are a second signal beside PDQ: an upload frame may carry vectors of
+//! named embedding spaces, and a reference frame matches it by a space when their score reaches
+//! the reference's bank's threshold for that space. A frame counts as matched when any signal
+//! matches; the percentages, the run rule and early final verdicts count frames, not signals, so
+//! they combine signals with no rule of their own. Two refinements keep the PDQ rules whole:
+//! - an upload frame whose PDQ quality is below the minimum is not searched by any signal (a flat
+//!   or dark frame has a confident but meaningless descriptor); a frame that carries only
+//!   vectors (a client that computed them itself and sent no PDQ) is searched by its vectors and
+//!   is never deduplicated;
+//! - a reference frame reached by a vector counts only when its own PDQ quality passes, so the
+//!   reference percentage keeps its denominator.
+//!
 //! Nothing here knows about tonic or the store: the API layer feeds frames in and turns the
 //! results into wire messages.
 
 use std::collections::hash_map::Entry;
 use std::collections::{BTreeSet, HashMap, HashSet};
+use std::sync::Arc;
 
 use crate::hash::pdq::Dihedral;
 use crate::hash::{DEFAULT_MAX_DISTANCE, DEFAULT_MIN_QUALITY, PdqHash};
 use crate::index::{FrameIndex, Match};
 use crate::model::{BankId, FrameSignal, ReferenceId};
+
+/// Most reference frames one vector search returns (before the bank thresholds): the k of the
+/// k-nearest-neighbour search in an embedding space.
+pub const VECTOR_SEARCH_K: usize = 32;
+
+/// One reference frame found by a vector search.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct VectorHit {
+    /// The reference it belongs to.
+    pub reference: ReferenceId,
+    /// That reference's bank.
+    pub bank: BankId,
+    /// The reference frame's index.
+    pub frame_index: u32,
+    /// Its score against the query (cosine or dot; higher is closer).
+    pub score: f32,
+}
+
+/// What the matcher asks of the index, one call per signal: the seam between matching and the
+/// index engines (PDQ in [`FrameIndex`], embedding spaces beside it).
+pub trait SignalSearch {
+    /// Live PDQ frames within `max_distance` of `query` in banks `bank_filter` accepts, into
+    /// `out` (cleared first), nearest first.
+    fn search_pdq(
+        &self,
+        query: &PdqHash,
+        max_distance: u32,
+        bank_filter: &dyn Fn(BankId) -> bool,
+        out: &mut Vec<Match>,
+    );
+
+    /// The best (at most `k`) live reference frames of space `space` scoring at least
+    /// `min_score` against `query`, in banks `bank_filter` accepts, into `out` (cleared first),
+    /// best first. A space the index does not hold finds nothing.
+    fn search_space(
+        &self,
+        space: &str,
+        query: &[f32],
+        min_score: f32,
+        k: usize,
+        bank_filter: &dyn Fn(BankId) -> bool,
+        out: &mut Vec<VectorHit>,
+    );
+
+    /// The live PDQ frame `frame_index` of `reference`, if any (for a frame a vector reached).
+    fn reference_frame(&self, reference: ReferenceId, frame_index: u32) -> Option<FrameSignal>;
+}
+
+impl SignalSearch for FrameIndex {
+    fn search_pdq(
+        &self,
+        query: &PdqHash,
+        max_distance: u32,
+        bank_filter: &dyn Fn(BankId) -> bool,
+        out: &mut Vec<Match>,
+    ) {
+        self.search(query, max_distance, bank_filter, out);
+    }
+
+    fn search_space(
+        &self,
+        _space: &str,
+        _query: &[f32],
+        _min_score: f32,
+        _k: usize,
+        _bank_filter: &dyn Fn(BankId) -> bool,
+        out: &mut Vec<VectorHit>,
+    ) {
+        // A PDQ-only index holds no embedding space.
+        out.clear();
+    }
+
+    fn reference_frame(&self, reference: ReferenceId, frame_index: u32) -> Option<FrameSignal> {
+        FrameIndex::reference_frame(self, reference, frame_index)
+    }
+}
+
+/// The banks of a stream's scope that hold one embedding space, with their thresholds.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SpaceScope {
+    /// The space's name.
+    pub space: Arc<str>,
+    /// Its vector length.
+    pub dimension: u32,
+    /// Each bank in scope that declares the space, with its threshold.
+    pub thresholds: HashMap<BankId, f32>,
+}
+
+impl SpaceScope {
+    /// The lowest threshold of the banks in scope: the floor of the search.
+    pub fn min_threshold(&self) -> f32 {
+        self.thresholds
+            .values()
+            .copied()
+            .fold(f32::INFINITY, f32::min)
+    }
+}
 
 /// How a stream (or one image) is matched.
 #[derive(Clone, Debug, PartialEq)]
@@ -38,6 +148,15 @@ pub struct MatchParams {
     pub expected_frames: Option<u32>,
     /// Shortest in-order run, in milliseconds, that counts as a match on its own (0: rule off).
     pub min_run_ms: u64,
+    /// The embedding spaces the banks in scope declare (empty: PDQ only).
+    pub spaces: Vec<SpaceScope>,
+}
+
+impl MatchParams {
+    /// The scope of space `name`, if a bank in scope declares it.
+    pub fn space(&self, name: &str) -> Option<&SpaceScope> {
+        self.spaces.iter().find(|s| &*s.space == name)
+    }
 }
 
 impl Default for MatchParams {
@@ -52,6 +171,7 @@ impl Default for MatchParams {
             max_matches_per_frame: 10,
             expected_frames: None,
             min_run_ms: 5000,
+            spaces: Vec::new(),
         }
     }
 }
@@ -66,6 +186,57 @@ pub struct QueryFrame {
     pub variants: Option<[PdqHash; 8]>,
     /// The content area's signal, when the picture has uniform borders.
     pub content: Option<ContentSignal>,
+    /// Whether the frame has a PDQ signal at all: false for a frame that carried only vectors
+    /// (then `signal` holds its index and timestamp, and a zero hash that is never searched).
+    pub has_pdq: bool,
+    /// Its vectors in embedding spaces, sent by the client or computed by the server.
+    pub embeddings: Vec<QueryEmbedding>,
+}
+
+/// One vector an upload frame is searched with.
+#[derive(Clone, Debug, PartialEq)]
+pub struct QueryEmbedding {
+    /// The space's name.
+    pub space: Arc<str>,
+    /// The vector (L2-normalised for cosine spaces).
+    pub vector: Vec<f32>,
+    /// The vector is of the frame's content area inside uniform borders, not the whole picture.
+    pub content_area: bool,
+}
+
+impl QueryFrame {
+    /// Whether the frame is worth searching at `min_quality`: it carries only vectors, or its
+    /// whole picture or its content area has a good PDQ quality.
+    pub fn searchable(&self, min_quality: u8) -> bool {
+        !self.has_pdq
+            || self.signal.quality >= min_quality
+            || self.content.is_some_and(|c| c.quality >= min_quality)
+    }
+
+    /// A frame known by its PDQ signal only.
+    pub fn pdq(signal: FrameSignal) -> Self {
+        Self {
+            signal,
+            variants: None,
+            content: None,
+            has_pdq: true,
+            embeddings: Vec::new(),
+        }
+    }
+}
+
+/// Which signal made a hit.
+#[derive(Clone, Debug, PartialEq)]
+pub enum HitSignal {
+    /// PDQ: the hit's `distance`, `dihedral` and `content_area` say how.
+    Pdq,
+    /// A vector of an embedding space.
+    Embedding {
+        /// The space's name.
+        space: Arc<str>,
+        /// The score of the two vectors (higher is closer).
+        score: f32,
+    },
 }
 
 /// The PDQ of a frame's content area inside uniform borders.
@@ -79,8 +250,8 @@ pub struct ContentSignal {
     pub variants: Option<[PdqHash; 8]>,
 }
 
-/// One reference frame within the distance of an upload frame.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// One reference frame within the distance of an upload frame, or reached by one of its vectors.
+#[derive(Clone, Debug, PartialEq)]
 pub struct FrameHit {
     /// The matched reference.
     pub reference: ReferenceId,
@@ -92,18 +263,36 @@ pub struct FrameHit {
     pub distance: u32,
     /// Which variant of the upload frame matched.
     pub dihedral: Dihedral,
-    /// The upload frame's content-area hash made the match.
+    /// The upload frame's content-area hash (or vector) made the match.
     pub content_area: bool,
+    /// The signal that matched: for embeddings `distance` is 0 and `dihedral` the original.
+    pub signal: HitSignal,
 }
 
-/// Searches the index for one upload frame.
+/// Searches the index for one upload frame, by every signal it has.
 ///
 /// Returns every live reference frame of good quality within the distance, in a bank that
-/// `bank_filter` accepts, nearest first. With several variants, a reference frame reached by more
-/// than one keeps its smallest distance (the original wins ties). Low-quality upload frames are
-/// not searched: the result is empty. The content-area signal, when present, is searched too.
+/// `bank_filter` accepts, nearest first; then the reference frames its vectors reached at or
+/// above their bank's threshold, best score first. With several variants, a reference frame
+/// reached by more than one keeps its smallest distance (the original wins ties); by vectors, its
+/// best score. Low-quality upload frames are not searched: the result is empty. The content-area
+/// signal, when present, is searched too.
 pub fn search_frame(
-    index: &FrameIndex,
+    index: &dyn SignalSearch,
+    query: &QueryFrame,
+    params: &MatchParams,
+    bank_filter: &dyn Fn(BankId) -> bool,
+) -> Vec<FrameHit> {
+    let mut hits = search_pdq(index, query, params, bank_filter);
+    if query.searchable(params.min_quality) {
+        hits.extend(search_vectors(index, query, params, bank_filter));
+    }
+    hits
+}
+
+/// The PDQ part of [`search_frame`].
+fn search_pdq(
+    index: &dyn SignalSearch,
     query: &QueryFrame,
     params: &MatchParams,
     bank_filter: &dyn Fn(BankId) -> bool,
@@ -111,7 +300,7 @@ pub fn search_frame(
     let full = [query.signal.hash];
     let content = query.content.map(|c| [c.hash]);
     let mut searches: Vec<(&[PdqHash], bool)> = Vec::with_capacity(2);
-    if query.signal.quality >= params.min_quality {
+    if query.has_pdq && query.signal.quality >= params.min_quality {
         searches.push((query.variants.as_ref().map_or(&full[..], |v| &v[..]), false));
     }
     if let (Some(signal), Some(content)) = (&query.content, &content)
@@ -126,7 +315,7 @@ pub fn search_frame(
     let mut found: Vec<Match> = Vec::new();
     for (hashes, content_area) in searches {
         for (variant_hash, dihedral) in hashes.iter().zip(Dihedral::ALL) {
-            index.search(variant_hash, params.max_distance, bank_filter, &mut found);
+            index.search_pdq(variant_hash, params.max_distance, bank_filter, &mut found);
             for m in found
                 .iter()
                 .filter(|m| m.frame.quality >= params.min_quality)
@@ -138,6 +327,7 @@ pub fn search_frame(
                     distance: m.distance,
                     dihedral,
                     content_area,
+                    signal: HitSignal::Pdq,
                 };
                 match best.entry((m.reference, m.frame.frame_index)) {
                     Entry::Vacant(slot) => {
@@ -162,6 +352,86 @@ pub fn search_frame(
         )
     });
     hits
+}
+
+/// The embedding part of [`search_frame`]: each vector of the frame in its space, kept where the
+/// score reaches the threshold of the reference's bank. A reference frame reached by several
+/// vectors (the whole picture and its content area, or several spaces) keeps its best score.
+fn search_vectors(
+    index: &dyn SignalSearch,
+    query: &QueryFrame,
+    params: &MatchParams,
+    bank_filter: &dyn Fn(BankId) -> bool,
+) -> Vec<FrameHit> {
+    let mut best: HashMap<(ReferenceId, u32), FrameHit> = HashMap::new();
+    let mut found: Vec<VectorHit> = Vec::new();
+    for embedding in &query.embeddings {
+        let Some(scope) = params.space(&embedding.space) else {
+            continue;
+        };
+        let in_scope = |bank: BankId| scope.thresholds.contains_key(&bank) && bank_filter(bank);
+        index.search_space(
+            &embedding.space,
+            &embedding.vector,
+            scope.min_threshold(),
+            VECTOR_SEARCH_K,
+            &in_scope,
+            &mut found,
+        );
+        for v in &found {
+            if scope.thresholds.get(&v.bank).is_none_or(|&t| v.score < t) {
+                continue;
+            }
+            let Some(frame) = index.reference_frame(v.reference, v.frame_index) else {
+                continue;
+            };
+            if frame.quality < params.min_quality {
+                continue;
+            }
+            let hit = FrameHit {
+                reference: v.reference,
+                bank: v.bank,
+                reference_frame: frame,
+                distance: 0,
+                dihedral: Dihedral::Original,
+                content_area: embedding.content_area,
+                signal: HitSignal::Embedding {
+                    space: Arc::clone(&embedding.space),
+                    score: v.score,
+                },
+            };
+            match best.entry((v.reference, v.frame_index)) {
+                Entry::Vacant(slot) => {
+                    slot.insert(hit);
+                }
+                Entry::Occupied(mut slot) => {
+                    if hit_score(&hit) > hit_score(slot.get()) {
+                        slot.insert(hit);
+                    }
+                }
+            }
+        }
+    }
+    let mut hits: Vec<FrameHit> = best.into_values().collect();
+    hits.sort_by(|a, b| {
+        hit_score(b)
+            .total_cmp(&hit_score(a))
+            .then(a.reference.cmp(&b.reference))
+            .then(
+                a.reference_frame
+                    .frame_index
+                    .cmp(&b.reference_frame.frame_index),
+            )
+    });
+    hits
+}
+
+/// A vector hit's score (PDQ hits score nothing).
+fn hit_score(hit: &FrameHit) -> f32 {
+    match hit.signal {
+        HitSignal::Embedding { score, .. } => score,
+        HitSignal::Pdq => f32::NEG_INFINITY,
+    }
 }
 
 /// Upload frames a run may skip (no hit, low quality) and still go on: "a few missed frames".
@@ -372,14 +642,16 @@ impl Session {
     /// number of distinct good-quality frames; it is asked once per reference.
     pub fn record(
         &mut self,
-        frame: &FrameSignal,
+        query: &QueryFrame,
         hits: &[FrameHit],
         reference_total: &dyn Fn(ReferenceId) -> Option<u32>,
     ) -> Vec<VerdictData> {
+        let frame = &query.signal;
         self.summary.frames_received = self.summary.frames_received.saturating_add(1);
         let ordinal = self.summary.frames_received;
-        let first_occurrence = self.seen.insert(frame.hash);
-        if frame.quality < self.params.min_quality {
+        // A frame of vectors alone has no hash to deduplicate by: each one counts.
+        let first_occurrence = !query.has_pdq || self.seen.insert(frame.hash);
+        if query.has_pdq && frame.quality < self.params.min_quality {
             self.summary.frames_low_quality = self.summary.frames_low_quality.saturating_add(1);
         } else {
             if !hits.is_empty() {
@@ -585,7 +857,12 @@ mod tests {
             distance,
             dihedral: Dihedral::Original,
             content_area: false,
+            signal: HitSignal::Pdq,
         }
+    }
+
+    fn q(signal: FrameSignal) -> QueryFrame {
+        QueryFrame::pdq(signal)
     }
 
     fn totals(reference: ReferenceId) -> Option<u32> {
@@ -610,12 +887,12 @@ mod tests {
         let b = hash_with_bits(&[2]);
         let c = hash_with_bits(&[3]);
         let low = hash_with_bits(&[4]);
-        session.record(&frame(0, a, 100), &[hit(7, 0, 0)], &totals);
+        session.record(&q(frame(0, a, 100)), &[hit(7, 0, 0)], &totals);
         // The same hash again: reported, but counted once.
-        session.record(&frame(1, a, 100), &[hit(7, 0, 0)], &totals);
-        session.record(&frame(2, b, 90), &[hit(7, 1, 3), hit(8, 0, 20)], &totals);
-        session.record(&frame(3, c, 90), &[], &totals);
-        session.record(&frame(4, low, 10), &[], &totals);
+        session.record(&q(frame(1, a, 100)), &[hit(7, 0, 0)], &totals);
+        session.record(&q(frame(2, b, 90)), &[hit(7, 1, 3), hit(8, 0, 20)], &totals);
+        session.record(&q(frame(3, c, 90)), &[], &totals);
+        session.record(&q(frame(4, low, 10)), &[], &totals);
         let summary = session.summary();
         assert_eq!(summary.frames_received, 5);
         assert_eq!(summary.frames_low_quality, 1);
@@ -649,8 +926,8 @@ mod tests {
     fn the_first_occurrence_of_a_hash_decides_its_quality() {
         let mut session = Session::new(no_runs());
         let a = hash_with_bits(&[1]);
-        session.record(&frame(0, a, 10), &[], &totals);
-        session.record(&frame(1, a, 100), &[hit(7, 0, 0)], &totals);
+        session.record(&q(frame(0, a, 10)), &[], &totals);
+        session.record(&q(frame(1, a, 100)), &[hit(7, 0, 0)], &totals);
         assert_eq!(session.summary().distinct_frames, 0);
         assert_eq!(session.finish(&|_| true)[0].query_frames_matched, 0);
     }
@@ -664,19 +941,19 @@ mod tests {
         };
         let mut full = Session::new(params.clone());
         full.record(
-            &frame(0, hash_with_bits(&[1]), 100),
+            &q(frame(0, hash_with_bits(&[1]), 100)),
             &[hit(8, 0, 0)],
             &totals,
         );
-        full.record(&frame(1, hash_with_bits(&[2]), 100), &[], &totals);
+        full.record(&q(frame(1, hash_with_bits(&[2]), 100)), &[], &totals);
         assert!(full.finish(&|_| true)[0].is_match);
         let mut partial = Session::new(params);
         partial.record(
-            &frame(0, hash_with_bits(&[1]), 100),
+            &q(frame(0, hash_with_bits(&[1]), 100)),
             &[hit(7, 0, 0)],
             &totals,
         );
-        partial.record(&frame(1, hash_with_bits(&[2]), 100), &[], &totals);
+        partial.record(&q(frame(1, hash_with_bits(&[2]), 100)), &[], &totals);
         assert!(!partial.finish(&|_| true)[0].is_match);
     }
 
@@ -684,14 +961,14 @@ mod tests {
     fn withdrawn_references_get_no_verdict() {
         let mut session = Session::new(no_runs());
         session.record(
-            &frame(0, hash_with_bits(&[1]), 100),
+            &q(frame(0, hash_with_bits(&[1]), 100)),
             &[hit(1, 0, 0)],
             &totals,
         );
         assert!(session.finish(&|_| false).is_empty());
         let mut gone = Session::new(no_runs());
         gone.record(
-            &frame(0, hash_with_bits(&[1]), 100),
+            &q(frame(0, hash_with_bits(&[1]), 100)),
             &[hit(1, 0, 0)],
             &|_| None,
         );
@@ -702,7 +979,7 @@ mod tests {
     fn provisional_verdicts_follow_the_decision_as_it_flips() {
         let mut session = Session::new(no_runs());
         let first = session.record(
-            &frame(0, hash_with_bits(&[1]), 100),
+            &q(frame(0, hash_with_bits(&[1]), 100)),
             &[hit(7, 0, 0)],
             &totals,
         );
@@ -712,11 +989,11 @@ mod tests {
             "100% so far, provisional"
         );
         // An unmatched frame drops the upload share to 50%: the decision flips.
-        let second = session.record(&frame(1, hash_with_bits(&[2]), 100), &[], &totals);
+        let second = session.record(&q(frame(1, hash_with_bits(&[2]), 100)), &[], &totals);
         assert_eq!(second.len(), 1);
         assert!(!second[0].is_match && !second[0].is_final);
         // Nothing changes: nothing is sent.
-        let third = session.record(&frame(2, hash_with_bits(&[3]), 100), &[], &totals);
+        let third = session.record(&q(frame(2, hash_with_bits(&[3]), 100)), &[], &totals);
         assert!(third.is_empty());
     }
 
@@ -735,7 +1012,7 @@ mod tests {
                 Vec::new()
             };
             let changed = session.record(
-                &frame(i, hash_with_bits(&[i as usize]), 100),
+                &q(frame(i, hash_with_bits(&[i as usize]), 100)),
                 &hits,
                 &totals,
             );
@@ -757,7 +1034,7 @@ mod tests {
                 hash: hash_with_bits(&[bits]),
                 quality: 100,
             };
-            session.record(&signal, hits, &totals)
+            session.record(&q(signal), hits, &totals)
         };
         // 30 s of unrelated upload, then 8 s of reference 9 from its 100 s mark, at 1.1x speed,
         // with one missed frame, then 30 s unrelated again.
@@ -783,6 +1060,7 @@ mod tests {
                 distance: 5,
                 dihedral: Dihedral::Original,
                 content_area: false,
+                signal: HitSignal::Pdq,
             };
             early.extend(next(&mut session, (30 + k) * 1000, &[h]));
         }
@@ -822,6 +1100,7 @@ mod tests {
                 distance: 5,
                 dihedral: Dihedral::Original,
                 content_area: false,
+                signal: HitSignal::Pdq,
             };
             let signal = frame(k as u32, hash_with_bits(&[k as usize]), 100);
             let signal = FrameSignal {
@@ -829,7 +1108,7 @@ mod tests {
                 ..signal
             };
             session.record(
-                &signal,
+                &q(signal),
                 if k % 5 == 0 {
                     std::slice::from_ref(&h)
                 } else {
@@ -846,5 +1125,210 @@ mod tests {
     fn percent_of_nothing_is_zero() {
         assert_eq!(percent(0, 0), 0.0);
         assert_eq!(percent(1, 4), 25.0);
+    }
+
+    /// An index of reference frames known by PDQ and by a vector in space "sscd": a scan over a
+    /// handful of vectors, enough to test the matcher's rules.
+    struct TwoSignals {
+        pdq: FrameIndex,
+        vectors: Vec<(ReferenceId, BankId, u32, Vec<f32>)>,
+    }
+
+    impl SignalSearch for TwoSignals {
+        fn search_pdq(
+            &self,
+            query: &PdqHash,
+            max_distance: u32,
+            bank_filter: &dyn Fn(BankId) -> bool,
+            out: &mut Vec<Match>,
+        ) {
+            self.pdq.search(query, max_distance, bank_filter, out);
+        }
+
+        fn search_space(
+            &self,
+            space: &str,
+            query: &[f32],
+            min_score: f32,
+            k: usize,
+            bank_filter: &dyn Fn(BankId) -> bool,
+            out: &mut Vec<VectorHit>,
+        ) {
+            out.clear();
+            if space != "sscd" {
+                return;
+            }
+            for (reference, bank, frame_index, vector) in &self.vectors {
+                let score: f32 = vector.iter().zip(query).map(|(a, b)| a * b).sum();
+                if score >= min_score && bank_filter(*bank) {
+                    out.push(VectorHit {
+                        reference: *reference,
+                        bank: *bank,
+                        frame_index: *frame_index,
+                        score,
+                    });
+                }
+            }
+            out.sort_by(|a, b| b.score.total_cmp(&a.score));
+            out.truncate(k);
+        }
+
+        fn reference_frame(&self, reference: ReferenceId, frame_index: u32) -> Option<FrameSignal> {
+            self.pdq.reference_frame(reference, frame_index)
+        }
+    }
+
+    fn unit(angle: f32) -> Vec<f32> {
+        vec![angle.cos(), angle.sin()]
+    }
+
+    /// References 1 (bank 1, threshold 0.9) and 2 (bank 2, threshold 0.99), one frame each with
+    /// hashes far apart, vectors at angles 0 and 0.3 rad; reference 3 (bank 1) has a low-quality
+    /// frame whose vector is at angle 0 too.
+    fn two_signals() -> (TwoSignals, MatchParams) {
+        let mut pdq = FrameIndex::new(crate::index::EngineKind::Exact, Default::default());
+        pdq.insert_reference(
+            ReferenceId(1),
+            BankId(1),
+            &[frame(0, hash_with_bits(&[1]), 100)],
+        );
+        pdq.insert_reference(
+            ReferenceId(2),
+            BankId(2),
+            &[frame(0, PdqHash::from_bit_fn(|k| k >= 128), 100)],
+        );
+        pdq.insert_reference(
+            ReferenceId(3),
+            BankId(1),
+            &[frame(0, PdqHash::from_bit_fn(|k| k % 2 == 0), 10)],
+        );
+        let index = TwoSignals {
+            pdq,
+            vectors: vec![
+                (ReferenceId(1), BankId(1), 0, unit(0.0)),
+                (ReferenceId(2), BankId(2), 0, unit(0.3)),
+                (ReferenceId(3), BankId(1), 0, unit(0.0)),
+            ],
+        };
+        let params = MatchParams {
+            spaces: vec![SpaceScope {
+                space: Arc::from("sscd"),
+                dimension: 2,
+                thresholds: HashMap::from([(BankId(1), 0.9), (BankId(2), 0.99)]),
+            }],
+            ..no_runs()
+        };
+        (index, params)
+    }
+
+    fn with_vector(signal: FrameSignal, angle: f32) -> QueryFrame {
+        QueryFrame {
+            embeddings: vec![QueryEmbedding {
+                space: Arc::from("sscd"),
+                vector: unit(angle),
+                content_area: false,
+            }],
+            ..QueryFrame::pdq(signal)
+        }
+    }
+
+    #[test]
+    fn a_vector_matches_at_its_banks_threshold_and_says_so() {
+        let (index, params) = two_signals();
+        // Far from every hash; cosine 0.995 to reference 1, 0.98 to reference 2.
+        let query = with_vector(frame(0, hash_with_bits(&[200, 201, 202]), 100), 0.1);
+        let query = QueryFrame {
+            signal: FrameSignal {
+                hash: PdqHash::from_bit_fn(|k| k % 3 == 0),
+                ..query.signal
+            },
+            ..query
+        };
+        let hits = search_frame(&index, &query, &params, &|_| true);
+        assert_eq!(hits.len(), 1, "{hits:?}");
+        assert_eq!(hits[0].reference, ReferenceId(1));
+        match &hits[0].signal {
+            HitSignal::Embedding { space, score } => {
+                assert_eq!(&**space, "sscd");
+                assert!((score - 0.1f32.cos()).abs() < 1e-6);
+            }
+            HitSignal::Pdq => panic!("expected an embedding hit"),
+        }
+        // Reference 2's bank asks for 0.99: at 0.18 rad from it (0.984) it does not match ...
+        let near_two = with_vector(query.signal, 0.12);
+        let hits = search_frame(&index, &near_two, &params, &|_| true);
+        assert!(
+            hits.iter().all(|h| h.reference != ReferenceId(2)),
+            "{hits:?}"
+        );
+        // ... at 0.02 rad it does; the bank filter still applies.
+        let on_two = with_vector(query.signal, 0.3);
+        let hits = search_frame(&index, &on_two, &params, &|_| true);
+        assert!(
+            hits.iter().any(|h| h.reference == ReferenceId(2)),
+            "{hits:?}"
+        );
+        let hits = search_frame(&index, &on_two, &params, &|bank| bank != BankId(2));
+        assert!(
+            hits.iter().all(|h| h.reference != ReferenceId(2)),
+            "{hits:?}"
+        );
+    }
+
+    #[test]
+    fn low_quality_frames_match_by_no_signal_on_either_side() {
+        let (index, params) = two_signals();
+        // A low-quality upload frame is not searched, even with a perfect vector.
+        let dark = with_vector(frame(0, hash_with_bits(&[1]), 10), 0.0);
+        assert!(search_frame(&index, &dark, &params, &|_| true).is_empty());
+        // Reference 3's only frame has quality 10: its vector never counts.
+        let query = with_vector(frame(0, PdqHash::from_bit_fn(|k| k % 3 == 0), 100), 0.0);
+        let hits = search_frame(&index, &query, &params, &|_| true);
+        assert!(
+            hits.iter().all(|h| h.reference != ReferenceId(3)),
+            "{hits:?}"
+        );
+    }
+
+    #[test]
+    fn pdq_and_vector_hits_combine_and_vectors_alone_are_never_deduplicated() {
+        let (index, params) = two_signals();
+        // PDQ hit on reference 1 and a vector hit on it too: both reported, PDQ first.
+        let both = with_vector(frame(0, hash_with_bits(&[1, 2]), 100), 0.0);
+        let hits = search_frame(&index, &both, &params, &|_| true);
+        assert_eq!(hits[0].signal, HitSignal::Pdq);
+        assert_eq!(hits[0].distance, 1);
+        assert!(matches!(hits[1].signal, HitSignal::Embedding { .. }));
+        // A stream of frames that carry vectors only: each counts, and they match by vectors.
+        let mut session = Session::new(params.clone());
+        for i in 0..4 {
+            let only_vector = QueryFrame {
+                has_pdq: false,
+                ..with_vector(
+                    frame(i, PdqHash::default(), 0),
+                    if i < 3 { 0.0 } else { 2.0 },
+                )
+            };
+            let hits = search_frame(&index, &only_vector, &params, &|_| true);
+            session.record(&only_vector, &hits, &|r| {
+                index.pdq.reference_frame_count(r, 50)
+            });
+        }
+        let summary = session.summary();
+        assert_eq!(
+            (
+                summary.distinct_frames,
+                summary.frames_matched,
+                summary.frames_low_quality
+            ),
+            (4, 3, 0)
+        );
+        let verdicts = session.finish(&|_| true);
+        let one = verdicts
+            .iter()
+            .find(|v| v.reference == ReferenceId(1))
+            .expect("ref 1");
+        assert_eq!(one.query_match_pct, 75.0);
+        assert_eq!(one.reference_match_pct, 100.0);
     }
 }

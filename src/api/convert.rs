@@ -7,7 +7,7 @@
 use crate::config::Limits;
 use crate::hash::pdq::Dihedral;
 use crate::hash::{PDQ_BITS, PdqHash};
-use crate::matching::{ContentSignal, FrameHit, MatchParams, QueryFrame, VerdictData};
+use crate::matching::{ContentSignal, FrameHit, HitSignal, MatchParams, QueryFrame, VerdictData};
 use crate::model::{Bank, Category, FrameSignal, Reference, ReferenceState, Visibility};
 use crate::pb;
 
@@ -297,6 +297,8 @@ pub fn match_params(
         max_matches_per_frame,
         expected_frames: expected_frame_count.filter(|n| *n > 0),
         min_run_ms: min_run_ms.map_or(defaults.min_run_ms, u64::from),
+        // Filled by the API layer from the banks in scope.
+        spaces: Vec::new(),
     };
     Ok((params, banks))
 }
@@ -388,9 +390,18 @@ pub fn frame_result_to_pb(
             distance: hit.distance,
             dihedral: dihedral_to_pb(hit.dihedral) as i32,
             content_area: hit.content_area,
-            signal: pb::Signal::Pdq as i32,
-            space: String::new(),
-            score: 0.0,
+            signal: match hit.signal {
+                HitSignal::Pdq => pb::Signal::Pdq,
+                HitSignal::Embedding { .. } => pb::Signal::Embedding,
+            } as i32,
+            space: match &hit.signal {
+                HitSignal::Pdq => String::new(),
+                HitSignal::Embedding { space, .. } => space.to_string(),
+            },
+            score: match hit.signal {
+                HitSignal::Pdq => 0.0,
+                HitSignal::Embedding { score, .. } => score,
+            },
         })
         .collect();
     pb::FrameResult {

@@ -167,7 +167,7 @@ async fn answer_frame(
 ) -> bool {
     let changed = {
         let index = state.index.read();
-        session.record(&query.signal, hits, &|reference| {
+        session.record(query, hits, &|reference| {
             index.reference_frame_count(reference, params.min_quality)
         })
     };

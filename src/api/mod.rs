@@ -425,7 +425,7 @@ impl AppState {
             let search_started = Instant::now();
             let hits = {
                 let index = index.read();
-                matching::search_frame(&index, &query, &params, &|bank| filter.allows(bank))
+                matching::search_frame(&*index, &query, &params, &|bank| filter.allows(bank))
             };
             Ok((query, hashed, hits, search_started.elapsed()))
         };
@@ -498,6 +498,8 @@ fn query_frame(
                     variants: if dihedral { c.variants } else { None },
                     ..*c
                 }),
+                has_pdq: true,
+                embeddings: Vec::new(),
             };
             return Ok((query, None));
         }
@@ -523,6 +525,8 @@ fn query_frame(
             quality: c.quality(),
             variants: dihedral.then(|| c.dihedral()),
         }),
+        has_pdq: true,
+        embeddings: Vec::new(),
     };
     Ok((query, Some((kind, elapsed))))
 }

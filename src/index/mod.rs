@@ -546,6 +546,27 @@ impl FrameIndex {
         Some(entry_id(frames.len()))
     }
 
+    /// The live frame `frame_index` of `reference` (its whole-picture entry, the first stored under
+    /// that index), or `None` when the reference is unknown, withdrawn, or has no such frame. Used
+    /// to give a frame matched by another signal (an embedding) its PDQ quality and timestamp.
+    pub fn reference_frame(&self, reference: ReferenceId, frame_index: u32) -> Option<FrameSignal> {
+        let reference = self.references.get(*self.slots.get(&reference)? as usize)?;
+        if !reference.active {
+            return None;
+        }
+        let first = reference.first as usize;
+        let run = self.entries.get(first..first + reference.count as usize)?;
+        let offset = run.iter().position(|e| e.frame_index == frame_index)?;
+        let id = entry_id(first + offset);
+        let entry = run.get(offset)?;
+        Some(FrameSignal {
+            frame_index,
+            timestamp_ms: entry.timestamp_ms,
+            hash: self.engine.hash(id)?,
+            quality: *self.quality.get(id as usize)?,
+        })
+    }
+
     /// Frames not tombstoned.
     pub fn live_frames(&self) -> usize {
         self.entries.len() - self.tombstones
