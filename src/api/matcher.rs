@@ -25,7 +25,7 @@ use crate::pb::matcher_server::Matcher;
 use crate::telemetry::Rpc;
 
 use super::convert::{self, FrameInput};
-use super::{AppState, BankFilter, Error};
+use super::{AppState, BankFilter, Error, embedding};
 
 /// Answers in flight per stream before the task waits for the client to read.
 const RESPONSE_BUFFER: usize = 16;
@@ -107,8 +107,9 @@ impl Matcher for MatcherService {
         call.run(async {
             self.state.ensure_ready()?;
             let pb::MatchImageRequest { options, frame } = request.into_inner();
-            let (params, banks) = convert::match_params(options, &self.state.match_defaults)?;
+            let (mut params, banks) = convert::match_params(options, &self.state.match_defaults)?;
             let filter = Arc::new(self.state.bank_filter(&caller, &banks)?);
+            params.spaces = embedding::space_scopes(&self.state.catalog.read(), &filter);
             let frame = frame.ok_or(Error::MissingField { field: "frame" })?;
             let input = FrameInput::try_from_pb(frame, &self.state.limits)?;
             let params = Arc::new(params);
@@ -144,8 +145,9 @@ fn accept_frame(
             open
         }
         None => {
-            let (params, banks) = convert::match_params(options, &state.match_defaults)?;
+            let (mut params, banks) = convert::match_params(options, &state.match_defaults)?;
             let filter = state.bank_filter(caller, &banks)?;
+            params.spaces = embedding::space_scopes(&state.catalog.read(), &filter);
             let params = Arc::new(params);
             stream.insert((Session::new((*params).clone()), params, Arc::new(filter)))
         }

@@ -14,6 +14,7 @@
 pub mod admin;
 pub mod banks;
 pub mod convert;
+pub mod embedding;
 pub mod exchange;
 pub mod matcher;
 pub mod status;
