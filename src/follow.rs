@@ -662,10 +662,10 @@ impl Follower {
             .await?;
         if created {
             let stored = self.state.store.reference_frames(local.id).await?;
-            let index = Arc::clone(&self.state.index);
+            let index = self.state.index.clone();
             let id = local.id;
             // Index inserts are CPU work (hnsw especially): off the async workers.
-            tokio::task::spawn_blocking(move || index.write().insert_reference(id, bank, &stored))
+            tokio::task::spawn_blocking(move || index.insert_reference(id, bank, &stored, &[]))
                 .await
                 .map_err(|e| Rejected::Store(store::Error::TaskFailed(e)))?;
             self.state.note_change();
@@ -715,9 +715,9 @@ impl Follower {
                 Err(error) => return Err(error.into()),
             }
         }
-        let index = Arc::clone(&self.state.index);
-        // A withdrawal may trigger an index rebuild: off the async workers.
-        tokio::task::spawn_blocking(move || index.write().withdraw(id))
+        let index = self.state.index.clone();
+        // A withdrawal takes the index's write lock (its rebuilds run in the background).
+        tokio::task::spawn_blocking(move || index.withdraw(id))
             .await
             .map_err(|e| Rejected::Store(store::Error::TaskFailed(e)))?;
         self.state.note_change();

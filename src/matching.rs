@@ -29,25 +29,12 @@ use std::sync::Arc;
 
 use crate::hash::pdq::Dihedral;
 use crate::hash::{DEFAULT_MAX_DISTANCE, DEFAULT_MIN_QUALITY, PdqHash};
-use crate::index::{FrameIndex, Match};
+use crate::index::{FrameIndex, Match, SignalIndex, VectorMatch};
 use crate::model::{BankId, FrameSignal, ReferenceId};
 
 /// Most reference frames one vector search returns (before the bank thresholds): the k of the
 /// k-nearest-neighbour search in an embedding space.
 pub const VECTOR_SEARCH_K: usize = 32;
-
-/// One reference frame found by a vector search.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct VectorHit {
-    /// The reference it belongs to.
-    pub reference: ReferenceId,
-    /// That reference's bank.
-    pub bank: BankId,
-    /// The reference frame's index.
-    pub frame_index: u32,
-    /// Its score against the query (cosine or dot; higher is closer).
-    pub score: f32,
-}
 
 /// What the matcher asks of the index, one call per signal: the seam between matching and the
 /// index engines (PDQ in [`FrameIndex`], embedding spaces beside it).
@@ -72,7 +59,7 @@ pub trait SignalSearch {
         min_score: f32,
         k: usize,
         bank_filter: &dyn Fn(BankId) -> bool,
-        out: &mut Vec<VectorHit>,
+        out: &mut Vec<VectorMatch>,
     );
 
     /// The live PDQ frame `frame_index` of `reference`, if any (for a frame a vector reached).
@@ -97,7 +84,7 @@ impl SignalSearch for FrameIndex {
         _min_score: f32,
         _k: usize,
         _bank_filter: &dyn Fn(BankId) -> bool,
-        out: &mut Vec<VectorHit>,
+        out: &mut Vec<VectorMatch>,
     ) {
         // A PDQ-only index holds no embedding space.
         out.clear();
@@ -105,6 +92,37 @@ impl SignalSearch for FrameIndex {
 
     fn reference_frame(&self, reference: ReferenceId, frame_index: u32) -> Option<FrameSignal> {
         FrameIndex::reference_frame(self, reference, frame_index)
+    }
+}
+
+impl SignalSearch for SignalIndex {
+    fn search_pdq(
+        &self,
+        query: &PdqHash,
+        max_distance: u32,
+        bank_filter: &dyn Fn(BankId) -> bool,
+        out: &mut Vec<Match>,
+    ) {
+        self.pdq().search(query, max_distance, bank_filter, out);
+    }
+
+    fn search_space(
+        &self,
+        space: &str,
+        query: &[f32],
+        min_score: f32,
+        k: usize,
+        bank_filter: &dyn Fn(BankId) -> bool,
+        out: &mut Vec<VectorMatch>,
+    ) {
+        match self.space(space) {
+            Some(index) => index.search(query, min_score, k, bank_filter, out),
+            None => out.clear(),
+        }
+    }
+
+    fn reference_frame(&self, reference: ReferenceId, frame_index: u32) -> Option<FrameSignal> {
+        self.pdq().reference_frame(reference, frame_index)
     }
 }
 
@@ -364,7 +382,7 @@ fn search_vectors(
     bank_filter: &dyn Fn(BankId) -> bool,
 ) -> Vec<FrameHit> {
     let mut best: HashMap<(ReferenceId, u32), FrameHit> = HashMap::new();
-    let mut found: Vec<VectorHit> = Vec::new();
+    let mut found: Vec<VectorMatch> = Vec::new();
     for embedding in &query.embeddings {
         let Some(scope) = params.space(&embedding.space) else {
             continue;
@@ -382,9 +400,16 @@ fn search_vectors(
             if scope.thresholds.get(&v.bank).is_none_or(|&t| v.score < t) {
                 continue;
             }
-            let Some(frame) = index.reference_frame(v.reference, v.frame_index) else {
-                continue;
-            };
+            // A frame the PDQ side knows keeps its quality rule; one it does not know (a
+            // reference of vectors alone) counts as it is.
+            let frame = index
+                .reference_frame(v.reference, v.frame_index)
+                .unwrap_or(FrameSignal {
+                    frame_index: v.frame_index,
+                    timestamp_ms: v.timestamp_ms,
+                    hash: PdqHash::default(),
+                    quality: 100,
+                });
             if frame.quality < params.min_quality {
                 continue;
             }
@@ -1152,7 +1177,7 @@ mod tests {
             min_score: f32,
             k: usize,
             bank_filter: &dyn Fn(BankId) -> bool,
-            out: &mut Vec<VectorHit>,
+            out: &mut Vec<VectorMatch>,
         ) {
             out.clear();
             if space != "sscd" {
@@ -1161,10 +1186,11 @@ mod tests {
             for (reference, bank, frame_index, vector) in &self.vectors {
                 let score: f32 = vector.iter().zip(query).map(|(a, b)| a * b).sum();
                 if score >= min_score && bank_filter(*bank) {
-                    out.push(VectorHit {
+                    out.push(VectorMatch {
                         reference: *reference,
                         bank: *bank,
                         frame_index: *frame_index,
+                        timestamp_ms: 0,
                         score,
                     });
                 }

@@ -31,7 +31,7 @@ use crate::api::{AppState, Catalog};
 use crate::auth::{self, Authenticator, KeyRing};
 use crate::config::ServeConfig;
 use crate::follow::Follower;
-use crate::index::FrameIndex;
+use crate::index::{FrameIndex, SignalIndex, VectorParams};
 use crate::model::{Actor, ChangeKind, ChangeSeq, NewApiKey, Role};
 use crate::pb;
 use crate::store::{self, Store};
@@ -163,7 +163,10 @@ async fn serve_grpc(
     tracing::info!(store = %store.describe(), engine = %config.engine, "store open");
     let default_org = store.default_org().await?;
     let catalog = Catalog::new(store.list_banks().await?, store.list_orgs().await?);
-    let index = FrameIndex::new(config.engine, config.hnsw);
+    let index = SignalIndex::new(
+        FrameIndex::new(config.engine, config.hnsw),
+        VectorParams::default(),
+    );
     let state = AppState::new(
         store,
         index,
@@ -363,9 +366,9 @@ async fn load_index(
     match state.store.load_active_frames().await {
         Ok((frames, seq)) => {
             let count = frames.len();
-            let index = std::sync::Arc::clone(&state.index);
+            let index = state.index.clone();
             // Building an index of millions of frames is CPU work: keep it off the async workers.
-            let built = tokio::task::spawn_blocking(move || index.write().load(frames)).await;
+            let built = tokio::task::spawn_blocking(move || index.load(frames, Vec::new())).await;
             if let Err(error) = built {
                 tracing::error!(%error, "index load failed; staying NOT_SERVING");
                 return;
@@ -509,11 +512,10 @@ async fn apply_change(state: &AppState, kind: &ChangeKind) -> Result<(), store::
             let frames = state.store.reference_frames(*reference).await?;
             state
                 .index
-                .write()
-                .insert_reference(*reference, *bank, &frames);
+                .insert_reference(*reference, *bank, &frames, &[]);
         }
         ChangeKind::ReferenceWithdrawn { reference, .. } => {
-            state.index.write().withdraw(*reference);
+            state.index.withdraw(*reference);
         }
         ChangeKind::BankUpdated(id) => {
             let bank = state.store.get_bank(*id).await?;

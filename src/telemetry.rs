@@ -33,7 +33,6 @@ use opentelemetry_otlp::WithExportConfig as _;
 use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::metrics::{PeriodicReader, SdkMeterProvider};
 use opentelemetry_sdk::trace::SdkTracerProvider;
-use parking_lot::RwLock;
 use tokio::net::TcpListener;
 use tracing_subscriber::EnvFilter;
 use tracing_subscriber::Layer as _;
@@ -41,7 +40,7 @@ use tracing_subscriber::layer::SubscriberExt as _;
 use tracing_subscriber::util::SubscriberInitExt as _;
 
 use crate::config::LogFormat;
-use crate::index::FrameIndex;
+use crate::index::SharedIndex;
 
 /// The service name reported when `OTEL_SERVICE_NAME` does not set one.
 pub const SERVICE_NAME: &str = "framematch";
@@ -337,11 +336,12 @@ impl MetricsPipeline {
     }
 
     /// Reports the index's size (`framematch.index.frames`) and tombstones
-    /// (`framematch.index.tombstones`), read at each collection. Holds the index until the
-    /// pipeline is dropped, so the last export at shutdown still reports it.
-    pub fn observe_index(&self, index: &Arc<RwLock<FrameIndex>>) {
-        let live = Arc::clone(index);
-        let dead = Arc::clone(index);
+    /// (`framematch.index.tombstones`) per signal (`signal="pdq"`, or `signal="embedding"` with
+    /// `space`), read at each collection. Holds the index until the pipeline is dropped, so the
+    /// last export at shutdown still reports it.
+    pub fn observe_index(&self, index: &SharedIndex) {
+        let live = index.clone();
+        let dead = index.clone();
         let frames = self
             .meter
             .u64_observable_gauge("framematch.index.frames")
@@ -351,8 +351,20 @@ impl MetricsPipeline {
                  counts twice: whole picture and content area)",
             )
             .with_callback(move |observer| {
-                let count = live.read().live_frames() as u64;
-                observer.observe(count, &[KeyValue::new("signal", "pdq")]);
+                let index = live.read();
+                observer.observe(
+                    index.pdq().live_frames() as u64,
+                    &[KeyValue::new("signal", "pdq")],
+                );
+                for (name, space) in index.spaces() {
+                    observer.observe(
+                        space.live_vectors() as u64,
+                        &[
+                            KeyValue::new("signal", "embedding"),
+                            KeyValue::new("space", name.to_string()),
+                        ],
+                    );
+                }
             })
             .build();
         let tombstones = self
@@ -361,8 +373,20 @@ impl MetricsPipeline {
             .with_unit("{frame}")
             .with_description("Withdrawn frames still held by the index until its next rebuild")
             .with_callback(move |observer| {
-                let count = dead.read().tombstones() as u64;
-                observer.observe(count, &[KeyValue::new("signal", "pdq")]);
+                let index = dead.read();
+                observer.observe(
+                    index.pdq().tombstones() as u64,
+                    &[KeyValue::new("signal", "pdq")],
+                );
+                for (name, space) in index.spaces() {
+                    observer.observe(
+                        space.tombstones() as u64,
+                        &[
+                            KeyValue::new("signal", "embedding"),
+                            KeyValue::new("space", name.to_string()),
+                        ],
+                    );
+                }
             })
             .build();
         self.observers.lock().extend([frames, tombstones]);

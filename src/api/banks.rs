@@ -318,8 +318,7 @@ impl Banks for BanksService {
             let low_quality = stored.iter().filter(|f| f.quality < min_quality).count();
             self.state
                 .index
-                .write()
-                .insert_reference(reference.id, bank_id, &stored);
+                .insert_reference(reference.id, bank_id, &stored, &[]);
             self.state.note_change();
             let catalog = self.state.catalog.read();
             Ok(Response::new(pb::AddReferenceResponse {
@@ -371,7 +370,7 @@ impl Banks for BanksService {
                 .metrics
                 .store_write("withdraw_reference", started.elapsed());
             let reference = withdrawn.map_err(Error::from)?;
-            self.state.index.write().withdraw(id);
+            self.state.index.withdraw(id);
             self.state.note_change();
             let catalog = self.state.catalog.read();
             Ok(Response::new(convert::reference_to_pb(
@@ -413,9 +412,9 @@ impl Banks for BanksService {
             let (indexed, tombstones, engine, memory) = {
                 let index = self.state.index.read();
                 (
-                    index.live_frames(),
-                    index.tombstones(),
-                    index.engine_name(),
+                    index.pdq().live_frames(),
+                    index.pdq().tombstones(),
+                    index.pdq().engine_name(),
                     index.memory_bytes(),
                 )
             };

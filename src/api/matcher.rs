@@ -170,7 +170,9 @@ async fn answer_frame(
     let changed = {
         let index = state.index.read();
         session.record(query, hits, &|reference| {
-            index.reference_frame_count(reference, params.min_quality)
+            index
+                .pdq()
+                .reference_frame_count(reference, params.min_quality)
         })
     };
     let mut responses = Vec::with_capacity(1 + changed.len());
@@ -273,6 +275,7 @@ async fn run_stream(
         let index = state.index.read();
         session.finish(&|reference| {
             index
+                .pdq()
                 .reference_frame_count(reference, session.params().min_quality)
                 .is_some()
         })

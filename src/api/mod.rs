@@ -35,7 +35,7 @@ use crate::auth::{AuthMode, Caller, KeyRing};
 use crate::config::{Limits, ServeConfig};
 use crate::hash::border;
 use crate::hash::pdq::DecodeLimits;
-use crate::index::FrameIndex;
+use crate::index::{SharedIndex, SignalIndex};
 use crate::matching::{self, ContentSignal, FrameHit, MatchParams, QueryFrame};
 use crate::model::{Bank, BankId, FrameSignal, OrgId, Organisation};
 use crate::store::Store;
@@ -148,8 +148,9 @@ impl BankFilter {
 pub struct AppState {
     /// The durable store (write path and start-up only).
     pub store: Store,
-    /// The in-memory frame index.
-    pub index: Arc<RwLock<FrameIndex>>,
+    /// The in-memory index of every signal (PDQ and the embedding spaces), with its background
+    /// rebuilder.
+    pub index: SharedIndex,
     /// Bank and organisation names.
     pub catalog: Arc<RwLock<Catalog>>,
     /// The working API keys (also read by the authentication interceptor).
@@ -191,7 +192,7 @@ impl AppState {
     /// [`AppState::set_ready`].
     pub fn new(
         store: Store,
-        index: FrameIndex,
+        index: SignalIndex,
         catalog: Catalog,
         default_org: OrgId,
         config: &ServeConfig,
@@ -199,7 +200,7 @@ impl AppState {
     ) -> Self {
         Self {
             store,
-            index: Arc::new(RwLock::new(index)),
+            index: SharedIndex::new(index),
             catalog: Arc::new(RwLock::new(catalog)),
             keys: Arc::new(RwLock::new(KeyRing::default())),
             default_org,
@@ -416,7 +417,7 @@ impl AppState {
     ) -> Result<(QueryFrame, Vec<FrameHit>), Error> {
         let started = Instant::now();
         let precomputed = matches!(input.content, Content::Pdq { .. });
-        let index = Arc::clone(&self.index);
+        let index = self.index.clone();
         let params = Arc::clone(params);
         let filter = Arc::clone(filter);
         let limits = self.limits.decode_limits();

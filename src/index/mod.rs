@@ -32,6 +32,11 @@ use crate::model::{BankId, FrameSignal, IndexedFrame, ReferenceId};
 pub mod exact;
 pub mod hnsw;
 pub mod mih;
+pub mod signals;
+pub mod vectors;
+
+pub use signals::{RebuildReport, SharedIndex, Signal, SignalIndex, SpaceConflict};
+pub use vectors::{VectorIndex, VectorMatch, VectorParams};
 
 /// A rebuild happens once tombstones are at least this share of all entries ...
 pub const REBUILD_FRACTION: f64 = 0.25;
@@ -212,7 +217,7 @@ struct Entry {
 
 /// One reference: its ids and its run of entries.
 #[derive(Clone, Copy, Debug)]
-struct RefEntry {
+pub(crate) struct RefEntry {
     id: ReferenceId,
     bank: BankId,
     /// First entry id of the run.
@@ -224,11 +229,15 @@ struct RefEntry {
 
 /// A set of entry ids, one bit each.
 #[derive(Clone, Debug, Default)]
-struct BitSet {
+pub(crate) struct BitSet {
     words: Vec<u64>,
 }
 
 impl BitSet {
+    fn memory_bytes(&self) -> usize {
+        self.words.capacity() * size_of::<u64>()
+    }
+
     fn grow_to(&mut self, bits: usize) {
         self.words.resize(bits.div_ceil(64), 0);
     }
@@ -246,10 +255,6 @@ impl BitSet {
         self.words
             .get(bit / 64)
             .is_some_and(|word| (word >> (bit % 64)) & 1 == 1)
-    }
-
-    fn clear(&mut self) {
-        self.words.clear();
     }
 }
 
@@ -271,8 +276,12 @@ pub struct FrameIndex {
     references: Vec<RefEntry>,
     slots: HashMap<ReferenceId, u32>,
     live_references: usize,
-    /// Tombstones that trigger a rebuild; [`REBUILD_MIN_TOMBSTONES`] outside tests.
+    /// Tombstones that make a rebuild due; [`REBUILD_MIN_TOMBSTONES`] outside tests.
     rebuild_min_tombstones: usize,
+    /// Withdrawals since a background rebuild started (`Some` while one runs).
+    journal: Option<Vec<ReferenceId>>,
+    /// Hashes of entries copied into this (fresh) index by a rebuild and not yet in the engine.
+    pending: Vec<PdqHash>,
 }
 
 impl fmt::Debug for FrameIndex {
@@ -301,6 +310,8 @@ impl FrameIndex {
             slots: HashMap::new(),
             live_references: 0,
             rebuild_min_tombstones: REBUILD_MIN_TOMBSTONES,
+            journal: None,
+            pending: Vec::new(),
         }
     }
 
@@ -396,14 +407,13 @@ impl FrameIndex {
     /// inserted again. Returns whether it was present and active. An unknown id is remembered as
     /// withdrawn too, so that a late insert of it is refused.
     ///
-    /// When tombstones reach [`REBUILD_FRACTION`] of the entries (and at least
-    /// [`REBUILD_MIN_TOMBSTONES`]), this call rebuilds the engine from the live entries before
-    /// returning. That costs a full re-insert under the caller's write lock: a copy of 49 bytes
-    /// per live frame for `exact` (milliseconds per 10^5 frames), a table build for `mih` (about
-    /// 0.1 s per 10^6 frames), but a whole graph build for
-    /// `hnsw` (90-174 s per 10^5 frames measured at the default parameters on two busy cores).
-    /// Call it off the async runtime (`spawn_blocking`).
+    /// This never rebuilds: once [`Rebuild::rebuild_due`] says so (tombstones at
+    /// [`REBUILD_FRACTION`] of the entries and at least [`REBUILD_MIN_TOMBSTONES`]), the owner
+    /// rebuilds in the background ([`SharedIndex`]) or calls [`rebuild_now`](Self::rebuild_now).
     pub fn withdraw(&mut self, reference: ReferenceId) -> bool {
+        if let Some(journal) = &mut self.journal {
+            journal.push(reference);
+        }
         let Some(&slot) = self.slots.get(&reference) else {
             let slot = entry_id(self.references.len());
             self.references.push(RefEntry {
@@ -429,42 +439,16 @@ impl FrameIndex {
             self.tombstoned.set(id);
         }
         self.tombstones += count as usize;
-        if self.tombstones >= self.rebuild_min_tombstones
-            && self.tombstones as f64 >= REBUILD_FRACTION * self.entries.len() as f64
-        {
-            self.rebuild();
-        }
         true
     }
 
     /// Drops tombstoned entries and rebuilds the engine from the live ones, in order, so that
-    /// every reference keeps a contiguous run. Entry ids are remapped.
-    fn rebuild(&mut self) {
-        let live = self.entries.len() - self.tombstones;
-        let mut entries = Vec::with_capacity(live);
-        let mut quality = Vec::with_capacity(live);
-        let mut hashes = Vec::with_capacity(live);
-        for reference in &mut self.references {
-            let (first, count) = (reference.first as usize, reference.count as usize);
-            reference.first = entry_id(entries.len());
-            if !reference.active {
-                reference.count = 0;
-                continue;
-            }
-            if let Some(run) = self.entries.get(first..first + count) {
-                entries.extend_from_slice(run);
-                quality.extend_from_slice(&self.quality[first..first + count]);
-                let ids = entry_id(first)..entry_id(first + count);
-                hashes.extend(ids.filter_map(|id| self.engine.hash(id)));
-            }
-        }
-        debug_assert_eq!(hashes.len(), entries.len(), "the engine holds every entry");
-        self.entries = entries;
-        self.quality = quality;
-        self.tombstoned.clear();
-        self.tombstones = 0;
-        self.engine = new_engine(self.kind, self.params, self.entries.len());
-        self.engine.add_batch(0, &hashes);
+    /// every reference keeps a contiguous run (entry ids are remapped), right here: the same
+    /// steps as the background rebuild of [`SharedIndex`], without a lock in between. Costs a
+    /// full engine build: milliseconds per 10^5 frames for `exact`, about 0.1 s per 10^6 for
+    /// `mih` (4.3 s at 10^7), minutes per 10^5 for `hnsw`.
+    pub fn rebuild_now(&mut self) {
+        rebuild_in_place(self);
     }
 
     /// Every live frame within `max_distance` bits of `query` whose bank passes `bank_filter`,
@@ -567,6 +551,11 @@ impl FrameIndex {
         })
     }
 
+    /// Whether `reference` was inserted or withdrawn here (a known id is never inserted again).
+    pub fn is_known(&self, reference: ReferenceId) -> bool {
+        self.slots.contains_key(&reference)
+    }
+
     /// Frames not tombstoned.
     pub fn live_frames(&self) -> usize {
         self.entries.len() - self.tombstones
@@ -603,8 +592,129 @@ impl FrameIndex {
 
     /// Lowers the rebuild floor so tests can trigger rebuilds with few frames.
     #[cfg(test)]
-    fn set_rebuild_min_tombstones(&mut self, min: usize) {
+    pub(crate) fn set_rebuild_min_tombstones(&mut self, min: usize) {
         self.rebuild_min_tombstones = min;
+    }
+}
+
+/// The steps of a rebuild that swaps a fresh copy of an index in, written so that every step but
+/// two short ones runs under a read lock or none (see `signals::rebuild`):
+///
+/// 1. [`begin_rebuild`](Self::begin_rebuild) (write lock, microseconds): starts recording
+///    withdrawals in a journal and returns an empty index with the same settings;
+/// 2. [`copy_live`](Self::copy_live) (read lock, in chunks): copies references in slot order,
+///    live ones with their frames, withdrawn ones as empty, into the fresh index, whose slots
+///    therefore equal the old ones;
+/// 3. [`index_copied`](Self::index_copied) (no lock): builds the fresh engine (the long part);
+/// 4. 2 and 3 again for references added meanwhile;
+/// 5. [`finish_rebuild`](Self::finish_rebuild) (write lock): copies the last additions, replays
+///    the journal's withdrawals and swaps; the old index is returned, to be dropped unlocked.
+///
+/// References are append-only between rebuilds and only one rebuild runs at a time, so what was
+/// copied never changes but for withdrawals, which the journal replays.
+pub(crate) trait Rebuild: Sized {
+    /// Whether enough has changed since the last build for a rebuild to pay; false while one runs.
+    fn rebuild_due(&self) -> bool;
+    /// Step 1; `None` if a rebuild is running already.
+    fn begin_rebuild(&mut self) -> Option<Self>;
+    /// References recorded (live and withdrawn): the end of the slots to copy.
+    fn reference_slots(&self) -> usize;
+    /// Step 2: copies references from slot `from` on, stopping after about `budget` frames;
+    /// returns the next slot to copy.
+    fn copy_live(&self, fresh: &mut Self, from: usize, budget: usize) -> usize;
+    /// Step 3, on the fresh index.
+    fn index_copied(&mut self);
+    /// Step 5: `from` is the next slot step 2 would have copied.
+    fn finish_rebuild(&mut self, fresh: Self, from: usize) -> Self;
+}
+
+/// All steps of [`Rebuild`] at once, on an index the caller holds exclusively.
+pub(crate) fn rebuild_in_place<I: Rebuild>(index: &mut I) {
+    if let Some(mut fresh) = index.begin_rebuild() {
+        let next = index.copy_live(&mut fresh, 0, usize::MAX);
+        fresh.index_copied();
+        drop(index.finish_rebuild(fresh, next));
+    }
+}
+
+impl Rebuild for FrameIndex {
+    fn rebuild_due(&self) -> bool {
+        self.journal.is_none()
+            && self.tombstones >= self.rebuild_min_tombstones
+            && self.tombstones as f64 >= REBUILD_FRACTION * self.entries.len() as f64
+    }
+
+    fn begin_rebuild(&mut self) -> Option<Self> {
+        if self.journal.is_some() {
+            return None;
+        }
+        self.journal = Some(Vec::new());
+        let mut fresh = FrameIndex::new(self.kind, self.params);
+        fresh.rebuild_min_tombstones = self.rebuild_min_tombstones;
+        // Sized for the live frames: hnsw_rs pre-allocates its layers from this hint.
+        fresh.engine = new_engine(self.kind, self.params, self.entries.len() - self.tombstones);
+        Some(fresh)
+    }
+
+    fn reference_slots(&self) -> usize {
+        self.references.len()
+    }
+
+    fn copy_live(&self, fresh: &mut Self, from: usize, budget: usize) -> usize {
+        let mut copied = 0;
+        let mut slot = from;
+        while let Some(reference) = self.references.get(slot) {
+            if copied >= budget {
+                break;
+            }
+            let new_slot = entry_id(fresh.references.len());
+            let first = entry_id(fresh.entries.len());
+            let count = if reference.active { reference.count } else { 0 };
+            let (start, end) = (reference.first as usize, (reference.first + count) as usize);
+            if let (Some(run), Some(quality)) =
+                (self.entries.get(start..end), self.quality.get(start..end))
+            {
+                reserve(&mut fresh.entries, run.len());
+                fresh.entries.extend(run.iter().map(|e| Entry {
+                    slot: new_slot,
+                    ..*e
+                }));
+                fresh.quality.extend_from_slice(quality);
+                let ids = reference.first..reference.first + count;
+                fresh
+                    .pending
+                    .extend(ids.filter_map(|id| self.engine.hash(id)));
+            }
+            fresh.references.push(RefEntry {
+                first,
+                count,
+                ..*reference
+            });
+            fresh.slots.insert(reference.id, new_slot);
+            if reference.active {
+                fresh.live_references += 1;
+            }
+            copied += count as usize + 1;
+            slot += 1;
+        }
+        slot
+    }
+
+    fn index_copied(&mut self) {
+        let pending = std::mem::take(&mut self.pending);
+        let first = entry_id(self.engine.len());
+        debug_assert_eq!(self.engine.len() + pending.len(), self.entries.len());
+        self.engine.add_batch(first, &pending);
+    }
+
+    fn finish_rebuild(&mut self, mut fresh: Self, from: usize) -> Self {
+        self.copy_live(&mut fresh, from, usize::MAX);
+        debug_assert_eq!(fresh.references.len(), self.references.len());
+        fresh.index_copied();
+        for reference in self.journal.take().unwrap_or_default() {
+            fresh.withdraw(reference);
+        }
+        std::mem::replace(self, fresh)
     }
 }
 
@@ -841,12 +951,13 @@ mod tests {
         let mut rebuilds = 0;
         let mut out = Vec::new();
         for (step, id) in ids.iter().enumerate().filter(|(i, _)| i % 3 != 0) {
-            let before = index.tombstones();
             assert!(index.withdraw(*id));
             live.retain(|f| f.reference != *id);
-            if index.tombstones() < before {
+            if index.rebuild_due() {
+                index.rebuild_now();
                 rebuilds += 1;
                 assert_eq!(index.tombstones(), 0);
+                assert!(!index.rebuild_due());
             }
             assert_eq!(index.live_frames(), live.len());
             if step % 7 == 1 {
