@@ -4,9 +4,90 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-use crate::api::{BankFilter, Catalog};
-use crate::matching::SpaceScope;
+use image::RgbImage;
+
+use crate::api::{BankFilter, Catalog, Error};
+use crate::hash::border;
+use crate::matching::{QueryEmbedding, SpaceScope};
+use crate::model::Metric;
+
+/// A model that turns a picture into a vector of one embedding space: the plug-in point through
+/// which the server computes descriptors (SSCD through ONNX Runtime today; a platform's own model
+/// tomorrow).
+pub trait SpaceModel: Send + Sync {
+    /// The space's name.
+    fn name(&self) -> &str;
+    /// The vector length.
+    fn dimension(&self) -> u32;
+    /// How the vectors compare.
+    fn metric(&self) -> Metric;
+    /// The picture's vector (L2-normalised for cosine spaces).
+    ///
+    /// # Errors
+    /// A description of what failed, for the log and the client.
+    fn embed(&self, picture: &RgbImage) -> Result<Vec<f32>, String>;
+}
+
+/// The server's models that serve a space in `scopes`.
+pub fn models_in_scope(
+    models: &[Arc<dyn SpaceModel>],
+    scopes: &[SpaceScope],
+) -> Vec<Arc<dyn SpaceModel>> {
+    models
+        .iter()
+        .filter(|m| scopes.iter().any(|s| &*s.space == m.name()))
+        .cloned()
+        .collect()
+}
+
+/// The vectors of a decoded picture in each of `models`' spaces: of the whole picture and, when it
+/// has uniform borders (letterbox, pillarbox, or 16:9 inside 9:16), of its content area too, so a
+/// re-upload that added or removed bars still meets the reference's vector. Returns them with the
+/// time the models took.
+///
+/// # Errors
+/// [`Error::Embedding`] when a model fails.
+pub fn embed_picture(
+    models: &[Arc<dyn SpaceModel>],
+    picture: &RgbImage,
+) -> Result<(Vec<QueryEmbedding>, Duration), Error> {
+    let started = Instant::now();
+    let mut out = Vec::new();
+    if models.is_empty() {
+        return Ok((out, started.elapsed()));
+    }
+    let (width, height) = picture.dimensions();
+    let content = border::content_area(width, height, picture.as_raw()).and_then(|area| {
+        RgbImage::from_raw(
+            area.width,
+            area.height,
+            border::crop_rgb(width, picture.as_raw(), area),
+        )
+    });
+    for model in models {
+        let embed = |p: &RgbImage| {
+            model.embed(p).map_err(|reason| Error::Embedding {
+                space: model.name().to_string(),
+                reason,
+            })
+        };
+        out.push(QueryEmbedding {
+            space: Arc::from(model.name()),
+            vector: embed(picture)?,
+            content_area: false,
+        });
+        if let Some(area) = &content {
+            out.push(QueryEmbedding {
+                space: Arc::from(model.name()),
+                vector: embed(area)?,
+                content_area: true,
+            });
+        }
+    }
+    Ok((out, started.elapsed()))
+}
 
 /// The embedding spaces the banks of `filter` declare, each with every declaring bank's
 /// threshold, in name order.

@@ -24,7 +24,7 @@ use crate::pb;
 use crate::pb::matcher_server::Matcher;
 use crate::telemetry::Rpc;
 
-use super::convert::{self, FrameInput};
+use super::convert::{self, Content, FrameInput};
 use super::{AppState, BankFilter, Error, embedding};
 
 /// Answers in flight per stream before the task waits for the client to read.
@@ -113,7 +113,10 @@ impl Matcher for MatcherService {
             let frame = frame.ok_or(Error::MissingField { field: "frame" })?;
             let input = FrameInput::try_from_pb(frame, &self.state.limits)?;
             let params = Arc::new(params);
-            let (query, hits) = self.state.match_frame(input, &params, &filter).await?;
+            let (query, hits) = self
+                .state
+                .match_frame(input, &params, &filter, true)
+                .await?;
             let result = {
                 let catalog = self.state.catalog.read();
                 convert::frame_result_to_pb(&catalog, &query, &hits, &params)
@@ -215,6 +218,7 @@ async fn run_stream(
     // an error in that same order, so every frame before it is still answered.
     let mut in_flight: FuturesOrdered<BoxFuture<'static, Matched>> = FuturesOrdered::new();
     let mut inbound_open = true;
+    let mut sampler = embedding::EmbedSampler::new(state.embed_interval_ms);
     loop {
         tokio::select! {
             biased;
@@ -247,10 +251,13 @@ async fn run_stream(
                 match accept_frame(state, caller, &mut stream, message) {
                     Ok((input, params, filter)) => {
                         let state = state.clone();
+                        // Only frames with pixels can be embedded; they alone use up the interval.
+                        let embed = !matches!(input.content, Content::Pdq { .. })
+                            && sampler.due(input.timestamp_ms);
                         in_flight.push_back(
                             async move {
                                 state
-                                    .match_frame(input, &params, &filter)
+                                    .match_frame(input, &params, &filter, embed)
                                     .await
                                     .map_err(Status::from)
                             }

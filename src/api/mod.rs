@@ -34,7 +34,7 @@ use tracing::Instrument as _;
 use crate::auth::{AuthMode, Caller, KeyRing};
 use crate::config::{Limits, ServeConfig};
 use crate::hash::border;
-use crate::hash::pdq::DecodeLimits;
+use crate::hash::pdq::{self, DecodeLimits};
 use crate::index::{SharedIndex, SignalIndex};
 use crate::matching::{self, ContentSignal, FrameHit, MatchParams, QueryFrame};
 use crate::model::{Bank, BankId, FrameSignal, OrgId, Organisation};
@@ -169,6 +169,11 @@ pub struct AppState {
     pub match_defaults: Arc<MatchParams>,
     /// Metric instruments (issue #5).
     pub metrics: Metrics,
+    /// The server's own embedding models, one per space it computes vectors for (empty: the
+    /// server computes none, and matches only the vectors clients send).
+    pub models: Arc<Vec<Arc<dyn embedding::SpaceModel>>>,
+    /// Upload frames of one stream are embedded at most once per this many milliseconds.
+    pub embed_interval_ms: u64,
     workers: Arc<Semaphore>,
     /// Whether a frame that arrives already hashed is searched right on the async worker rather
     /// than on the blocking pool: with `mih` a search takes about 0.1 ms at 1M frames, less than
@@ -209,6 +214,8 @@ impl AppState {
             limits: Arc::new(config.limits.clone()),
             match_defaults: Arc::new(config.match_defaults.clone()),
             metrics,
+            models: Arc::new(Vec::new()),
+            embed_interval_ms: 1000,
             workers: Arc::new(Semaphore::new(config.hash_workers.max(1))),
             stream_pipeline: config.hash_workers.max(1) * 2,
             inline_search: config.engine == crate::index::EngineKind::Mih,
@@ -218,6 +225,18 @@ impl AppState {
             closing: Arc::new(AtomicBool::new(false)),
             abort: Arc::new(tokio::sync::watch::channel(false).0),
         }
+    }
+
+    /// The state with the server's embedding models, embedding one upload frame per
+    /// `interval_ms` of a stream.
+    pub fn with_models(
+        mut self,
+        models: Vec<Arc<dyn embedding::SpaceModel>>,
+        interval_ms: u64,
+    ) -> Self {
+        self.models = Arc::new(models);
+        self.embed_interval_ms = interval_ms;
+        self
     }
 
     /// Shutdown has started: from now on new requests get UNAVAILABLE, open streams go on.
@@ -392,12 +411,20 @@ impl AppState {
         dihedral: bool,
     ) -> Result<QueryFrame, Error> {
         if matches!(input.content, Content::Pdq { .. }) {
-            return query_frame(input, dihedral, &self.limits.decode_limits())
-                .map(|(query, _)| query);
+            return query_frame(
+                input,
+                dihedral,
+                &self.limits.decode_limits(),
+                &[],
+                0,
+                &self.metrics,
+            )
+            .map(|(query, _)| query);
         }
         let limits = self.limits.decode_limits();
+        let metrics = self.metrics.clone();
         let (query, hashed) = self
-            .run_blocking(move || query_frame(input, dihedral, &limits))
+            .run_blocking(move || query_frame(input, dihedral, &limits, &[], 0, &metrics))
             .await??;
         if let Some((input, elapsed)) = hashed {
             self.metrics.hashed(input, elapsed);
@@ -409,21 +436,38 @@ impl AppState {
     ///
     /// # Errors
     /// As [`AppState::frame_signal`].
+    ///
+    /// With `embed`, a frame that carries pixels is also run through the server's models of the
+    /// spaces in scope (callers sample: see [`embedding::EmbedSampler`]).
     pub async fn match_frame(
         &self,
         input: FrameInput,
         params: &Arc<MatchParams>,
         filter: &Arc<BankFilter>,
+        embed: bool,
     ) -> Result<(QueryFrame, Vec<FrameHit>), Error> {
         let started = Instant::now();
         let precomputed = matches!(input.content, Content::Pdq { .. });
         let index = self.index.clone();
+        let models = if embed && !precomputed {
+            embedding::models_in_scope(&self.models, &params.spaces)
+        } else {
+            Vec::new()
+        };
         let params = Arc::clone(params);
         let filter = Arc::clone(filter);
         let limits = self.limits.decode_limits();
         let min_quality = params.min_quality;
+        let metrics = self.metrics.clone();
         let job = move || -> Result<_, Error> {
-            let (query, hashed) = query_frame(input, params.dihedral, &limits)?;
+            let (query, hashed) = query_frame(
+                input,
+                params.dihedral,
+                &limits,
+                &models,
+                min_quality,
+                &metrics,
+            )?;
             let search_started = Instant::now();
             let hits = {
                 let index = index.read();
@@ -474,6 +518,9 @@ fn query_frame(
     input: FrameInput,
     dihedral: bool,
     limits: &DecodeLimits,
+    models: &[Arc<dyn embedding::SpaceModel>],
+    min_quality: u8,
+    metrics: &Metrics,
 ) -> Result<(QueryFrame, Option<Hashed>), Error> {
     let FrameInput {
         frame_index,
@@ -481,7 +528,7 @@ fn query_frame(
         content,
     } = input;
     let started = Instant::now();
-    let (hashes, kind) = match content {
+    let (hashes, kind, picture) = match content {
         Content::Pdq {
             hash,
             quality,
@@ -505,16 +552,29 @@ fn query_frame(
             };
             return Ok((query, None));
         }
-        Content::Image(bytes) => (border::hash_image_bytes(&bytes, limits)?, "image"),
+        Content::Image(bytes) => {
+            // Decoded once for both signals; the models need 8-bit RGB.
+            let decoded = pdq::decode_image(&bytes, limits)?;
+            let picture = (!models.is_empty()).then(|| decoded.to_rgb8());
+            (border::hash_picture(decoded), "image", picture)
+        }
         Content::Rgb {
             width,
             height,
             data,
-        } => (border::hash_rgb(width, height, &data)?, "rgb"),
+        } => {
+            let hashes = border::hash_rgb(width, height, &data)?;
+            let picture = if models.is_empty() {
+                None
+            } else {
+                image::RgbImage::from_raw(width, height, data)
+            };
+            (hashes, "rgb", picture)
+        }
     };
     let elapsed = started.elapsed();
     let full = &hashes.full;
-    let query = QueryFrame {
+    let mut query = QueryFrame {
         signal: FrameSignal {
             frame_index,
             timestamp_ms,
@@ -530,6 +590,14 @@ fn query_frame(
         has_pdq: true,
         embeddings: Vec::new(),
     };
+    // A frame no signal will search (flat, dark) is not worth the model's time.
+    if let Some(picture) = picture
+        && query.searchable(min_quality)
+    {
+        let (vectors, took) = embedding::embed_picture(models, &picture)?;
+        metrics.hashed("embedding", took);
+        query.embeddings = vectors;
+    }
     Ok((query, Some((kind, elapsed))))
 }
 

@@ -71,6 +71,14 @@ pub enum Error {
     /// A hashing worker died (a bug).
     #[error("hashing worker failed: {0}")]
     Worker(String),
+    /// A model could not compute a frame's vector.
+    #[error("embedding space {space}: the model failed on this frame: {reason}")]
+    Embedding {
+        /// The space whose model failed.
+        space: String,
+        /// What failed.
+        reason: String,
+    },
     /// The caller's key may not do this.
     #[error(transparent)]
     Denied(#[from] crate::auth::Denied),
@@ -130,7 +138,7 @@ pub fn code_of(error: &Error) -> Code {
         Error::Hash(e) => pdq_code(e),
         Error::Store(e) => store_code(e),
         Error::NotReady | Error::ShuttingDown => Code::Unavailable,
-        Error::Worker(_) => Code::Internal,
+        Error::Worker(_) | Error::Embedding { .. } => Code::Internal,
     }
 }
 
