@@ -252,7 +252,7 @@ async fn run_stream(
                     Ok((input, params, filter)) => {
                         let state = state.clone();
                         // Only frames with pixels can be embedded; they alone use up the interval.
-                        let embed = !matches!(input.content, Content::Pdq { .. })
+                        let embed = input.content.has_pixels()
                             && sampler.due(input.timestamp_ms);
                         in_flight.push_back(
                             async move {
