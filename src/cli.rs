@@ -342,7 +342,9 @@ impl std::str::FromStr for EmbeddingArg {
         let mut parts = text.split(':');
         let name = parts.next().unwrap_or_default().to_string();
         if name.is_empty() {
-            return Err(format!("{text:?} names no space; expected SPACE[:THRESHOLD[:DIM[:METRIC]]]"));
+            return Err(format!(
+                "{text:?} names no space; expected SPACE[:THRESHOLD[:DIM[:METRIC]]]"
+            ));
         }
         let threshold = match parts.next() {
             None | Some("") => 0.0,

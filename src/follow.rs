@@ -737,9 +737,11 @@ impl Follower {
             let index = self.state.index.clone();
             let id = local.id;
             // Index inserts are CPU work (hnsw especially): off the async workers.
-            tokio::task::spawn_blocking(move || index.insert_reference(id, bank, &stored, &vectors))
-                .await
-                .map_err(|e| Rejected::Store(store::Error::TaskFailed(e)))?;
+            tokio::task::spawn_blocking(move || {
+                index.insert_reference(id, bank, &stored, &vectors)
+            })
+            .await
+            .map_err(|e| Rejected::Store(store::Error::TaskFailed(e)))?;
             self.state.note_change();
             tracing::debug!(
                 partner = %self.source,

@@ -1357,14 +1357,22 @@ mod tests {
             embeddings: vec![vector(0, "sscd", vec![0.1, 0.2, 0.3])],
             ..item("v", "", Vec::new())
         };
-        let (text, written) =
-            write_all(Format::VpdqJson, &[with_vectors.clone(), only_vectors.clone()])?;
+        let (text, written) = write_all(
+            Format::VpdqJson,
+            &[with_vectors.clone(), only_vectors.clone()],
+        )?;
         assert!(written.iter().all(|w| *w == Written::Wrote));
-        assert!(text.contains("\"embeddings\":[{\"frame\":0,\"timestamp_ms\":0,\"space\":\"sscd\""));
+        assert!(
+            text.contains("\"embeddings\":[{\"frame\":0,\"timestamp_ms\":0,\"space\":\"sscd\"")
+        );
         let back = parse(Format::VpdqJson, &text)?;
         assert_eq!(items(&back), vec![with_vectors, only_vectors]);
         // A file without the field reads as before: no vectors.
-        assert!(!write_all(Format::VpdqJson, &[video()])?.0.contains("embeddings"));
+        assert!(
+            !write_all(Format::VpdqJson, &[video()])?
+                .0
+                .contains("embeddings")
+        );
         Ok(())
     }
 

@@ -315,7 +315,7 @@ pub async fn import(args: ImportArgs, server: &ClientOptions) -> Result<(), Erro
             embeddings,
             ..
         } = located.item;
-        let frames = frames_to_send(signals, embeddings);
+        let to_send = frames_to_send(signals, embeddings);
         let header = pb::AddReferenceRequest {
             item: Some(pb::add_reference_request::Item::Header(
                 pb::ReferenceHeader {
@@ -325,10 +325,11 @@ pub async fn import(args: ImportArgs, server: &ClientOptions) -> Result<(), Erro
                 },
             )),
         };
-        let messages =
-            std::iter::once(header).chain(frames.into_iter().map(|frame| pb::AddReferenceRequest {
+        let messages = std::iter::once(header).chain(to_send.into_iter().map(|frame| {
+            pb::AddReferenceRequest {
                 item: Some(pb::add_reference_request::Item::Frame(frame)),
-            }));
+            }
+        }));
         let added = client
             .add_reference(tokio_stream::iter(messages))
             .await

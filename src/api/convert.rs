@@ -14,8 +14,8 @@ use crate::matching::{
     VerdictData,
 };
 use crate::model::{
-    Bank, Category, EmbeddingSpace, FrameEmbedding, FrameSignal, Metric, Reference,
-    ReferenceState, Visibility,
+    Bank, Category, EmbeddingSpace, FrameEmbedding, FrameSignal, Metric, Reference, ReferenceState,
+    Visibility,
 };
 use crate::pb;
 use crate::store;
@@ -233,8 +233,7 @@ fn frame_embeddings(
                 ),
             });
         }
-        if let Some((position, value)) = values.iter().enumerate().find(|(_, v)| !v.is_finite())
-        {
+        if let Some((position, value)) = values.iter().enumerate().find(|(_, v)| !v.is_finite()) {
             return Err(Error::InvalidField {
                 field: "frame.embeddings.values",
                 reason: format!(

@@ -60,13 +60,16 @@ pub fn embed_picture(
         return Ok((out, started.elapsed()));
     }
     let (width, height) = picture.dimensions();
-    let content = content_area.then(|| border::content_area(width, height, picture.as_raw())).flatten().and_then(|area| {
-        RgbImage::from_raw(
-            area.width,
-            area.height,
-            border::crop_rgb(width, picture.as_raw(), area),
-        )
-    });
+    let content = content_area
+        .then(|| border::content_area(width, height, picture.as_raw()))
+        .flatten()
+        .and_then(|area| {
+            RgbImage::from_raw(
+                area.width,
+                area.height,
+                border::crop_rgb(width, picture.as_raw(), area),
+            )
+        });
     for model in models {
         let embed = |p: &RgbImage| {
             model.embed(p).map_err(|reason| Error::Embedding {

@@ -24,7 +24,7 @@ use crate::pb;
 use crate::pb::matcher_server::Matcher;
 use crate::telemetry::Rpc;
 
-use super::convert::{self, Content, FrameInput};
+use super::convert::{self, FrameInput};
 use super::{AppState, BankFilter, Error, embedding};
 
 /// Answers in flight per stream before the task waits for the client to read.

@@ -540,7 +540,9 @@ impl AppState {
             };
             let (mut query, hashed) =
                 query_frame(input, params.dihedral, &limits, embed, &metrics)?;
-            query.embeddings.splice(0..0, client_vectors);
+            // The client's vectors first, then the models'.
+            let computed = std::mem::replace(&mut query.embeddings, client_vectors);
+            query.embeddings.extend(computed);
             let search_started = Instant::now();
             let hits = {
                 let index = index.read();
@@ -596,8 +598,9 @@ struct Embed<'a> {
     content_area: bool,
 }
 
-impl Embed<'_> {
-    const fn none() -> Embed<'static> {
+impl Embed<'static> {
+    /// No model: PDQ only.
+    const fn none() -> Self {
         Embed {
             models: &[],
             min_quality: 0,

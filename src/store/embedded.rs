@@ -1159,7 +1159,9 @@ fn insert_bank_spaces(
         .execute((&space.name, space.dimension, space.metric.as_str()))?;
         let (space_id, dimension, metric): (i64, i64, String) = conn
             .prepare_cached("SELECT id, dimension, metric FROM embedding_spaces WHERE name = ?1")?
-            .query_row([&space.name], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))?;
+            .query_row([&space.name], |row| {
+                Ok((row.get(0)?, row.get(1)?, row.get(2)?))
+            })?;
         let stored = rows::space(bank.0, space.name.clone(), dimension, &metric, 1.0)?;
         if stored.dimension != space.dimension || stored.metric != space.metric {
             return Err(Error::SpaceConflict {

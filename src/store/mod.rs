@@ -887,10 +887,7 @@ fn validate_new_bank(new: NewBank) -> Result<NewBank, Error> {
     if spaces.len() > MAX_SPACES_PER_BANK {
         return Err(Error::InvalidInput {
             field: "embedding_spaces",
-            reason: format!(
-                "{} spaces, limit is {MAX_SPACES_PER_BANK}",
-                spaces.len()
-            ),
+            reason: format!("{} spaces, limit is {MAX_SPACES_PER_BANK}", spaces.len()),
         });
     }
     for space in &spaces {
@@ -2474,7 +2471,6 @@ mod tests {
         Ok(())
     }
 
-
     fn space(name: &str, dimension: u32, metric: Metric, threshold: f32) -> EmbeddingSpace {
         EmbeddingSpace {
             name: name.to_string(),
@@ -2591,7 +2587,11 @@ mod tests {
                 e.embedding.clone()
             })
             .collect();
-        loaded.sort_by(|a, b| a.space.cmp(&b.space).then(a.frame_index.cmp(&b.frame_index)));
+        loaded.sort_by(|a, b| {
+            a.space
+                .cmp(&b.space)
+                .then(a.frame_index.cmp(&b.frame_index))
+        });
         assert_eq!(loaded, stored);
 
         // A second bank may declare the same space with its own threshold.
@@ -2663,7 +2663,10 @@ mod tests {
         for (bad, expected) in [
             (space("", 4, Metric::Cosine, 0.5), "has 0 characters"),
             (space("SSCD", 4, Metric::Cosine, 0.5), "'S'"),
-            (space("x", 0, Metric::Cosine, 0.5), "dimension 0, must be 1 to 4096"),
+            (
+                space("x", 0, Metric::Cosine, 0.5),
+                "dimension 0, must be 1 to 4096",
+            ),
             (space("x", 4097, Metric::Cosine, 0.5), "dimension 4097"),
             (space("x", 4, Metric::Cosine, 0.0), "threshold 0"),
             (space("x", 4, Metric::Cosine, 1.5), "threshold 1.5"),
@@ -2682,12 +2685,18 @@ mod tests {
                 bank_with_spaces(
                     "d",
                     local,
-                    vec![space("x", 4, Metric::Cosine, 0.5), space("x", 4, Metric::Cosine, 0.6)],
+                    vec![
+                        space("x", 4, Metric::Cosine, 0.5),
+                        space("x", 4, Metric::Cosine, 0.6),
+                    ],
                 ),
                 sys(local),
             )
             .await;
-        assert!(matches!(twice, Err(Error::InvalidInput { .. })), "{twice:?}");
+        assert!(
+            matches!(twice, Err(Error::InvalidInput { .. })),
+            "{twice:?}"
+        );
 
         let add = |embeddings: Vec<FrameEmbedding>| {
             let store = store.clone();
@@ -2744,7 +2753,16 @@ mod tests {
         let empty = store
             .add_reference(new_reference(bank.id, local, Vec::new()), sys(local))
             .await;
-        assert!(matches!(empty, Err(Error::InvalidInput { field: "frames", .. })), "{empty:?}");
+        assert!(
+            matches!(
+                empty,
+                Err(Error::InvalidInput {
+                    field: "frames",
+                    ..
+                })
+            ),
+            "{empty:?}"
+        );
         Ok(())
     }
 
@@ -2778,7 +2796,10 @@ mod tests {
         assert_eq!(store.reference_embeddings(ids[1]).await?.len(), 1);
         assert!(matches!(
             store.reference_embeddings(ReferenceId(999)).await,
-            Err(Error::NotFound { kind: "reference", .. })
+            Err(Error::NotFound {
+                kind: "reference",
+                ..
+            })
         ));
         Ok(())
     }

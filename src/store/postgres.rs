@@ -1679,9 +1679,9 @@ async fn insert_embeddings(
                  AS e (space_id, frame_index, timestamp_ms, vector)",
         )
         .await?;
-    let per_insert = embeddings
-        .first()
-        .map_or(1, |e| (VECTOR_BYTES_PER_INSERT / (e.vector.len() * 2).max(1)).max(1));
+    let per_insert = embeddings.first().map_or(1, |e| {
+        (VECTOR_BYTES_PER_INSERT / (e.vector.len() * 2).max(1)).max(1)
+    });
     for chunk in embeddings.chunks(per_insert) {
         let space_ids: Vec<i64> = chunk
             .iter()

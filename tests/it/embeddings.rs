@@ -178,7 +178,9 @@ async fn client_vectors_match_by_score_in_the_banks_space() {
             frame: Some(vector_frame(1, SPACE, nudged(&descriptor(2)))),
         },
     ];
-    let responses = support::match_video(&server, requests).await.expect("video");
+    let responses = support::match_video(&server, requests)
+        .await
+        .expect("video");
     let matched_frames = responses
         .iter()
         .filter_map(|r| match &r.result {
@@ -191,14 +193,19 @@ async fn client_vectors_match_by_score_in_the_banks_space() {
     server.stop().await;
 }
 
+/// `result` failed with `code` and a message containing `text`.
+fn expect<T: std::fmt::Debug>(result: Result<T, tonic::Status>, code: Code, text: &str) {
+    let status = result.expect_err(text);
+    assert_eq!(status.code(), code, "{status:?}");
+    assert!(
+        status.message().contains(text),
+        "{text:?} not in {status:?}"
+    );
+}
+
 #[tokio::test]
 async fn bad_vectors_and_spaces_are_refused_with_the_numbers() {
     let (server, _) = server_with_reference().await;
-    let expect = |result: Result<_, tonic::Status>, code: Code, text: &str| {
-        let status = result.err().unwrap_or_else(|| panic!("expected {code:?}: {text}"));
-        assert_eq!(status.code(), code, "{status:?}");
-        assert!(status.message().contains(text), "{text:?} not in {status:?}");
-    };
 
     // References.
     let add = |frame: pb::Frame| support::add_reference(&server, "vectors", vec![frame]);
@@ -301,7 +308,10 @@ async fn vectors_survive_a_restart_and_withdrawal_takes_them_out() {
     let after = match_vector(&server, near.clone()).await.expect("match");
     assert_embedding_match(&after, reference, 0);
     // Stored as f16: the score moves by less than 1e-3.
-    assert!((before[0].score - after[0].score).abs() < 1e-3, "{before:?} {after:?}");
+    assert!(
+        (before[0].score - after[0].score).abs() < 1e-3,
+        "{before:?} {after:?}"
+    );
 
     server
         .banks()
@@ -312,7 +322,12 @@ async fn vectors_survive_a_restart_and_withdrawal_takes_them_out() {
         })
         .await
         .expect("withdraw");
-    assert!(match_vector(&server, near.clone()).await.expect("match").is_empty());
+    assert!(
+        match_vector(&server, near.clone())
+            .await
+            .expect("match")
+            .is_empty()
+    );
     let server = TestServer::start_in(server.stop().await, |_| {}).await;
     assert!(match_vector(&server, near).await.expect("match").is_empty());
     server.stop().await;
@@ -338,7 +353,8 @@ async fn run(url: &str, args: &[&str]) -> (i32, String, String) {
 async fn export_and_import_carry_the_vectors() {
     let (source, _) = server_with_reference().await;
     // A reference with a PDQ frame and a vector of the same frame.
-    let mut frame = support::pdq_frame(0, 0, &framematch::hash::PdqHash::from_bytes([0x5a; 32]), 90);
+    let mut frame =
+        support::pdq_frame(0, 0, &framematch::hash::PdqHash::from_bytes([0x5a; 32]), 90);
     frame.embeddings = vec![pb::Embedding {
         space: SPACE.into(),
         values: descriptor(3),
@@ -364,7 +380,11 @@ async fn export_and_import_carry_the_vectors() {
     assert_eq!(exported.len(), 2);
     let vector_only = &exported[0].frames;
     assert_eq!(vector_only.len(), 2);
-    assert!(vector_only.iter().all(|f| f.pdq.is_empty() && f.embeddings.len() == 1));
+    assert!(
+        vector_only
+            .iter()
+            .all(|f| f.pdq.is_empty() && f.embeddings.len() == 1)
+    );
     assert!(cosine(&vector_only[1].embeddings[0].values, &descriptor(2)) > 0.9999);
     let mixed = &exported[1].frames;
     assert_eq!(mixed.len(), 1);
@@ -390,16 +410,24 @@ async fn export_and_import_carry_the_vectors() {
     assert!(err.contains("vectors are not written"), "{err}");
 
     let target = TestServer::start().await;
-    create_bank_with(&target, "vectors", vec![space(SPACE, DIM as u32, THRESHOLD)])
-        .await
-        .expect("bank");
+    create_bank_with(
+        &target,
+        "vectors",
+        vec![space(SPACE, DIM as u32, THRESHOLD)],
+    )
+    .await
+    .expect("bank");
     let (code, out, err) = run(&target.url(), &["import", "vectors", &file]).await;
     assert_eq!(code, 0, "{out}{err}");
     assert!(out.contains("imported 2 references"), "{out}");
-    let matches = match_vector(&target, nudged(&descriptor(2))).await.expect("match");
+    let matches = match_vector(&target, nudged(&descriptor(2)))
+        .await
+        .expect("match");
     assert_eq!(matches.len(), 1, "{matches:?}");
     assert_eq!(matches[0].signal, pb::Signal::Embedding as i32);
-    let matches = match_vector(&target, nudged(&descriptor(3))).await.expect("match");
+    let matches = match_vector(&target, nudged(&descriptor(3)))
+        .await
+        .expect("match");
     assert_eq!(matches.len(), 1, "{matches:?}");
     source.stop().await;
     target.stop().await;
@@ -432,7 +460,15 @@ async fn bank_create_takes_embedding_flags_and_bank_list_shows_them() {
     );
     let (code, _, err) = run(
         &server.url(),
-        &["bank", "create", "x", "--category", "other", "--embedding", "s:0.5:64:l2"],
+        &[
+            "bank",
+            "create",
+            "x",
+            "--category",
+            "other",
+            "--embedding",
+            "s:0.5:64:l2",
+        ],
     )
     .await;
     assert_eq!(code, 2, "{err}");
@@ -490,7 +526,10 @@ async fn a_follower_mirrors_the_spaces_and_the_vectors() {
         .filter(|b| !b.embedding_spaces.is_empty())
         .collect();
     assert_eq!(mirrored.len(), 1, "{banks:?}");
-    assert_eq!(mirrored[0].embedding_spaces, vec![space(SPACE, 16, THRESHOLD)]);
+    assert_eq!(
+        mirrored[0].embedding_spaces,
+        vec![space(SPACE, 16, THRESHOLD)]
+    );
     follower.stop().await;
     partner.stop().await;
 }
