@@ -59,6 +59,7 @@ async fn write_store(dir: &Path, n: usize) {
                 owner: org,
                 visibility: Visibility::Private,
                 description: "issue #6 start-up benchmark".into(),
+                embedding_spaces: Vec::new(),
             },
             Actor::system(org),
         )

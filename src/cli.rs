@@ -296,6 +296,12 @@ pub enum BankCommand {
         /// Owning organisation (admin keys only; default: the key's organisation).
         #[arg(long)]
         owner: Option<String>,
+        /// An embedding space the bank holds beside PDQ (repeatable):
+        /// `SPACE[:THRESHOLD[:DIM[:METRIC]]]`, e.g. `sscd`, `sscd:0.8`, `mine:0.9:256:dot`.
+        /// Unset parts take the server's model of that name, else threshold 0.75, dimension 512
+        /// and metric cosine.
+        #[arg(long = "embedding", value_name = "SPACE[:THRESHOLD[:DIM[:METRIC]]]")]
+        embeddings: Vec<EmbeddingArg>,
     },
     /// Change who may see a bank; prints the bank as `list` does.
     Share {
@@ -309,9 +315,80 @@ pub enum BankCommand {
         share_with: Vec<String>,
     },
     /// List the banks the key may see:
-    /// `id<TAB>name<TAB>category<TAB>owner<TAB>visibility<TAB>shared_with` (comma-separated,
-    /// shown only to the bank's owner and admins).
+    /// `id<TAB>name<TAB>category<TAB>owner<TAB>visibility<TAB>shared_with<TAB>spaces`
+    /// (`shared_with` comma-separated, shown only to the bank's owner and admins; `spaces` the
+    /// embedding spaces as `name:threshold:dimension:metric`, comma-separated).
     List,
+}
+
+/// `--embedding SPACE[:THRESHOLD[:DIM[:METRIC]]]`: an embedding space for `bank create`. Unset
+/// parts are sent as 0 / unspecified, which the server fills in.
+#[derive(Clone, Debug, PartialEq)]
+pub struct EmbeddingArg {
+    /// The space's name.
+    pub name: String,
+    /// 0: the server's default.
+    pub threshold: f32,
+    /// 0: the server's model's, or 512.
+    pub dimension: u32,
+    /// Unset: the server's model's, or cosine.
+    pub metric: Option<crate::model::Metric>,
+}
+
+impl std::str::FromStr for EmbeddingArg {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        let mut parts = text.split(':');
+        let name = parts.next().unwrap_or_default().to_string();
+        if name.is_empty() {
+            return Err(format!(
+                "{text:?} names no space; expected SPACE[:THRESHOLD[:DIM[:METRIC]]]"
+            ));
+        }
+        let threshold = match parts.next() {
+            None | Some("") => 0.0,
+            Some(t) => t
+                .parse::<f32>()
+                .map_err(|e| format!("threshold {t:?} of {name:?}: {e}"))?,
+        };
+        let dimension = match parts.next() {
+            None | Some("") => 0,
+            Some(d) => d
+                .parse::<u32>()
+                .map_err(|e| format!("dimension {d:?} of {name:?}: {e}"))?,
+        };
+        let metric = match parts.next() {
+            None | Some("") => None,
+            Some(m) => Some(m.parse().map_err(|e| format!("{e}"))?),
+        };
+        if let Some(extra) = parts.next() {
+            return Err(format!(
+                "{text:?} has an extra part {extra:?}; expected SPACE[:THRESHOLD[:DIM[:METRIC]]]"
+            ));
+        }
+        Ok(Self {
+            name,
+            threshold,
+            dimension,
+            metric,
+        })
+    }
+}
+
+impl EmbeddingArg {
+    fn to_pb(&self) -> pb::EmbeddingSpace {
+        pb::EmbeddingSpace {
+            name: self.name.clone(),
+            dimension: self.dimension,
+            metric: match self.metric {
+                None => pb::EmbeddingMetric::Unspecified,
+                Some(crate::model::Metric::Cosine) => pb::EmbeddingMetric::Cosine,
+                Some(crate::model::Metric::Dot) => pb::EmbeddingMetric::Dot,
+            } as i32,
+            threshold: self.threshold,
+        }
+    }
 }
 
 /// A bank visibility on the command line.
@@ -772,10 +849,11 @@ pub async fn bank(command: BankCommand, server: &ClientOptions) -> Result<(), Er
             visibility,
             share_with,
             owner,
+            embeddings,
         } => {
             let bank = client
                 .create_bank(pb::CreateBankRequest {
-                    embedding_spaces: Vec::new(),
+                    embedding_spaces: embeddings.iter().map(EmbeddingArg::to_pb).collect(),
                     name: name.clone(),
                     category: crate::api::convert::category_to_pb(category) as i32,
                     description,
@@ -826,14 +904,27 @@ fn bank_line(bank: &pb::Bank) -> String {
         Ok(pb::Visibility::Public) => "public",
         Ok(pb::Visibility::Unspecified) | Err(_) => "unspecified",
     };
+    let spaces: Vec<String> = bank
+        .embedding_spaces
+        .iter()
+        .map(|s| {
+            let metric = match pb::EmbeddingMetric::try_from(s.metric) {
+                Ok(pb::EmbeddingMetric::Cosine) => "cosine",
+                Ok(pb::EmbeddingMetric::Dot) => "dot",
+                Ok(pb::EmbeddingMetric::Unspecified) | Err(_) => "unspecified",
+            };
+            format!("{}:{}:{}:{metric}", s.name, s.threshold, s.dimension)
+        })
+        .collect();
     format!(
-        "{}\t{}\t{}\t{}\t{}\t{}",
+        "{}\t{}\t{}\t{}\t{}\t{}\t{}",
         bank.id,
         bank.name,
         category_name(bank.category),
         bank.owner,
         visibility,
-        bank.shared_with.join(",")
+        bank.shared_with.join(","),
+        spaces.join(",")
     )
 }
 

@@ -39,7 +39,7 @@ use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 use tonic::Code;
 
-use crate::api::AppState;
+use crate::api::{AppState, convert};
 use crate::client::{self, ClientOptions, Connector};
 use crate::config::FollowConfig;
 use crate::hash::{PDQ_BYTES, PdqHash};
@@ -544,13 +544,31 @@ impl Follower {
                 ),
                 MAX_TEXT_BYTES,
             ),
+            embedding_spaces: self.mirror_spaces(&bank),
         };
         let store = &self.state.store;
         let actor = Actor::system(owner);
-        let created = match store
+        let mut new = new;
+        let mut attempt = store
             .create_mirrored_bank(&self.source, bank.id, new.clone(), actor)
-            .await
-        {
+            .await;
+        // A space this server knows with another dimension or metric cannot be mirrored: the
+        // bank is mirrored without it (PDQ and its other spaces still match).
+        while let Err(store::Error::SpaceConflict { space, .. }) = &attempt {
+            tracing::warn!(
+                partner = %self.source,
+                partner_bank = bank.id,
+                space = %space,
+                error = %attempt.as_ref().err().map(ToString::to_string).unwrap_or_default(),
+                "mirroring the bank without an embedding space that conflicts with this server's"
+            );
+            let space = space.clone();
+            new.embedding_spaces.retain(|s| s.name != space);
+            attempt = store
+                .create_mirrored_bank(&self.source, bank.id, new.clone(), actor)
+                .await;
+        }
+        let created = match attempt {
             Err(store::Error::AlreadyExists { kind: "bank", .. }) => {
                 // A local bank has that name: the mirror gets the partner's id as a suffix.
                 let other = fallback_bank_name(&name, bank.id);
@@ -579,9 +597,38 @@ impl Follower {
             "mirroring a partner bank"
         );
         self.banks.insert(bank.id, created.id);
+        self.state.ensure_spaces(&created);
         self.state.catalog.write().insert_bank(created);
         self.state.note_change();
         Ok(())
+    }
+
+    /// The partner bank's embedding spaces as this server can hold them: a space the partner
+    /// describes in a way this server refuses (a newer partner's rules) is left out, with a
+    /// warning.
+    fn mirror_spaces(&self, bank: &pb::Bank) -> Vec<crate::model::EmbeddingSpace> {
+        bank.embedding_spaces
+            .iter()
+            .filter_map(|space| {
+                match convert::embedding_space_from_pb(
+                    space.clone(),
+                    None,
+                    self.state.space_defaults,
+                ) {
+                    Ok(space) => Some(space),
+                    Err(error) => {
+                        tracing::warn!(
+                            partner = %self.source,
+                            partner_bank = bank.id,
+                            space = %space.name,
+                            %error,
+                            "embedding space of a partner bank not mirrored"
+                        );
+                        None
+                    }
+                }
+            })
+            .collect()
     }
 
     /// The local organisation named `name`, created when missing.
@@ -637,11 +684,35 @@ impl Follower {
             .frames
             .iter()
             .enumerate()
+            // A frame without a hash carries vectors only (issue #11).
+            .filter(|(_, frame)| !frame.pdq.is_empty())
             .map(|(i, frame)| frame_from_pb(frame).map_err(|e| format!("frame {i}: {e}")))
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| {
                 Rejected::Malformed(format!("reference {} has a bad {e}", reference.id))
             })?;
+        let (_, mut embeddings) = convert::stored_frames_from_pb(
+            added
+                .frames
+                .into_iter()
+                .map(|frame| pb::StoredFrame {
+                    pdq: Vec::new(),
+                    ..frame
+                })
+                .collect(),
+        )
+        .map_err(|e| {
+            Rejected::Malformed(format!("reference {} has a bad vector: {e}", reference.id))
+        })?;
+        // Vectors of a space the mirror does not hold (refused here as conflicting) are dropped.
+        let spaces: Vec<String> = self
+            .state
+            .catalog
+            .read()
+            .bank(bank)
+            .map(|b| b.embedding_spaces.iter().map(|s| s.name.clone()).collect())
+            .unwrap_or_default();
+        embeddings.retain(|e| spaces.contains(&e.space));
         let owner = self.bank_owner(bank).await?;
         let (local, created) = self
             .state
@@ -655,19 +726,22 @@ impl Follower {
                     note: reference.note,
                     added_by: owner,
                     frames,
-                    embeddings: Vec::new(),
+                    embeddings,
                 },
                 Actor::system(owner),
             )
             .await?;
         if created {
             let stored = self.state.store.reference_frames(local.id).await?;
+            let vectors = self.state.store.reference_embeddings(local.id).await?;
             let index = self.state.index.clone();
             let id = local.id;
             // Index inserts are CPU work (hnsw especially): off the async workers.
-            tokio::task::spawn_blocking(move || index.insert_reference(id, bank, &stored, &[]))
-                .await
-                .map_err(|e| Rejected::Store(store::Error::TaskFailed(e)))?;
+            tokio::task::spawn_blocking(move || {
+                index.insert_reference(id, bank, &stored, &vectors)
+            })
+            .await
+            .map_err(|e| Rejected::Store(store::Error::TaskFailed(e)))?;
             self.state.note_change();
             tracing::debug!(
                 partner = %self.source,

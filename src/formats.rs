@@ -17,8 +17,11 @@
 //! - [`Format::Vpdq`]: Meta's reference text form, `frame,quality,hex,timestamp` lines; one file is
 //!   one video, or several when `# reference {json}` lines start each one.
 //! - [`Format::VpdqJson`]: HMA's JSON array of `"hex,quality,timestamp"` strings (one video), or
-//!   JSON Lines, one `{"external_id", "note", "vpdq", "frame_numbers", "withdrawn"}` object per
-//!   reference.
+//!   JSON Lines, one `{"external_id", "note", "vpdq", "frame_numbers", "withdrawn",
+//!   "embeddings"}` object per reference. `embeddings` (issue #11) lists the reference's vectors,
+//!   `{"frame", "timestamp_ms", "space", "values"}` each: this is the one format that carries them.
+//!   The others hold PDQ only; exporting a reference with vectors to them drops its vectors (the
+//!   command line says so).
 //!
 //! Invariants: parsing never half-succeeds: a malformed line is an [`Error`] naming its 1-based
 //! line, and the caller imports nothing; an item that is well-formed but not importable (another
@@ -35,7 +38,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::hash::vpdq::{self, VpdqFeature};
 use crate::hash::{ParseError, PdqHash};
-use crate::model::{Category, FrameSignal};
+use crate::model::{Category, FrameEmbedding, FrameSignal};
 
 /// Quality given to a PDQ hash that comes without one (`pdq <hex>` lines, CSV `pdq` rows).
 pub const DEFAULT_QUALITY: u8 = 100;
@@ -107,7 +110,7 @@ impl FromStr for Format {
 // === items ===
 
 /// One reference, as read from or written to a file.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct Item {
     /// The contributor's own id (may be empty).
     pub external_id: String,
@@ -117,22 +120,25 @@ pub struct Item {
     pub withdrawn: Option<String>,
     /// Its frame signals.
     pub frames: Vec<FrameSignal>,
+    /// Its vectors in embedding spaces (only [`Format::VpdqJson`] holds them).
+    pub embeddings: Vec<FrameEmbedding>,
 }
 
 impl Item {
-    /// An active image or video without an external id or note.
+    /// An active image or video without an external id, a note or vectors.
     fn bare(frames: Vec<FrameSignal>) -> Self {
         Self {
             external_id: String::new(),
             note: String::new(),
             withdrawn: None,
             frames,
+            embeddings: Vec::new(),
         }
     }
 }
 
 /// An item with the 1-based line it starts on.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct Located {
     /// Where it starts.
     pub line: usize,
@@ -150,7 +156,7 @@ pub struct Skip {
 }
 
 /// What a file holds.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct Parsed {
     /// The references to import, in file order.
     pub items: Vec<Located>,
@@ -661,6 +667,7 @@ fn parse_vpdq_text(text: &str) -> Result<Parsed, Error> {
                     note: header.note,
                     withdrawn: header.withdrawn,
                     frames: Vec::new(),
+                    embeddings: Vec::new(),
                 },
             });
             continue;
@@ -696,6 +703,20 @@ struct JsonReference {
     frame_numbers: Option<Vec<u32>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     withdrawn: Option<String>,
+    /// The reference's vectors (framematch's own addition; absent: none).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    embeddings: Vec<JsonEmbedding>,
+}
+
+/// One vector of a [`JsonReference`].
+#[derive(Debug, Serialize, Deserialize)]
+struct JsonEmbedding {
+    /// The frame index it belongs to.
+    frame: u32,
+    #[serde(default)]
+    timestamp_ms: u64,
+    space: String,
+    values: Vec<f32>,
 }
 
 fn parse_vpdq_json(text: &str) -> Result<Parsed, Error> {
@@ -726,9 +747,19 @@ fn parse_vpdq_json(text: &str) -> Result<Parsed, Error> {
         let reference: JsonReference =
             serde_json::from_str(line).map_err(|e| at(number, Problem::Json(e)))?;
         let frames = json_features(&reference.vpdq, reference.frame_numbers.as_deref(), number)?;
-        if frames.is_empty() {
+        if frames.is_empty() && reference.embeddings.is_empty() {
             return Err(at(number, Problem::NoFrames));
         }
+        let embeddings = reference
+            .embeddings
+            .into_iter()
+            .map(|e| FrameEmbedding {
+                frame_index: e.frame,
+                timestamp_ms: e.timestamp_ms,
+                space: e.space,
+                vector: e.values,
+            })
+            .collect();
         if let Some(reason) = &reference.withdrawn {
             parsed.skipped.push(withdrawn_skip(number, reason));
             continue;
@@ -740,6 +771,7 @@ fn parse_vpdq_json(text: &str) -> Result<Parsed, Error> {
                 note: reference.note,
                 withdrawn: None,
                 frames,
+                embeddings,
             },
         });
     }
@@ -876,6 +908,16 @@ fn write_vpdq_json<W: Write>(out: &mut W, item: &Item) -> io::Result<Written> {
             .collect(),
         frame_numbers: Some(item.frames.iter().map(|f| f.frame_index).collect()),
         withdrawn: item.withdrawn.clone(),
+        embeddings: item
+            .embeddings
+            .iter()
+            .map(|e| JsonEmbedding {
+                frame: e.frame_index,
+                timestamp_ms: e.timestamp_ms,
+                space: e.space.clone(),
+                values: e.vector.clone(),
+            })
+            .collect(),
     };
     serde_json::to_writer(&mut *out, &reference).map_err(io::Error::other)?;
     writeln!(out)?;
@@ -976,6 +1018,7 @@ mod tests {
             note: note.to_string(),
             withdrawn: None,
             frames,
+            embeddings: Vec::new(),
         }
     }
 
@@ -1292,6 +1335,44 @@ mod tests {
         let back = parse(Format::VpdqJson, &text)?;
         assert_eq!(items(&back), vec![video(), image]);
         assert_eq!(back.items[1].line, 2);
+        Ok(())
+    }
+
+    #[test]
+    fn vpdq_json_lines_carry_vectors_and_vector_only_references() -> TestResult {
+        let vector = |frame_index: u32, space: &str, values: Vec<f32>| FrameEmbedding {
+            frame_index,
+            timestamp_ms: u64::from(frame_index) * 40,
+            space: space.to_string(),
+            vector: values,
+        };
+        let with_vectors = Item {
+            embeddings: vec![
+                vector(0, "sscd", vec![0.25, -0.5, 0.125]),
+                vector(30, "sscd", vec![1.0e-3, 0.0, -1.0]),
+            ],
+            ..video()
+        };
+        let only_vectors = Item {
+            embeddings: vec![vector(0, "sscd", vec![0.1, 0.2, 0.3])],
+            ..item("v", "", Vec::new())
+        };
+        let (text, written) = write_all(
+            Format::VpdqJson,
+            &[with_vectors.clone(), only_vectors.clone()],
+        )?;
+        assert!(written.iter().all(|w| *w == Written::Wrote));
+        assert!(
+            text.contains("\"embeddings\":[{\"frame\":0,\"timestamp_ms\":0,\"space\":\"sscd\"")
+        );
+        let back = parse(Format::VpdqJson, &text)?;
+        assert_eq!(items(&back), vec![with_vectors, only_vectors]);
+        // A file without the field reads as before: no vectors.
+        assert!(
+            !write_all(Format::VpdqJson, &[video()])?
+                .0
+                .contains("embeddings")
+        );
         Ok(())
     }
 

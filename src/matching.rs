@@ -133,6 +133,8 @@ pub struct SpaceScope {
     pub space: Arc<str>,
     /// Its vector length.
     pub dimension: u32,
+    /// How its vectors compare (client vectors of cosine spaces are normalised before search).
+    pub metric: crate::model::Metric,
     /// Each bank in scope that declares the space, with its threshold.
     pub thresholds: HashMap<BankId, f32>,
 }
@@ -1240,6 +1242,7 @@ mod tests {
             spaces: vec![SpaceScope {
                 space: Arc::from("sscd"),
                 dimension: 2,
+                metric: crate::model::Metric::Cosine,
                 thresholds: HashMap::from([(BankId(1), 0.9), (BankId(2), 0.99)]),
             }],
             ..no_runs()

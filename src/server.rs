@@ -363,12 +363,19 @@ async fn load_index(
     index_loaded: tokio::sync::oneshot::Sender<()>,
 ) {
     let started = Instant::now();
-    match state.store.load_active_frames().await {
-        Ok((frames, seq)) => {
+    match state.store.load_active().await {
+        Ok(crate::store::ActiveSignals {
+            frames,
+            embeddings,
+            seq,
+        }) => {
             let count = frames.len();
+            let vectors = embeddings.len();
+            // Every space a bank declares gets its index before its vectors arrive (issue #11).
+            state.ensure_catalog_spaces();
             let index = state.index.clone();
             // Building an index of millions of frames is CPU work: keep it off the async workers.
-            let built = tokio::task::spawn_blocking(move || index.load(frames, Vec::new())).await;
+            let built = tokio::task::spawn_blocking(move || index.load(frames, embeddings)).await;
             if let Err(error) = built {
                 tracing::error!(%error, "index load failed; staying NOT_SERVING");
                 return;
@@ -377,6 +384,7 @@ async fn load_index(
             set_health(&reporter, true).await;
             tracing::info!(
                 frames = count,
+                vectors,
                 change_seq = seq.0,
                 elapsed_ms = started.elapsed().as_millis() as u64,
                 "index loaded; serving"
@@ -506,13 +514,15 @@ async fn apply_change(state: &AppState, kind: &ChangeKind) -> Result<(), store::
         }
         ChangeKind::BankCreated(id) => {
             let bank = state.store.get_bank(*id).await?;
+            state.ensure_spaces(&bank);
             state.catalog.write().insert_bank(bank);
         }
         ChangeKind::ReferenceAdded { reference, bank } => {
             let frames = state.store.reference_frames(*reference).await?;
+            let embeddings = state.store.reference_embeddings(*reference).await?;
             state
                 .index
-                .insert_reference(*reference, *bank, &frames, &[]);
+                .insert_reference(*reference, *bank, &frames, &embeddings);
         }
         ChangeKind::ReferenceWithdrawn { reference, .. } => {
             state.index.withdraw(*reference);

@@ -22,7 +22,7 @@ use clap::Args;
 use crate::cli::{self, Error};
 use crate::formats::{self, Format, Item, Written};
 use crate::hash::PdqHash;
-use crate::model::FrameSignal;
+use crate::model::{FrameEmbedding, FrameSignal};
 use crate::pb;
 
 /// `framematch export …`
@@ -114,6 +114,13 @@ pub async fn export(args: ExportArgs, server: &ClientOptions) -> Result<(), Erro
             Written::Wrote => {
                 wrote += 1;
                 frames += item.frames.len() as u64;
+                if !item.embeddings.is_empty() && args.format != Format::VpdqJson {
+                    eprintln!(
+                        "reference {id}: its {} vectors are not written: the {} format holds PDQ only (use vpdq-json)",
+                        item.embeddings.len(),
+                        args.format
+                    );
+                }
             }
             Written::Skipped(reason) => {
                 skipped += 1;
@@ -137,9 +144,23 @@ fn item_from_pb(exported: pb::ExportedReference) -> Result<(i64, Item), Error> {
         reference: reference.id,
         reason,
     };
+    let embeddings = exported
+        .frames
+        .iter()
+        .flat_map(|f| {
+            f.embeddings.iter().map(|e| FrameEmbedding {
+                frame_index: f.frame_index,
+                timestamp_ms: f.timestamp_ms,
+                space: e.space.clone(),
+                vector: e.values.clone(),
+            })
+        })
+        .collect();
     let frames = exported
         .frames
         .iter()
+        // A frame without a hash carries vectors only.
+        .filter(|f| !f.pdq.is_empty())
         .map(|f| {
             Ok(FrameSignal {
                 frame_index: f.frame_index,
@@ -161,8 +182,49 @@ fn item_from_pb(exported: pb::ExportedReference) -> Result<(i64, Item), Error> {
             note: reference.note,
             withdrawn,
             frames,
+            embeddings,
         },
     ))
+}
+
+/// The AddReference frames of an imported reference: each PDQ frame with the vectors of its
+/// frame index (on the first frame of an index stored twice, the picture and its content area),
+/// then a frame without a hash for each frame index that has vectors only.
+fn frames_to_send(signals: Vec<FrameSignal>, embeddings: Vec<FrameEmbedding>) -> Vec<pb::Frame> {
+    let mut frames: Vec<pb::Frame> = signals
+        .into_iter()
+        .map(|f| pb::Frame {
+            embeddings: Vec::new(),
+            frame_index: f.frame_index,
+            timestamp_ms: f.timestamp_ms,
+            signal: Some(pb::frame::Signal::Pdq(pb::PdqSignal {
+                hash: f.hash.as_bytes().to_vec(),
+                quality: u32::from(f.quality),
+                variants: Vec::new(),
+                content: None,
+            })),
+        })
+        .collect();
+    let mut first: std::collections::HashMap<u32, usize> = std::collections::HashMap::new();
+    for (position, frame) in frames.iter().enumerate() {
+        first.entry(frame.frame_index).or_insert(position);
+    }
+    for e in embeddings {
+        let vector = pb::Embedding {
+            space: e.space,
+            values: e.vector,
+        };
+        match first.get(&e.frame_index).and_then(|&p| frames.get_mut(p)) {
+            Some(frame) => frame.embeddings.push(vector),
+            None => frames.push(pb::Frame {
+                embeddings: vec![vector],
+                frame_index: e.frame_index,
+                timestamp_ms: e.timestamp_ms,
+                signal: None,
+            }),
+        }
+    }
+    frames
 }
 
 /// Where an export goes: stdout, or a file written under a `.partial` name until complete.
@@ -250,8 +312,10 @@ pub async fn import(args: ImportArgs, server: &ClientOptions) -> Result<(), Erro
             external_id,
             note,
             frames: signals,
+            embeddings,
             ..
         } = located.item;
+        let to_send = frames_to_send(signals, embeddings);
         let header = pb::AddReferenceRequest {
             item: Some(pb::add_reference_request::Item::Header(
                 pb::ReferenceHeader {
@@ -261,20 +325,11 @@ pub async fn import(args: ImportArgs, server: &ClientOptions) -> Result<(), Erro
                 },
             )),
         };
-        let messages =
-            std::iter::once(header).chain(signals.into_iter().map(|f| pb::AddReferenceRequest {
-                item: Some(pb::add_reference_request::Item::Frame(pb::Frame {
-                    embeddings: Vec::new(),
-                    frame_index: f.frame_index,
-                    timestamp_ms: f.timestamp_ms,
-                    signal: Some(pb::frame::Signal::Pdq(pb::PdqSignal {
-                        hash: f.hash.as_bytes().to_vec(),
-                        quality: u32::from(f.quality),
-                        variants: Vec::new(),
-                        content: None,
-                    })),
-                })),
-            }));
+        let messages = std::iter::once(header).chain(to_send.into_iter().map(|frame| {
+            pb::AddReferenceRequest {
+                item: Some(pb::add_reference_request::Item::Frame(frame)),
+            }
+        }));
         let added = client
             .add_reference(tokio_stream::iter(messages))
             .await

@@ -15,7 +15,7 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument as _;
 
 use crate::auth::{self, Caller};
-use crate::model::{FrameSignal, NewReference, Reference, ReferenceId, Role};
+use crate::model::{FrameEmbedding, FrameSignal, NewReference, Reference, ReferenceId, Role};
 use crate::pb;
 use crate::pb::banks_server::Banks;
 use crate::store::NewBank;
@@ -97,9 +97,21 @@ impl Banks for BanksService {
                 visibility,
                 shared_with,
                 owner,
-                embedding_spaces: _,
+                embedding_spaces,
             } = request.into_inner();
             let category = convert::category_from_pb(category)?;
+            let embedding_spaces = embedding_spaces
+                .into_iter()
+                .map(|space| {
+                    let model = self
+                        .state
+                        .models
+                        .iter()
+                        .find(|m| m.name() == space.name)
+                        .map(|m| (m.dimension(), m.metric()));
+                    convert::embedding_space_from_pb(space, model, self.state.space_defaults)
+                })
+                .collect::<Result<Vec<_>, _>>()?;
             check_text("description", &description, MAX_NOTE_BYTES)?;
             let (visibility, owner) = {
                 let catalog = self.state.catalog.read();
@@ -126,6 +138,7 @@ impl Banks for BanksService {
                         owner,
                         visibility,
                         description,
+                        embedding_spaces,
                     },
                     caller.actor(),
                 )
@@ -134,6 +147,7 @@ impl Banks for BanksService {
                 .metrics
                 .store_write("create_bank", started.elapsed());
             let bank = created.map_err(Error::from)?;
+            self.state.ensure_spaces(&bank);
             self.state.note_change();
             let mut catalog = self.state.catalog.write();
             catalog.insert_bank(bank.clone());
@@ -239,14 +253,17 @@ impl Banks for BanksService {
             } = header;
             check_text("external_id", &external_id, MAX_EXTERNAL_ID_BYTES)?;
             check_text("note", &note, MAX_NOTE_BYTES)?;
-            let bank_id = {
+            let (bank_id, spaces) = {
                 let catalog = self.state.catalog.read();
                 let bank = catalog.visible_bank(&caller, &bank)?;
                 caller.may_change(bank).map_err(Error::from)?;
-                bank.id
+                (bank.id, bank.embedding_spaces.clone())
             };
+            // The bank's spaces the server computes vectors of itself, for frames with pixels.
+            let models = self.state.models_for(&spaces);
 
             let mut frames: Vec<FrameSignal> = Vec::new();
+            let mut embeddings: Vec<FrameEmbedding> = Vec::new();
             let mut received: u32 = 0;
             while let Some(message) = inbound.message().await? {
                 let frame = match message.item {
@@ -266,8 +283,26 @@ impl Banks for BanksService {
                     }
                     .into());
                 }
-                let input = FrameInput::try_from_pb(frame, &self.state.limits)?;
-                let query = self.state.frame_signal(input, false).await?;
+                let mut input = FrameInput::try_from_pb(frame, &self.state.limits)?;
+                let sent = std::mem::take(&mut input.embeddings);
+                convert::reference_embeddings(&sent, &spaces)?;
+                // A space the client sent a vector of is not computed again.
+                let wanted: Vec<_> = models
+                    .iter()
+                    .filter(|m| !sent.iter().any(|e| e.space == m.name()))
+                    .cloned()
+                    .collect();
+                let query = self.state.frame_signal(input, false, wanted).await?;
+                embeddings.extend(sent);
+                embeddings.extend(query.embeddings.iter().map(|v| FrameEmbedding {
+                    frame_index: query.signal.frame_index,
+                    timestamp_ms: query.signal.timestamp_ms,
+                    space: v.space.to_string(),
+                    vector: v.vector.clone(),
+                }));
+                if !query.has_pdq {
+                    continue;
+                }
                 frames.push(query.signal);
                 // A frame with uniform borders is also stored by its content area's hash, under the
                 // same frame index, so uploads without the bars match it (issue #3).
@@ -279,7 +314,7 @@ impl Banks for BanksService {
                     });
                 }
             }
-            if frames.is_empty() {
+            if frames.is_empty() && embeddings.is_empty() {
                 return Err(Error::MissingField {
                     field: "frames (a reference needs at least one frame)",
                 }
@@ -299,7 +334,7 @@ impl Banks for BanksService {
                         note,
                         added_by: caller.org,
                         frames,
-                        embeddings: Vec::new(),
+                        embeddings,
                     },
                     caller.actor(),
                 )
@@ -314,11 +349,18 @@ impl Banks for BanksService {
                 .reference_frames(reference.id)
                 .await
                 .map_err(Error::from)?;
+            // As stored: normalised and rounded to f16, exactly what a restart loads.
+            let stored_vectors = self
+                .state
+                .store
+                .reference_embeddings(reference.id)
+                .await
+                .map_err(Error::from)?;
             let min_quality = self.state.match_defaults.min_quality;
             let low_quality = stored.iter().filter(|f| f.quality < min_quality).count();
             self.state
                 .index
-                .insert_reference(reference.id, bank_id, &stored, &[]);
+                .insert_reference(reference.id, bank_id, &stored, &stored_vectors);
             self.state.note_change();
             let catalog = self.state.catalog.read();
             Ok(Response::new(pb::AddReferenceResponse {
@@ -495,11 +537,16 @@ async fn export_references(
             .reference_frames(reference.id)
             .await
             .map_err(Error::from)?;
+        let embeddings = state
+            .store
+            .reference_embeddings(reference.id)
+            .await
+            .map_err(Error::from)?;
         let exported = {
             let catalog = state.catalog.read();
             pb::ExportedReference {
                 reference: Some(convert::reference_to_pb(&catalog, &reference)),
-                frames: frames.iter().map(convert::stored_frame_to_pb).collect(),
+                frames: convert::stored_frames_to_pb(&frames, &embeddings),
             }
         };
         if tx.send(Ok(exported)).await.is_err() {

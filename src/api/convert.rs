@@ -4,12 +4,21 @@
 //! Wire structs are destructured field by field, so a new proto field fails to compile here until
 //! it is handled (STYLE.md §1.2). Every check on client input happens in this file or in the hasher.
 
+use std::sync::Arc;
+
 use crate::config::Limits;
 use crate::hash::pdq::Dihedral;
 use crate::hash::{PDQ_BITS, PdqHash};
-use crate::matching::{ContentSignal, FrameHit, HitSignal, MatchParams, QueryFrame, VerdictData};
-use crate::model::{Bank, Category, FrameSignal, Reference, ReferenceState, Visibility};
+use crate::matching::{
+    ContentSignal, FrameHit, HitSignal, MatchParams, QueryEmbedding, QueryFrame, SpaceScope,
+    VerdictData,
+};
+use crate::model::{
+    Bank, Category, EmbeddingSpace, FrameEmbedding, FrameSignal, Metric, Reference, ReferenceState,
+    Visibility,
+};
 use crate::pb;
+use crate::store;
 
 use super::{Catalog, Error};
 
@@ -38,10 +47,22 @@ pub enum Content {
         /// The content area's signal, when the client found uniform borders.
         content: Option<Box<ContentSignal>>,
     },
+    /// No picture and no PDQ hash: the frame carries only the client's vectors.
+    Vectors,
 }
 
+impl Content {
+    /// Whether the frame carries pixels (to hash, and for the server's models to embed).
+    pub fn has_pixels(&self) -> bool {
+        matches!(self, Content::Image(_) | Content::Rgb { .. })
+    }
+}
+
+/// Most vectors one frame may carry (one per embedding space).
+pub const MAX_EMBEDDINGS_PER_FRAME: usize = store::MAX_SPACES_PER_BANK;
+
 /// A validated frame from a client.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct FrameInput {
     /// Index in the video.
     pub frame_index: u32,
@@ -49,6 +70,10 @@ pub struct FrameInput {
     pub timestamp_ms: u64,
     /// The content.
     pub content: Content,
+    /// The client's own vectors, at most one per space, each with 1 to
+    /// [`store::MAX_DIMENSION`] finite values. Whether their spaces and dimensions fit is
+    /// checked against the request's banks: [`query_embeddings`], [`reference_embeddings`].
+    pub embeddings: Vec<FrameEmbedding>,
 }
 
 impl FrameInput {
@@ -62,12 +87,14 @@ impl FrameInput {
             frame_index,
             timestamp_ms,
             signal,
-            embeddings: _,
+            embeddings,
         } = frame;
+        let embeddings = frame_embeddings(frame_index, timestamp_ms, embeddings)?;
         let content = match signal {
+            None if !embeddings.is_empty() => Content::Vectors,
             None => {
                 return Err(Error::MissingField {
-                    field: "frame.signal (one of image, rgb, pdq)",
+                    field: "frame.signal (one of image, rgb, pdq) or frame.embeddings",
                 });
             }
             Some(pb::frame::Signal::Image(bytes)) => {
@@ -168,8 +195,307 @@ impl FrameInput {
             frame_index,
             timestamp_ms,
             content,
+            embeddings,
         })
     }
+}
+
+/// The checks on a frame's vectors that need no bank: a space name, 1 to
+/// [`store::MAX_DIMENSION`] values, all finite, one vector per space.
+fn frame_embeddings(
+    frame_index: u32,
+    timestamp_ms: u64,
+    embeddings: Vec<pb::Embedding>,
+) -> Result<Vec<FrameEmbedding>, Error> {
+    if embeddings.len() > MAX_EMBEDDINGS_PER_FRAME {
+        return Err(Error::OverLimit {
+            what: "frame.embeddings",
+            actual: embeddings.len() as u64,
+            limit: MAX_EMBEDDINGS_PER_FRAME as u64,
+            unit: "vectors",
+        });
+    }
+    let mut out: Vec<FrameEmbedding> = Vec::with_capacity(embeddings.len());
+    for pb::Embedding { space, values } in embeddings {
+        if space.is_empty() {
+            return Err(Error::InvalidField {
+                field: "frame.embeddings.space",
+                reason: format!("is empty in frame {frame_index}; name the embedding space"),
+            });
+        }
+        if values.is_empty() || values.len() > store::MAX_DIMENSION as usize {
+            return Err(Error::InvalidField {
+                field: "frame.embeddings.values",
+                reason: format!(
+                    "of embedding space {space:?} in frame {frame_index} has {} values; a vector has 1 to {}",
+                    values.len(),
+                    store::MAX_DIMENSION
+                ),
+            });
+        }
+        if let Some((position, value)) = values.iter().enumerate().find(|(_, v)| !v.is_finite()) {
+            return Err(Error::InvalidField {
+                field: "frame.embeddings.values",
+                reason: format!(
+                    "of embedding space {space:?} in frame {frame_index}: value {position} is {value}; values must be finite"
+                ),
+            });
+        }
+        if out.iter().any(|e| e.space == space) {
+            return Err(Error::InvalidField {
+                field: "frame.embeddings",
+                reason: format!(
+                    "has two vectors of embedding space {space:?} in frame {frame_index}; send one"
+                ),
+            });
+        }
+        out.push(FrameEmbedding {
+            frame_index,
+            timestamp_ms,
+            space,
+            vector: values,
+        });
+    }
+    Ok(out)
+}
+
+/// A store validation error about vectors, as the client's field error.
+fn vector_error(error: store::Error) -> Error {
+    match error {
+        store::Error::InvalidInput { reason, .. } => Error::InvalidField {
+            field: "frame.embeddings",
+            reason: format!("rejected: {reason}"),
+        },
+        other => Error::Store(other),
+    }
+}
+
+/// An upload frame's own vectors as the index searches them: each must be of a space that a
+/// bank in scope declares, with its dimension (the same rules as the store's,
+/// [`store::check_vector`]); cosine vectors are L2-normalised.
+///
+/// # Errors
+/// [`Error::InvalidField`] naming the space and the numbers.
+pub fn query_embeddings(
+    embeddings: Vec<FrameEmbedding>,
+    scopes: &[SpaceScope],
+) -> Result<Vec<QueryEmbedding>, Error> {
+    embeddings
+        .into_iter()
+        .map(|embedding| {
+            let Some(scope) = scopes.iter().find(|s| *s.space == *embedding.space) else {
+                let names: Vec<&str> = scopes.iter().map(|s| &*s.space).collect();
+                return Err(Error::InvalidField {
+                    field: "frame.embeddings",
+                    reason: format!(
+                        "rejected: frame {} has a vector of embedding space {:?}, which no bank in scope declares (in scope: [{}])",
+                        embedding.frame_index,
+                        embedding.space,
+                        names.join(", ")
+                    ),
+                });
+            };
+            let space = EmbeddingSpace {
+                name: embedding.space,
+                dimension: scope.dimension,
+                metric: scope.metric,
+                threshold: 1.0,
+            };
+            let vector = store::check_vector(&space, embedding.frame_index, embedding.vector)
+                .map_err(vector_error)?;
+            Ok(QueryEmbedding {
+                space: Arc::clone(&scope.space),
+                vector,
+                content_area: false,
+            })
+        })
+        .collect()
+}
+
+/// A reference frame's own vectors, checked against the bank's spaces (as the store will check
+/// them) so a bad frame ends the stream at once.
+///
+/// # Errors
+/// [`Error::InvalidField`] naming the space and the numbers.
+pub fn reference_embeddings(
+    embeddings: &[FrameEmbedding],
+    spaces: &[EmbeddingSpace],
+) -> Result<(), Error> {
+    for embedding in embeddings {
+        let Some(space) = spaces.iter().find(|s| s.name == embedding.space) else {
+            let names: Vec<&str> = spaces.iter().map(|s| s.name.as_str()).collect();
+            return Err(Error::InvalidField {
+                field: "frame.embeddings",
+                reason: format!(
+                    "rejected: frame {} has a vector of embedding space {:?}, which the bank does not declare (it declares [{}])",
+                    embedding.frame_index,
+                    embedding.space,
+                    names.join(", ")
+                ),
+            });
+        };
+        store::check_vector(space, embedding.frame_index, embedding.vector.clone())
+            .map_err(vector_error)?;
+    }
+    Ok(())
+}
+
+/// The server's defaults for a space a request leaves partly unset.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct SpaceDefaults {
+    /// Threshold for a request's 0.
+    pub threshold: f32,
+    /// Dimension for a request's 0.
+    pub dimension: u32,
+    /// Metric for UNSPECIFIED.
+    pub metric: Metric,
+}
+
+/// A bank's embedding space from a CreateBank request: 0 and UNSPECIFIED take the server's model
+/// of that name (`model`), or else `defaults`; the result must pass
+/// [`store::validate_space`] (threshold in (0, 1] for cosine, dimension 1 to 4096).
+///
+/// # Errors
+/// [`Error::InvalidField`] naming the space and the numbers.
+pub fn embedding_space_from_pb(
+    space: pb::EmbeddingSpace,
+    model: Option<(u32, Metric)>,
+    defaults: SpaceDefaults,
+) -> Result<EmbeddingSpace, Error> {
+    let pb::EmbeddingSpace {
+        name,
+        dimension,
+        metric,
+        threshold,
+    } = space;
+    let metric = match pb::EmbeddingMetric::try_from(metric) {
+        Ok(pb::EmbeddingMetric::Unspecified) => model.map_or(defaults.metric, |(_, m)| m),
+        Ok(pb::EmbeddingMetric::Cosine) => Metric::Cosine,
+        Ok(pb::EmbeddingMetric::Dot) => Metric::Dot,
+        Err(_) => {
+            return Err(Error::InvalidField {
+                field: "embedding_spaces.metric",
+                reason: format!("{metric} is not a known metric of space {name:?}"),
+            });
+        }
+    };
+    let dimension = match dimension {
+        0 => model.map_or(defaults.dimension, |(d, _)| d),
+        d => d,
+    };
+    if let Some((model_dimension, model_metric)) = model
+        && (model_dimension != dimension || model_metric != metric)
+    {
+        return Err(Error::InvalidField {
+            field: "embedding_spaces",
+            reason: format!(
+                "declare embedding space {name:?} with dimension {dimension} ({metric}), but the server's model of that name gives {model_dimension} ({model_metric})"
+            ),
+        });
+    }
+    let space = EmbeddingSpace {
+        name,
+        dimension,
+        metric,
+        threshold: if threshold == 0.0 {
+            defaults.threshold
+        } else {
+            threshold
+        },
+    };
+    store::validate_space(&space).map_err(|error| match error {
+        store::Error::InvalidInput { field, reason } => Error::InvalidField { field, reason },
+        other => Error::Store(other),
+    })?;
+    Ok(space)
+}
+
+/// A bank's embedding space for the wire.
+pub fn embedding_space_to_pb(space: &EmbeddingSpace) -> pb::EmbeddingSpace {
+    pb::EmbeddingSpace {
+        name: space.name.clone(),
+        dimension: space.dimension,
+        metric: match space.metric {
+            Metric::Cosine => pb::EmbeddingMetric::Cosine,
+            Metric::Dot => pb::EmbeddingMetric::Dot,
+        } as i32,
+        threshold: space.threshold,
+    }
+}
+
+/// A stored vector for the wire.
+pub fn embedding_to_pb(embedding: &FrameEmbedding) -> pb::Embedding {
+    pb::Embedding {
+        space: embedding.space.clone(),
+        values: embedding.vector.clone(),
+    }
+}
+
+/// A reference's stored frames and vectors for the wire (export and the change feed): each
+/// frame with the vectors of its frame index; vectors of a frame index without a PDQ frame come
+/// as a frame with an empty `pdq` (quality 0). Frames by index; a frame index stored twice (the
+/// whole picture and its content area) carries its vectors on the first.
+pub fn stored_frames_to_pb(
+    frames: &[FrameSignal],
+    embeddings: &[FrameEmbedding],
+) -> Vec<pb::StoredFrame> {
+    let mut out: Vec<pb::StoredFrame> = frames.iter().map(stored_frame_to_pb).collect();
+    let mut first: std::collections::HashMap<u32, usize> = std::collections::HashMap::new();
+    for (position, frame) in out.iter().enumerate() {
+        first.entry(frame.frame_index).or_insert(position);
+    }
+    for embedding in embeddings {
+        match first
+            .get(&embedding.frame_index)
+            .and_then(|&p| out.get_mut(p))
+        {
+            Some(frame) => frame.embeddings.push(embedding_to_pb(embedding)),
+            None => out.push(pb::StoredFrame {
+                frame_index: embedding.frame_index,
+                timestamp_ms: embedding.timestamp_ms,
+                pdq: Vec::new(),
+                quality: 0,
+                embeddings: vec![embedding_to_pb(embedding)],
+            }),
+        }
+    }
+    // Stable: the frames of one index keep their order.
+    out.sort_by_key(|f| f.frame_index);
+    out
+}
+
+/// The frames and vectors of wire stored frames (import and the follower): a frame with an
+/// empty `pdq` carries vectors only.
+///
+/// # Errors
+/// [`Error::InvalidField`] for a hash that is not 32 bytes, a quality above 100, or a vector
+/// that breaks the rules of [`FrameInput`]'s.
+pub fn stored_frames_from_pb(
+    frames: Vec<pb::StoredFrame>,
+) -> Result<(Vec<FrameSignal>, Vec<FrameEmbedding>), Error> {
+    let mut signals = Vec::with_capacity(frames.len());
+    let mut vectors = Vec::new();
+    for pb::StoredFrame {
+        frame_index,
+        timestamp_ms,
+        pdq,
+        quality,
+        embeddings,
+    } in frames
+    {
+        vectors.extend(frame_embeddings(frame_index, timestamp_ms, embeddings)?);
+        if pdq.is_empty() {
+            continue;
+        }
+        let (hash, quality, _) = pdq_signal("frames.pdq", pdq, quality, &[])?;
+        signals.push(FrameSignal {
+            frame_index,
+            timestamp_ms,
+            hash,
+            quality,
+        });
+    }
+    Ok((signals, vectors))
 }
 
 /// A checked precomputed hash: the hash, its quality, and all 8 variants when they were sent.
@@ -410,7 +736,7 @@ pub fn frame_result_to_pb(
         pdq: signal.hash.as_bytes().to_vec(),
         pdq_hex: signal.hash.to_hex(),
         quality: u32::from(signal.quality),
-        low_quality: signal.quality < params.min_quality,
+        low_quality: query.has_pdq && signal.quality < params.min_quality,
         matches,
         total_matches: u32::try_from(hits.len()).unwrap_or(u32::MAX),
         content_pdq: query
@@ -468,7 +794,11 @@ pub fn bank_to_pb(catalog: &Catalog, bank: &Bank, show_shares: bool) -> pb::Bank
         ),
     };
     pb::Bank {
-        embedding_spaces: Vec::new(),
+        embedding_spaces: bank
+            .embedding_spaces
+            .iter()
+            .map(embedding_space_to_pb)
+            .collect(),
         id: bank.id.0,
         name: bank.name.clone(),
         category: category_to_pb(bank.category) as i32,

@@ -42,16 +42,17 @@ pub fn models_in_scope(
         .collect()
 }
 
-/// The vectors of a decoded picture in each of `models`' spaces: of the whole picture and, when it
-/// has uniform borders (letterbox, pillarbox, or 16:9 inside 9:16), of its content area too, so a
-/// re-upload that added or removed bars still meets the reference's vector. Returns them with the
-/// time the models took.
+/// The vectors of a decoded picture in each of `models`' spaces: of the whole picture and, with
+/// `content_area` and when it has uniform borders (letterbox, pillarbox, or 16:9 inside 9:16), of
+/// its content area too, so a re-upload that added or removed bars still meets the reference's
+/// vector. Returns them with the time the models took.
 ///
 /// # Errors
 /// [`Error::Embedding`] when a model fails.
 pub fn embed_picture(
     models: &[Arc<dyn SpaceModel>],
     picture: &RgbImage,
+    content_area: bool,
 ) -> Result<(Vec<QueryEmbedding>, Duration), Error> {
     let started = Instant::now();
     let mut out = Vec::new();
@@ -59,13 +60,16 @@ pub fn embed_picture(
         return Ok((out, started.elapsed()));
     }
     let (width, height) = picture.dimensions();
-    let content = border::content_area(width, height, picture.as_raw()).and_then(|area| {
-        RgbImage::from_raw(
-            area.width,
-            area.height,
-            border::crop_rgb(width, picture.as_raw(), area),
-        )
-    });
+    let content = content_area
+        .then(|| border::content_area(width, height, picture.as_raw()))
+        .flatten()
+        .and_then(|area| {
+            RgbImage::from_raw(
+                area.width,
+                area.height,
+                border::crop_rgb(width, picture.as_raw(), area),
+            )
+        });
     for model in models {
         let embed = |p: &RgbImage| {
             model.embed(p).map_err(|reason| Error::Embedding {
@@ -100,6 +104,7 @@ pub fn space_scopes(catalog: &Catalog, filter: &BankFilter) -> Vec<SpaceScope> {
                 .or_insert_with(|| SpaceScope {
                     space: Arc::from(space.name.as_str()),
                     dimension: space.dimension,
+                    metric: space.metric,
                     thresholds: HashMap::new(),
                 })
                 .thresholds

@@ -220,10 +220,11 @@ fn bank_pb(state: &AppState, caller: &Caller, bank: &Bank) -> pb::Bank {
 async fn reference_added(state: &AppState, id: ReferenceId) -> Result<pb::ReferenceAdded, Error> {
     let reference = state.store.get_reference(id).await?;
     let frames = state.store.reference_frames(id).await?;
+    let embeddings = state.store.reference_embeddings(id).await?;
     let reference_pb = convert::reference_to_pb(&state.catalog.read(), &reference);
     Ok(pb::ReferenceAdded {
         reference: Some(reference_pb),
-        frames: frames.iter().map(convert::stored_frame_to_pb).collect(),
+        frames: convert::stored_frames_to_pb(&frames, &embeddings),
         bank_id: reference.bank.0,
     })
 }

@@ -24,7 +24,7 @@ use crate::pb;
 use crate::pb::matcher_server::Matcher;
 use crate::telemetry::Rpc;
 
-use super::convert::{self, Content, FrameInput};
+use super::convert::{self, FrameInput};
 use super::{AppState, BankFilter, Error, embedding};
 
 /// Answers in flight per stream before the task waits for the client to read.
@@ -252,7 +252,7 @@ async fn run_stream(
                     Ok((input, params, filter)) => {
                         let state = state.clone();
                         // Only frames with pixels can be embedded; they alone use up the interval.
-                        let embed = !matches!(input.content, Content::Pdq { .. })
+                        let embed = input.content.has_pixels()
                             && sampler.due(input.timestamp_ms);
                         in_flight.push_back(
                             async move {

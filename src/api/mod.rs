@@ -44,6 +44,13 @@ use convert::{Content, FrameInput};
 
 pub use status::Error;
 
+/// The cosine threshold a bank's space gets when CreateBank leaves it at 0: SSCD's descriptors
+/// of copies score about 0.75 and above (issue #11).
+pub const DEFAULT_EMBEDDING_THRESHOLD: f32 = 0.75;
+/// The dimension a bank's space gets when CreateBank leaves it at 0 and the server has no model
+/// of that name: SSCD's.
+pub const DEFAULT_EMBEDDING_DIMENSION: u32 = 512;
+
 /// Bank and organisation metadata kept in memory so match responses can say where content comes
 /// from without reading the store.
 #[derive(Debug, Default)]
@@ -174,6 +181,9 @@ pub struct AppState {
     pub models: Arc<Vec<Arc<dyn embedding::SpaceModel>>>,
     /// Upload frames of one stream are embedded at most once per this many milliseconds.
     pub embed_interval_ms: u64,
+    /// What CreateBank gives a space whose threshold, dimension or metric is left unset and
+    /// that no model of the server serves.
+    pub space_defaults: convert::SpaceDefaults,
     workers: Arc<Semaphore>,
     /// Whether a frame that arrives already hashed is searched right on the async worker rather
     /// than on the blocking pool: with `mih` a search takes about 0.1 ms at 1M frames, less than
@@ -216,6 +226,11 @@ impl AppState {
             metrics,
             models: Arc::new(Vec::new()),
             embed_interval_ms: 1000,
+            space_defaults: convert::SpaceDefaults {
+                threshold: DEFAULT_EMBEDDING_THRESHOLD,
+                dimension: DEFAULT_EMBEDDING_DIMENSION,
+                metric: crate::model::Metric::Cosine,
+            },
             workers: Arc::new(Semaphore::new(config.hash_workers.max(1))),
             stream_pipeline: config.hash_workers.max(1) * 2,
             inline_search: config.engine == crate::index::EngineKind::Mih,
@@ -237,6 +252,45 @@ impl AppState {
         self.models = Arc::new(models);
         self.embed_interval_ms = interval_ms;
         self
+    }
+
+    /// Gives each embedding space of `bank` its vector index, if it has none yet
+    /// (`SharedIndex::ensure_space`); call it before the bank's vectors reach the index. The
+    /// store refuses a space declared with two dimensions or metrics, so a conflict here means
+    /// the index and the store disagree: it is logged, and that space's vectors are not indexed.
+    pub fn ensure_spaces(&self, bank: &Bank) {
+        for space in &bank.embedding_spaces {
+            if let Err(conflict) =
+                self.index
+                    .ensure_space(&space.name, space.dimension as usize, space.metric)
+            {
+                tracing::error!(bank = %bank.name, %conflict, "embedding space not indexed");
+            }
+        }
+    }
+
+    /// The server's models that serve one of `spaces` (a bank's).
+    pub fn models_for(
+        &self,
+        spaces: &[crate::model::EmbeddingSpace],
+    ) -> Vec<Arc<dyn embedding::SpaceModel>> {
+        self.models
+            .iter()
+            .filter(|m| {
+                spaces.iter().any(|s| {
+                    s.name == m.name() && s.dimension == m.dimension() && s.metric == m.metric()
+                })
+            })
+            .cloned()
+            .collect()
+    }
+
+    /// [`AppState::ensure_spaces`] for every bank of the catalogue (start-up).
+    pub fn ensure_catalog_spaces(&self) {
+        let banks: Vec<Bank> = self.catalog.read().banks().cloned().collect();
+        for bank in &banks {
+            self.ensure_spaces(bank);
+        }
     }
 
     /// Shutdown has started: from now on new requests get UNAVAILABLE, open streams go on.
@@ -405,18 +459,21 @@ impl AppState {
     ///
     /// # Errors
     /// Hashing failures ([`Error::Hash`]) and pool errors.
+    ///
+    /// With `models`, a frame with pixels is also embedded by each of them (the whole picture
+    /// only: what a reference stores), decoded once for both signals.
     pub async fn frame_signal(
         &self,
         input: FrameInput,
         dihedral: bool,
+        models: Vec<Arc<dyn embedding::SpaceModel>>,
     ) -> Result<QueryFrame, Error> {
-        if matches!(input.content, Content::Pdq { .. }) {
+        if !input.content.has_pixels() {
             return query_frame(
                 input,
                 dihedral,
                 &self.limits.decode_limits(),
-                &[],
-                0,
+                Embed::none(),
                 &self.metrics,
             )
             .map(|(query, _)| query);
@@ -424,7 +481,14 @@ impl AppState {
         let limits = self.limits.decode_limits();
         let metrics = self.metrics.clone();
         let (query, hashed) = self
-            .run_blocking(move || query_frame(input, dihedral, &limits, &[], 0, &metrics))
+            .run_blocking(move || {
+                let embed = Embed {
+                    models: &models,
+                    min_quality: 0,
+                    content_area: false,
+                };
+                query_frame(input, dihedral, &limits, embed, &metrics)
+            })
             .await??;
         if let Some((input, elapsed)) = hashed {
             self.metrics.hashed(input, elapsed);
@@ -439,18 +503,27 @@ impl AppState {
     ///
     /// With `embed`, a frame that carries pixels is also run through the server's models of the
     /// spaces in scope (callers sample: see [`embedding::EmbedSampler`]).
+    ///
+    /// The client's own vectors are checked against the spaces in scope
+    /// ([`convert::query_embeddings`]); the server's models do not embed a space the client sent
+    /// a vector of.
     pub async fn match_frame(
         &self,
-        input: FrameInput,
+        mut input: FrameInput,
         params: &Arc<MatchParams>,
         filter: &Arc<BankFilter>,
         embed: bool,
     ) -> Result<(QueryFrame, Vec<FrameHit>), Error> {
         let started = Instant::now();
-        let precomputed = matches!(input.content, Content::Pdq { .. });
+        let client_vectors =
+            convert::query_embeddings(std::mem::take(&mut input.embeddings), &params.spaces)?;
+        let precomputed = !input.content.has_pixels();
         let index = self.index.clone();
         let models = if embed && !precomputed {
             embedding::models_in_scope(&self.models, &params.spaces)
+                .into_iter()
+                .filter(|m| !client_vectors.iter().any(|v| &*v.space == m.name()))
+                .collect()
         } else {
             Vec::new()
         };
@@ -460,14 +533,16 @@ impl AppState {
         let min_quality = params.min_quality;
         let metrics = self.metrics.clone();
         let job = move || -> Result<_, Error> {
-            let (query, hashed) = query_frame(
-                input,
-                params.dihedral,
-                &limits,
-                &models,
+            let embed = Embed {
+                models: &models,
                 min_quality,
-                &metrics,
-            )?;
+                content_area: true,
+            };
+            let (mut query, hashed) =
+                query_frame(input, params.dihedral, &limits, embed, &metrics)?;
+            // The client's vectors first, then the models'.
+            let computed = std::mem::replace(&mut query.embeddings, client_vectors);
+            query.embeddings.extend(computed);
             let search_started = Instant::now();
             let hits = {
                 let index = index.read();
@@ -489,7 +564,7 @@ impl AppState {
         }
         // Same order as the stream summary: a low-quality frame is counted as such even when its
         // content area matched.
-        let outcome = if query.signal.quality < min_quality {
+        let outcome = if query.has_pdq && query.signal.quality < min_quality {
             Outcome::LowQuality
         } else if hits.is_empty() {
             Outcome::Unmatched
@@ -511,24 +586,65 @@ impl AppState {
 /// The input kind ("image" or "rgb") and how long hashing it took, for the hashing metric.
 type Hashed = (&'static str, Duration);
 
+/// Which of the server's models embed a frame's picture in [`query_frame`].
+#[derive(Clone, Copy)]
+struct Embed<'a> {
+    /// The models (none: no vectors are computed).
+    models: &'a [Arc<dyn embedding::SpaceModel>],
+    /// A frame no signal would search at this quality is not embedded.
+    min_quality: u8,
+    /// Also embed the content area inside uniform borders (uploads), not only the whole picture
+    /// (what a reference stores).
+    content_area: bool,
+}
+
+impl Embed<'static> {
+    /// No model: PDQ only.
+    const fn none() -> Self {
+        Embed {
+            models: &[],
+            min_quality: 0,
+            content_area: false,
+        }
+    }
+}
+
 /// Turns a validated frame into the signals it is searched with, hashing pixels when it carries
 /// them (synchronous: callers run it on the blocking pool). The second value names the input kind
-/// and the hashing time, when there was hashing to do.
+/// and the hashing time, when there was hashing to do. The client's vectors
+/// ([`FrameInput::embeddings`]) are the caller's to check and add; the ones returned are the
+/// models'.
 fn query_frame(
     input: FrameInput,
     dihedral: bool,
     limits: &DecodeLimits,
-    models: &[Arc<dyn embedding::SpaceModel>],
-    min_quality: u8,
+    embed: Embed<'_>,
     metrics: &Metrics,
 ) -> Result<(QueryFrame, Option<Hashed>), Error> {
     let FrameInput {
         frame_index,
         timestamp_ms,
         content,
+        embeddings: _,
     } = input;
+    let models = embed.models;
     let started = Instant::now();
     let (hashes, kind, picture) = match content {
+        Content::Vectors => {
+            let query = QueryFrame {
+                signal: FrameSignal {
+                    frame_index,
+                    timestamp_ms,
+                    hash: crate::hash::PdqHash::default(),
+                    quality: 0,
+                },
+                variants: None,
+                content: None,
+                has_pdq: false,
+                embeddings: Vec::new(),
+            };
+            return Ok((query, None));
+        }
         Content::Pdq {
             hash,
             quality,
@@ -592,9 +708,9 @@ fn query_frame(
     };
     // A frame no signal will search (flat, dark) is not worth the model's time.
     if let Some(picture) = picture
-        && query.searchable(min_quality)
+        && query.searchable(embed.min_quality)
     {
-        let (vectors, took) = embedding::embed_picture(models, &picture)?;
+        let (vectors, took) = embedding::embed_picture(models, &picture, embed.content_area)?;
         metrics.hashed("embedding", took);
         query.embeddings = vectors;
     }

@@ -164,6 +164,9 @@ fn store_code(error: &store::Error) -> Code {
             Code::FailedPrecondition
         }
         store::Error::InvalidInput { .. } => Code::InvalidArgument,
+        // The request is well formed; the server's existing declaration of the space is not
+        // the one asked for.
+        store::Error::SpaceConflict { .. } => Code::FailedPrecondition,
         store::Error::Corrupt { .. } => Code::DataLoss,
         // Start-up conditions: a request never sees them, but the mapping stays total.
         store::Error::SchemaTooNew { .. } | store::Error::PragmaNotApplied { .. } => {
@@ -263,6 +266,16 @@ mod tests {
             (
                 Error::Store(store::Error::Corrupt { detail: "x".into() }),
                 Code::DataLoss,
+            ),
+            (
+                Error::Store(store::Error::SpaceConflict {
+                    space: "sscd".into(),
+                    dimension: 512,
+                    metric: crate::model::Metric::Cosine,
+                    asked_dimension: 256,
+                    asked_metric: crate::model::Metric::Cosine,
+                }),
+                Code::FailedPrecondition,
             ),
             (Error::NotReady, Code::Unavailable),
             (Error::ShuttingDown, Code::Unavailable),

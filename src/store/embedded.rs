@@ -34,11 +34,11 @@ use std::time::Duration;
 use parking_lot::Mutex;
 use rusqlite::{Connection, OpenFlags, OptionalExtension, Row, Transaction, TransactionBehavior};
 
-use super::{DEFAULT_ORG_NAME, Error, NewBank, StoreStats, rows};
+use super::{ActiveSignals, DEFAULT_ORG_NAME, Error, NewBank, StoreStats, rows};
 use crate::model::{
-    Actor, ApiKey, Bank, BankId, Change, ChangeKind, ChangeSeq, FrameSignal, IndexedFrame, KeyId,
-    NewApiKey, NewReference, OrgId, Organisation, Reference, ReferenceId, ReferenceState,
-    Visibility, now_ms,
+    Actor, ApiKey, Bank, BankId, Change, ChangeKind, ChangeSeq, EmbeddingSpace, FrameEmbedding,
+    FrameSignal, IndexedEmbedding, IndexedFrame, KeyId, NewApiKey, NewReference, OrgId,
+    Organisation, Reference, ReferenceId, ReferenceState, Visibility, now_ms,
 };
 
 /// File name of the database inside the data directory.
@@ -186,6 +186,33 @@ CREATE TABLE mirrored_refs (
     remote_id    INTEGER NOT NULL,
     reference_id INTEGER NOT NULL UNIQUE REFERENCES refs (id),
     PRIMARY KEY (source, remote_id)
+) STRICT, WITHOUT ROWID;
+",
+    // 3: issue #11: embedding spaces (server-wide: one name, one dimension and metric), the
+    // spaces each bank declares with its threshold, and the vectors of reference frames.
+    r"
+CREATE TABLE embedding_spaces (
+    id          INTEGER PRIMARY KEY,
+    name        TEXT    NOT NULL UNIQUE,
+    dimension   INTEGER NOT NULL CHECK (dimension BETWEEN 1 AND 4096),
+    metric      TEXT    NOT NULL CHECK (metric IN ('cosine', 'dot'))
+) STRICT;
+
+CREATE TABLE bank_spaces (
+    bank_id     INTEGER NOT NULL REFERENCES banks (id),
+    space_id    INTEGER NOT NULL REFERENCES embedding_spaces (id),
+    threshold   REAL    NOT NULL,
+    PRIMARY KEY (bank_id, space_id)
+) STRICT, WITHOUT ROWID;
+
+-- Clustered by reference, as frames. vector: dimension f16 values, little-endian.
+CREATE TABLE embeddings (
+    reference_id INTEGER NOT NULL REFERENCES refs (id),
+    space_id     INTEGER NOT NULL REFERENCES embedding_spaces (id),
+    frame_index  INTEGER NOT NULL CHECK (frame_index BETWEEN 0 AND 4294967295),
+    timestamp_ms INTEGER NOT NULL CHECK (timestamp_ms >= 0),
+    vector       BLOB    NOT NULL,
+    PRIMARY KEY (reference_id, space_id, frame_index)
 ) STRICT, WITHOUT ROWID;
 ",
 ];
@@ -357,6 +384,7 @@ impl EmbeddedStore {
                         .push(OrgId(row.get(1)?));
                 }
             }
+            let mut spaces = all_bank_spaces(tx)?;
             let mut stmt = tx.prepare_cached(&format!("{BANK_SELECT} ORDER BY id"))?;
             let raw = stmt
                 .query_map([], BankRow::from_row)?
@@ -364,7 +392,8 @@ impl EmbeddedStore {
             raw.into_iter()
                 .map(|bank| {
                     let orgs = shares.remove(&bank.id).unwrap_or_default();
-                    bank.into_bank(orgs)
+                    let bank_spaces = spaces.remove(&bank.id).unwrap_or_default();
+                    bank.into_bank(orgs, bank_spaces)
                 })
                 .collect()
         })
@@ -733,11 +762,41 @@ impl EmbeddedStore {
         .await
     }
 
-    /// See [`super::Store::load_active_frames`]. One read transaction: the frames and the
-    /// sequence number come from the same snapshot. One prepared join, driven by `refs` (few
-    /// rows) into the `frames` primary key (each reference's frames contiguous), so the scan is
-    /// close to sequential; the only allocation is the result vector, sized up front.
-    pub(super) async fn load_active_frames(&self) -> Result<(Vec<IndexedFrame>, ChangeSeq), Error> {
+    /// See [`super::Store::reference_embeddings`].
+    pub(super) async fn reference_embeddings(
+        &self,
+        id: ReferenceId,
+    ) -> Result<Vec<FrameEmbedding>, Error> {
+        self.read(move |tx| {
+            let exists = tx
+                .prepare_cached("SELECT 1 FROM refs WHERE id = ?1")?
+                .exists([id.0])?;
+            if !exists {
+                return Err(Error::NotFound {
+                    kind: "reference",
+                    key: id.to_string(),
+                });
+            }
+            let mut stmt = tx.prepare_cached(
+                "SELECT e.frame_index, e.timestamp_ms, s.name, s.dimension, e.vector
+                 FROM embeddings AS e JOIN embedding_spaces AS s ON s.id = e.space_id
+                 WHERE e.reference_id = ?1 ORDER BY s.name, e.frame_index",
+            )?;
+            let mut rows = stmt.query([id.0])?;
+            let mut embeddings = Vec::new();
+            while let Some(row) = rows.next()? {
+                embeddings.push(embedding_from_row(row, 0, id)?);
+            }
+            Ok(embeddings)
+        })
+        .await
+    }
+
+    /// See [`super::Store::load_active`]. One read transaction: the frames, the vectors and the
+    /// sequence number come from the same snapshot. Each is one prepared join, driven by `refs`
+    /// (few rows) into the `frames` or `embeddings` primary key (each reference's rows
+    /// contiguous), so the scans are close to sequential; the frame vector is sized up front.
+    pub(super) async fn load_active(&self) -> Result<ActiveSignals, Error> {
         self.read(|tx| {
             let declared: i64 = tx.query_row(
                 "SELECT COALESCE(SUM(frame_count), 0) FROM refs WHERE withdrawn_ms IS NULL",
@@ -772,7 +831,28 @@ impl EmbeddedStore {
                     ),
                 });
             }
-            Ok((frames, seq))
+            let mut embeddings = Vec::new();
+            let mut stmt = tx.prepare(
+                "SELECT r.id, r.bank_id, e.frame_index, e.timestamp_ms, s.name, s.dimension,
+                        e.vector
+                 FROM refs AS r CROSS JOIN embeddings AS e ON e.reference_id = r.id
+                 JOIN embedding_spaces AS s ON s.id = e.space_id
+                 WHERE r.withdrawn_ms IS NULL",
+            )?;
+            let mut rows = stmt.query([])?;
+            while let Some(row) = rows.next()? {
+                let reference = ReferenceId(row.get(0)?);
+                embeddings.push(IndexedEmbedding {
+                    reference,
+                    bank: BankId(row.get(1)?),
+                    embedding: embedding_from_row(row, 2, reference)?,
+                });
+            }
+            Ok(ActiveSignals {
+                frames,
+                embeddings,
+                seq,
+            })
         })
         .await
     }
@@ -1050,6 +1130,7 @@ fn insert_bank(tx: &Transaction<'_>, new: NewBank, actor: Actor) -> Result<Bank,
     }
     let id = BankId(tx.last_insert_rowid());
     insert_shares(tx, id, shares)?;
+    insert_bank_spaces(tx, id, &new.embedding_spaces)?;
     append_change(tx, &ChangeKind::BankCreated(id), actor, "", created_ms)?;
     Ok(Bank {
         id,
@@ -1059,8 +1140,131 @@ fn insert_bank(tx: &Transaction<'_>, new: NewBank, actor: Actor) -> Result<Bank,
         visibility: new.visibility,
         description: new.description,
         created_ms,
-        embedding_spaces: Vec::new(),
+        embedding_spaces: new.embedding_spaces,
     })
+}
+
+/// Declares `spaces` for `bank`: each space is created on first use; one that exists must have
+/// the same dimension and metric ([`Error::SpaceConflict`]).
+fn insert_bank_spaces(
+    conn: &Connection,
+    bank: BankId,
+    spaces: &[EmbeddingSpace],
+) -> Result<(), Error> {
+    for space in spaces {
+        conn.prepare_cached(
+            "INSERT INTO embedding_spaces (name, dimension, metric) VALUES (?1, ?2, ?3)
+             ON CONFLICT (name) DO NOTHING",
+        )?
+        .execute((&space.name, space.dimension, space.metric.as_str()))?;
+        let (space_id, dimension, metric): (i64, i64, String) = conn
+            .prepare_cached("SELECT id, dimension, metric FROM embedding_spaces WHERE name = ?1")?
+            .query_row([&space.name], |row| {
+                Ok((row.get(0)?, row.get(1)?, row.get(2)?))
+            })?;
+        let stored = rows::space(bank.0, space.name.clone(), dimension, &metric, 1.0)?;
+        if stored.dimension != space.dimension || stored.metric != space.metric {
+            return Err(Error::SpaceConflict {
+                space: space.name.clone(),
+                dimension: stored.dimension,
+                metric: stored.metric,
+                asked_dimension: space.dimension,
+                asked_metric: space.metric,
+            });
+        }
+        conn.prepare_cached(
+            "INSERT INTO bank_spaces (bank_id, space_id, threshold) VALUES (?1, ?2, ?3)",
+        )?
+        .execute((bank.0, space_id, f64::from(space.threshold)))?;
+    }
+    Ok(())
+}
+
+/// The spaces of every bank, by bank id, each bank's sorted by name.
+fn all_bank_spaces(
+    conn: &Connection,
+) -> Result<std::collections::HashMap<i64, Vec<EmbeddingSpace>>, Error> {
+    let mut spaces: std::collections::HashMap<i64, Vec<EmbeddingSpace>> =
+        std::collections::HashMap::new();
+    let mut stmt = conn.prepare_cached(
+        "SELECT b.bank_id, s.name, s.dimension, s.metric, b.threshold
+         FROM bank_spaces AS b JOIN embedding_spaces AS s ON s.id = b.space_id
+         ORDER BY b.bank_id, s.name",
+    )?;
+    let mut rows = stmt.query([])?;
+    while let Some(row) = rows.next()? {
+        let bank: i64 = row.get(0)?;
+        let metric: String = row.get(3)?;
+        let threshold: f64 = row.get(4)?;
+        let space = rows::space(bank, row.get(1)?, row.get(2)?, &metric, threshold as f32)?;
+        spaces.entry(bank).or_default().push(space);
+    }
+    Ok(spaces)
+}
+
+/// The spaces of one bank, sorted by name.
+fn bank_spaces(conn: &Connection, bank: i64) -> Result<Vec<EmbeddingSpace>, Error> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT s.name, s.dimension, s.metric, b.threshold
+         FROM bank_spaces AS b JOIN embedding_spaces AS s ON s.id = b.space_id
+         WHERE b.bank_id = ?1 ORDER BY s.name",
+    )?;
+    let mut rows = stmt.query([bank])?;
+    let mut spaces = Vec::new();
+    while let Some(row) = rows.next()? {
+        let metric: String = row.get(2)?;
+        let threshold: f64 = row.get(3)?;
+        spaces.push(rows::space(
+            bank,
+            row.get(0)?,
+            row.get(1)?,
+            &metric,
+            threshold as f32,
+        )?);
+    }
+    Ok(spaces)
+}
+
+/// Inserts a reference's vectors. They are validated against the bank's spaces (which never
+/// change), so every space named exists.
+fn insert_embeddings(
+    tx: &Transaction<'_>,
+    reference: ReferenceId,
+    embeddings: &[FrameEmbedding],
+) -> Result<(), Error> {
+    if embeddings.is_empty() {
+        return Ok(());
+    }
+    let mut ids: std::collections::HashMap<&str, i64> = std::collections::HashMap::new();
+    let mut insert = tx.prepare_cached(
+        "INSERT INTO embeddings (reference_id, space_id, frame_index, timestamp_ms, vector)
+         VALUES (?1, ?2, ?3, ?4, ?5)",
+    )?;
+    for embedding in embeddings {
+        let space_id = match ids.get(embedding.space.as_str()) {
+            Some(id) => *id,
+            None => {
+                let id: i64 = tx
+                    .prepare_cached("SELECT id FROM embedding_spaces WHERE name = ?1")?
+                    .query_row([&embedding.space], |row| row.get(0))?;
+                ids.insert(&embedding.space, id);
+                id
+            }
+        };
+        let timestamp_ms =
+            i64::try_from(embedding.timestamp_ms).map_err(|_| Error::InvalidInput {
+                field: "embeddings",
+                reason: format!("{} ms does not fit an i64", embedding.timestamp_ms),
+            })?;
+        insert.execute((
+            reference.0,
+            space_id,
+            embedding.frame_index,
+            timestamp_ms,
+            rows::encode_vector(&embedding.vector),
+        ))?;
+    }
+    Ok(())
 }
 
 fn insert_shares(conn: &Connection, bank: BankId, shares: &[OrgId]) -> Result<(), Error> {
@@ -1120,6 +1324,7 @@ fn insert_reference(
             ))?;
         }
     }
+    insert_embeddings(tx, id, &new.embeddings)?;
     append_change(
         tx,
         &ChangeKind::ReferenceAdded {
@@ -1357,7 +1562,7 @@ impl BankRow {
         })
     }
 
-    fn into_bank(self, shares: Vec<OrgId>) -> Result<Bank, Error> {
+    fn into_bank(self, shares: Vec<OrgId>, spaces: Vec<EmbeddingSpace>) -> Result<Bank, Error> {
         rows::bank(rows::BankColumns {
             id: self.id,
             name: self.name,
@@ -1367,17 +1572,19 @@ impl BankRow {
             shares,
             description: self.description,
             created_ms: self.created_ms,
+            spaces,
         })
     }
 }
 
-/// Attaches the shares of one bank.
+/// Attaches the shares and embedding spaces of one bank.
 fn finish_bank(conn: &Connection, raw: BankRow) -> Result<Bank, Error> {
     let shares = conn
         .prepare_cached("SELECT org_id FROM bank_shares WHERE bank_id = ?1 ORDER BY org_id")?
         .query_map([raw.id], |row| Ok(OrgId(row.get(0)?)))?
         .collect::<Result<Vec<_>, _>>()?;
-    raw.into_bank(shares)
+    let spaces = bank_spaces(conn, raw.id)?;
+    raw.into_bank(shares, spaces)
 }
 
 const REF_SELECT: &str = "SELECT id, bank_id, external_id, note, added_by, added_ms, frame_count,
@@ -1435,6 +1642,30 @@ fn frame_from_row(
     )
 }
 
+/// Reads `frame_index, timestamp_ms, space name, dimension, vector` starting at column `first`.
+fn embedding_from_row(
+    row: &Row<'_>,
+    first: usize,
+    reference: ReferenceId,
+) -> Result<FrameEmbedding, Error> {
+    let frame_index: i64 = row.get(first)?;
+    let vector = row.get_ref(first + 4)?;
+    let bytes = vector.as_blob().map_err(|_| Error::Corrupt {
+        detail: format!(
+            "reference {reference} frame {frame_index}: vector is stored as {}",
+            vector.data_type()
+        ),
+    })?;
+    rows::embedding(rows::EmbeddingColumns {
+        reference,
+        frame_index,
+        timestamp_ms: row.get(first + 1)?,
+        space: row.get(first + 2)?,
+        dimension: row.get(first + 3)?,
+        vector: bytes,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1467,6 +1698,7 @@ mod tests {
                     owner: local,
                     visibility: Visibility::Public,
                     description: String::new(),
+                    embedding_spaces: Vec::new(),
                 },
                 Actor::system(local),
             )

@@ -21,8 +21,14 @@
 //!   higher number, so a tailer that remembers the last sequence it saw never misses a change.
 //! - **Frames are deduplicated by exact hash within a reference**, keeping the first occurrence
 //!   in frame-index order. Frames of any quality are stored; the matcher filters by quality.
-//! - **Nothing is deleted.** Withdrawal marks a reference; its frames stay stored (for audit) but
-//!   are excluded from [`Store::load_active_frames`].
+//! - **Nothing is deleted.** Withdrawal marks a reference; its frames and vectors stay stored
+//!   (for audit) but are excluded from [`Store::load_active`].
+//! - **Embedding spaces are server-wide** (issue #11): a space name means one dimension and one
+//!   metric in every bank that declares it (a conflicting declaration is
+//!   [`Error::SpaceConflict`]); the threshold is each bank's own. A bank's spaces are fixed at
+//!   its creation, so a reference's vectors can be checked against them before its write
+//!   transaction starts. Vectors are stored as f16 (2 bytes a value); cosine vectors are
+//!   L2-normalised before they are stored.
 //! - Methods are async, but no lock is held across an `.await`: the embedded backend runs each
 //!   call to completion on tokio's blocking pool; the PostgreSQL backend awaits its pooled
 //!   connection and bounds every operation with timeouts, failing with [`Error::Unavailable`]
@@ -39,8 +45,9 @@ use tokio::sync::mpsc;
 
 use crate::hash::PdqHash;
 use crate::model::{
-    Actor, ApiKey, Bank, BankId, Category, Change, ChangeSeq, FrameSignal, IndexedFrame, KeyId,
-    NewApiKey, NewReference, OrgId, Organisation, Reference, ReferenceId, Visibility,
+    Actor, ApiKey, Bank, BankId, Category, Change, ChangeSeq, EmbeddingSpace, FrameEmbedding,
+    FrameSignal, IndexedEmbedding, IndexedFrame, KeyId, Metric, NewApiKey, NewReference, OrgId,
+    Organisation, Reference, ReferenceId, Visibility,
 };
 
 /// Longest bank or organisation name, in characters.
@@ -58,6 +65,14 @@ pub const MAX_LABEL_BYTES: usize = 256;
 /// Longest partner feed name ([`Store::follow_cursor`] and the mirror methods), in bytes of
 /// UTF-8.
 pub const MAX_SOURCE_BYTES: usize = 512;
+/// Longest embedding space name, in characters (`[a-z0-9_-]`).
+pub const MAX_SPACE_NAME_CHARS: usize = 64;
+/// Longest embedding vector, in values.
+pub const MAX_DIMENSION: u32 = 4096;
+/// Most embedding spaces one bank may declare.
+pub const MAX_SPACES_PER_BANK: usize = 16;
+/// Largest magnitude of a stored vector value: the largest finite f16.
+pub const MAX_VECTOR_VALUE: f32 = 65504.0;
 /// Name of the organisation every store creates when it is first opened.
 pub const DEFAULT_ORG_NAME: &str = "local";
 
@@ -92,6 +107,24 @@ pub enum Error {
     AlreadyRevoked {
         /// The key.
         key: KeyId,
+    },
+    /// A bank declares an embedding space under a name the server already knows with another
+    /// dimension or metric (a space is server-wide: one index serves every bank declaring it).
+    #[error(
+        "embedding space {space:?} exists with dimension {dimension} ({metric}); \
+         cannot declare it with dimension {asked_dimension} ({asked_metric})"
+    )]
+    SpaceConflict {
+        /// The space's name.
+        space: String,
+        /// Its dimension as stored.
+        dimension: u32,
+        /// Its metric as stored.
+        metric: Metric,
+        /// The dimension asked for.
+        asked_dimension: u32,
+        /// The metric asked for.
+        asked_metric: Metric,
     },
     /// An argument breaks one of the documented limits.
     #[error("invalid {field}: {reason}")]
@@ -170,7 +203,7 @@ pub enum Error {
 }
 
 /// What a new bank is made of, before the store gives it an id.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct NewBank {
     /// Unique name: 1 to [`MAX_NAME_CHARS`] characters of `[A-Za-z0-9_.-]`.
     pub name: String,
@@ -183,6 +216,22 @@ pub struct NewBank {
     pub visibility: Visibility,
     /// Free text, up to [`MAX_TEXT_BYTES`] bytes.
     pub description: String,
+    /// The embedding spaces it holds beside PDQ: up to [`MAX_SPACES_PER_BANK`], distinct names
+    /// of 1 to [`MAX_SPACE_NAME_CHARS`] characters of `[a-z0-9_-]`, dimension 1 to
+    /// [`MAX_DIMENSION`], a finite threshold (for cosine, above 0 and at most 1). Fixed for the
+    /// bank's life; kept sorted by name.
+    pub embedding_spaces: Vec<EmbeddingSpace>,
+}
+
+/// Everything the index is loaded with at start-up, from one consistent snapshot.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ActiveSignals {
+    /// Every PDQ frame of every active reference.
+    pub frames: Vec<IndexedFrame>,
+    /// Every vector of every active reference.
+    pub embeddings: Vec<IndexedEmbedding>,
+    /// The change-log position they reflect.
+    pub seq: ChangeSeq,
 }
 
 /// Counts for logs and metrics.
@@ -319,8 +368,10 @@ impl Store {
     /// Creates a bank owned by `new.owner`; `actor` is recorded in the change log.
     ///
     /// # Errors
-    /// [`Error::InvalidInput`] for a bad name or an over-long description, or an actor whose key
-    /// acts for another organisation (`"actor"`); [`Error::NotFound`] when the owner, the
+    /// [`Error::InvalidInput`] for a bad name, an over-long description or a bad embedding
+    /// space (`"embedding_spaces"`), or an actor whose key acts for another organisation
+    /// (`"actor"`); [`Error::SpaceConflict`] when a space name is known with another dimension
+    /// or metric; [`Error::NotFound`] when the owner, the
     /// actor or an organisation it is shared with (`"organisation"`), or the actor's key
     /// (`"api key"`), does not exist; [`Error::AlreadyExists`] when the name is taken; backend
     /// errors.
@@ -379,8 +430,16 @@ impl Store {
     /// backend errors.
     ///
     /// The reference's [`Reference::added_by`] is `new.added_by`; the change names `actor`.
+    ///
+    /// Its vectors ([`NewReference::embeddings`]) are stored in the same transaction: each must
+    /// name one of the bank's spaces, have its dimension, finite values within
+    /// [`MAX_VECTOR_VALUE`], and at most one vector per space and frame index
+    /// ([`Error::InvalidInput`] `"embeddings"`, naming the space and the numbers). Vectors of
+    /// cosine spaces are L2-normalised (a zero vector is refused). A reference may have no PDQ
+    /// frame when it has at least one vector.
     pub async fn add_reference(&self, new: NewReference, actor: Actor) -> Result<Reference, Error> {
-        let new = validate_new_reference(new)?;
+        let bank = self.get_bank(new.bank).await?;
+        let new = validate_new_reference(new, &bank)?;
         match self {
             Store::Embedded(store) => store.add_reference(new, actor).await,
             Store::Postgres(store) => store.add_reference(new, actor).await,
@@ -617,7 +676,8 @@ impl Store {
         actor: Actor,
     ) -> Result<(Reference, bool), Error> {
         validate_source(source)?;
-        let new = validate_new_reference(new)?;
+        let bank = self.get_bank(new.bank).await?;
+        let new = validate_new_reference(new, &bank)?;
         let source = source.to_string();
         match self {
             Store::Embedded(store) => {
@@ -671,18 +731,44 @@ impl Store {
         }
     }
 
-    /// Every frame of every active reference, plus the change-log position they reflect, read
-    /// from one consistent snapshot: apply `changes_since(seq)` afterwards to catch up. Order is
-    /// unspecified but stable (by reference today).
+    /// The stored vectors of one reference, active or withdrawn, by space name then frame
+    /// index (as f16 gives them back: within 5e-4 of each value stored).
     ///
     /// # Errors
-    /// [`Error::Corrupt`] for a stored hash that is not 32 bytes or an out-of-range number;
-    /// backend errors.
-    pub async fn load_active_frames(&self) -> Result<(Vec<IndexedFrame>, ChangeSeq), Error> {
+    /// [`Error::NotFound`] (`"reference"`); [`Error::Corrupt`] for a stored vector of the wrong
+    /// length; backend errors.
+    pub async fn reference_embeddings(
+        &self,
+        id: ReferenceId,
+    ) -> Result<Vec<FrameEmbedding>, Error> {
         match self {
-            Store::Embedded(store) => store.load_active_frames().await,
-            Store::Postgres(store) => store.load_active_frames().await,
+            Store::Embedded(store) => store.reference_embeddings(id).await,
+            Store::Postgres(store) => store.reference_embeddings(id).await,
         }
+    }
+
+    /// Every frame and every vector of every active reference, plus the change-log position they
+    /// reflect, read from one consistent snapshot: apply `changes_since(seq)` afterwards to catch
+    /// up. Order is unspecified but stable (by reference today).
+    ///
+    /// # Errors
+    /// [`Error::Corrupt`] for a stored hash that is not 32 bytes, a vector of the wrong length or
+    /// an out-of-range number; backend errors.
+    pub async fn load_active(&self) -> Result<ActiveSignals, Error> {
+        match self {
+            Store::Embedded(store) => store.load_active().await,
+            Store::Postgres(store) => store.load_active().await,
+        }
+    }
+
+    /// The PDQ half of [`Store::load_active`]: every frame of every active reference and the
+    /// change-log position they reflect.
+    ///
+    /// # Errors
+    /// As [`Store::load_active`].
+    pub async fn load_active_frames(&self) -> Result<(Vec<IndexedFrame>, ChangeSeq), Error> {
+        let active = self.load_active().await?;
+        Ok((active.frames, active.seq))
     }
 
     /// Up to `limit` changes with a sequence number above `after`, in sequence order.
@@ -792,23 +878,215 @@ fn validate_name_length(field: &'static str, name: &str) -> Result<(), Error> {
     Ok(())
 }
 
-/// A bank as [`Store::create_bank`] accepts it: valid name and description, normalised shares.
+/// A bank as [`Store::create_bank`] accepts it: valid name and description, normalised shares,
+/// valid embedding spaces sorted by name.
 fn validate_new_bank(new: NewBank) -> Result<NewBank, Error> {
     validate_bank_name(&new.name)?;
     validate_text("description", &new.description)?;
+    let mut spaces = new.embedding_spaces;
+    if spaces.len() > MAX_SPACES_PER_BANK {
+        return Err(Error::InvalidInput {
+            field: "embedding_spaces",
+            reason: format!("{} spaces, limit is {MAX_SPACES_PER_BANK}", spaces.len()),
+        });
+    }
+    for space in &spaces {
+        validate_space(space)?;
+    }
+    spaces.sort_by(|a, b| a.name.cmp(&b.name));
+    if let Some(pair) = spaces.windows(2).find(|pair| pair[0].name == pair[1].name) {
+        return Err(Error::InvalidInput {
+            field: "embedding_spaces",
+            reason: format!("embedding space {:?} is declared twice", pair[0].name),
+        });
+    }
     Ok(NewBank {
         visibility: normalise_visibility(new.visibility),
+        embedding_spaces: spaces,
         ..new
     })
 }
 
-/// A reference as [`Store::add_reference`] accepts it: valid texts, frames validated and
-/// deduplicated.
-fn validate_new_reference(new: NewReference) -> Result<NewReference, Error> {
+/// Checks an embedding space declaration against the documented rules.
+///
+/// # Errors
+/// [`Error::InvalidInput`] (`"embedding_spaces"`) naming the space and the numbers.
+pub fn validate_space(space: &EmbeddingSpace) -> Result<(), Error> {
+    let invalid = |reason: String| Error::InvalidInput {
+        field: "embedding_spaces",
+        reason,
+    };
+    let chars = space.name.chars().count();
+    if chars == 0 || chars > MAX_SPACE_NAME_CHARS {
+        return Err(invalid(format!(
+            "embedding space name {:?} has {chars} characters, must be 1 to {MAX_SPACE_NAME_CHARS}",
+            space.name
+        )));
+    }
+    if let Some(found) = space
+        .name
+        .chars()
+        .find(|c| !(c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '_' | '-')))
+    {
+        return Err(invalid(format!(
+            "embedding space name {:?} has {found:?}; use a-z, 0-9, '_', '-'",
+            space.name
+        )));
+    }
+    if !(1..=MAX_DIMENSION).contains(&space.dimension) {
+        return Err(invalid(format!(
+            "embedding space {:?} has dimension {}, must be 1 to {MAX_DIMENSION}",
+            space.name, space.dimension
+        )));
+    }
+    let threshold_ok = match space.metric {
+        Metric::Cosine => space.threshold > 0.0 && space.threshold <= 1.0,
+        Metric::Dot => space.threshold.is_finite(),
+    };
+    if !threshold_ok {
+        return Err(invalid(format!(
+            "embedding space {:?} has threshold {}; a {} threshold must be {}",
+            space.name,
+            space.threshold,
+            space.metric,
+            match space.metric {
+                Metric::Cosine => "above 0 and at most 1",
+                Metric::Dot => "finite",
+            }
+        )));
+    }
+    Ok(())
+}
+
+/// A reference as [`Store::add_reference`] accepts it into `bank`: valid texts, frames validated
+/// and deduplicated, vectors checked against the bank's spaces (cosine ones normalised) and
+/// sorted by space and frame index.
+fn validate_new_reference(new: NewReference, bank: &Bank) -> Result<NewReference, Error> {
     validate_text("external_id", &new.external_id)?;
     validate_text("note", &new.note)?;
-    let frames = dedup_frames(new.frames)?;
-    Ok(NewReference { frames, ..new })
+    let embeddings = validate_embeddings(new.embeddings, &bank.embedding_spaces)?;
+    let frames = if new.frames.is_empty() && !embeddings.is_empty() {
+        Vec::new()
+    } else {
+        dedup_frames(new.frames)?
+    };
+    Ok(NewReference {
+        frames,
+        embeddings,
+        ..new
+    })
+}
+
+/// Checks one vector against its space: the dimension, finite values within f16's range, and
+/// for cosine a non-zero length; returns it L2-normalised for cosine spaces. `frame_index` only
+/// names the frame in errors.
+///
+/// # Errors
+/// [`Error::InvalidInput`] (`"embeddings"`) naming the space and the numbers.
+pub fn check_vector(
+    space: &EmbeddingSpace,
+    frame_index: u32,
+    mut vector: Vec<f32>,
+) -> Result<Vec<f32>, Error> {
+    let invalid = |reason: String| Error::InvalidInput {
+        field: "embeddings",
+        reason,
+    };
+    if vector.len() != space.dimension as usize {
+        return Err(invalid(format!(
+            "embedding space {:?} expects {} values, frame {frame_index} has {}",
+            space.name,
+            space.dimension,
+            vector.len()
+        )));
+    }
+    if let Some((position, value)) = vector
+        .iter()
+        .enumerate()
+        .find(|(_, v)| !v.is_finite() || v.abs() > MAX_VECTOR_VALUE)
+    {
+        return Err(invalid(format!(
+            "embedding space {:?}: frame {frame_index} value {position} is {value}; values must be finite and within ±{MAX_VECTOR_VALUE}",
+            space.name
+        )));
+    }
+    if space.metric == Metric::Cosine {
+        let norm = vector.iter().map(|v| v * v).sum::<f32>().sqrt();
+        if !norm.is_normal() {
+            return Err(invalid(format!(
+                "embedding space {:?}: frame {frame_index} has a vector of length {norm}; a cosine vector cannot be zero",
+                space.name
+            )));
+        }
+        for value in &mut vector {
+            *value /= norm;
+        }
+    }
+    Ok(vector)
+}
+
+/// Vectors as [`Store::add_reference`] accepts them for a bank with `spaces`.
+fn validate_embeddings(
+    mut embeddings: Vec<FrameEmbedding>,
+    spaces: &[EmbeddingSpace],
+) -> Result<Vec<FrameEmbedding>, Error> {
+    if embeddings.len() > MAX_FRAMES_PER_REFERENCE {
+        return Err(Error::InvalidInput {
+            field: "embeddings",
+            reason: format!(
+                "{} vectors, limit is {MAX_FRAMES_PER_REFERENCE}",
+                embeddings.len()
+            ),
+        });
+    }
+    for embedding in &mut embeddings {
+        let Some(space) = spaces.iter().find(|s| s.name == embedding.space) else {
+            let declared: Vec<&str> = spaces.iter().map(|s| s.name.as_str()).collect();
+            return Err(Error::InvalidInput {
+                field: "embeddings",
+                reason: format!(
+                    "frame {} has a vector of embedding space {:?}, which the bank does not declare (it declares [{}])",
+                    embedding.frame_index,
+                    embedding.space,
+                    declared.join(", ")
+                ),
+            });
+        };
+        if i64::try_from(embedding.timestamp_ms).is_err() {
+            return Err(Error::InvalidInput {
+                field: "embeddings",
+                reason: format!(
+                    "frame {} has timestamp {} ms, limit is {} ms",
+                    embedding.frame_index,
+                    embedding.timestamp_ms,
+                    i64::MAX
+                ),
+            });
+        }
+        embedding.vector = check_vector(
+            space,
+            embedding.frame_index,
+            std::mem::take(&mut embedding.vector),
+        )?;
+    }
+    embeddings.sort_by(|a, b| {
+        a.space
+            .cmp(&b.space)
+            .then(a.frame_index.cmp(&b.frame_index))
+    });
+    if let Some(pair) = embeddings
+        .windows(2)
+        .find(|pair| pair[0].space == pair[1].space && pair[0].frame_index == pair[1].frame_index)
+    {
+        return Err(Error::InvalidInput {
+            field: "embeddings",
+            reason: format!(
+                "frame {} has two vectors of embedding space {:?}; send one",
+                pair[0].frame_index, pair[0].space
+            ),
+        });
+    }
+    Ok(embeddings)
 }
 
 /// API key labels: up to [`MAX_LABEL_BYTES`] bytes, no control characters (they end up in logs
@@ -940,6 +1218,7 @@ mod tests {
             owner,
             visibility: Visibility::Private,
             description: "test bank".to_string(),
+            embedding_spaces: Vec::new(),
         }
     }
 
@@ -2192,6 +2471,368 @@ mod tests {
         Ok(())
     }
 
+    fn space(name: &str, dimension: u32, metric: Metric, threshold: f32) -> EmbeddingSpace {
+        EmbeddingSpace {
+            name: name.to_string(),
+            dimension,
+            metric,
+            threshold,
+        }
+    }
+
+    fn vector_of(frame_index: u32, space: &str, vector: Vec<f32>) -> FrameEmbedding {
+        FrameEmbedding {
+            frame_index,
+            timestamp_ms: u64::from(frame_index) * 1000,
+            space: space.to_string(),
+            vector,
+        }
+    }
+
+    /// A deterministic vector with values spread over [-1, 1].
+    fn wavy(dimension: usize, seed: f32) -> Vec<f32> {
+        (0..dimension)
+            .map(|i| ((i as f32 + 1.0) * seed).sin())
+            .collect()
+    }
+
+    fn unit(mut v: Vec<f32>) -> Vec<f32> {
+        let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+        for x in &mut v {
+            *x /= norm;
+        }
+        v
+    }
+
+    fn assert_close(actual: &[f32], expected: &[f32], tolerance: f32) {
+        assert_eq!(actual.len(), expected.len());
+        for (i, (a, e)) in actual.iter().zip(expected).enumerate() {
+            assert!(
+                (a - e).abs() <= tolerance,
+                "value {i}: {a} is not within {tolerance} of {e}"
+            );
+        }
+    }
+
+    fn bank_with_spaces(name: &str, owner: OrgId, spaces: Vec<EmbeddingSpace>) -> NewBank {
+        NewBank {
+            embedding_spaces: spaces,
+            ..new_bank(name, owner)
+        }
+    }
+
+    async fn embeddings_round_trip_in_f16(store: Store) -> TestResult {
+        let local = store.default_org().await?;
+        let bank = store
+            .create_bank(
+                bank_with_spaces(
+                    "vectors",
+                    local,
+                    vec![
+                        space("sscd", 64, Metric::Cosine, 0.75),
+                        space("raw", 3, Metric::Dot, -2.5),
+                    ],
+                ),
+                sys(local),
+            )
+            .await?;
+        // Sorted by name whatever the request's order.
+        let expected_spaces = vec![
+            space("raw", 3, Metric::Dot, -2.5),
+            space("sscd", 64, Metric::Cosine, 0.75),
+        ];
+        assert_eq!(bank.embedding_spaces, expected_spaces);
+        assert_eq!(store.get_bank(bank.id).await?, bank);
+        assert_eq!(store.bank_by_name("vectors").await?, bank);
+        assert_eq!(store.list_banks().await?, vec![bank.clone()]);
+
+        let sscd0 = wavy(64, 0.37);
+        let sscd1 = wavy(64, 1.91);
+        let raw = vec![120.5, -3.25, 0.001];
+        let reference = store
+            .add_reference(
+                NewReference {
+                    embeddings: vec![
+                        vector_of(1, "sscd", sscd1.clone()),
+                        vector_of(0, "sscd", sscd0.clone()),
+                        vector_of(0, "raw", raw.clone()),
+                    ],
+                    ..new_reference(bank.id, local, vec![frame(0, 1), frame(1, 2)])
+                },
+                sys(local),
+            )
+            .await?;
+        let stored = store.reference_embeddings(reference.id).await?;
+        assert_eq!(stored.len(), 3);
+        assert_eq!(
+            stored
+                .iter()
+                .map(|e| (e.space.as_str(), e.frame_index, e.timestamp_ms))
+                .collect::<Vec<_>>(),
+            vec![("raw", 0, 0), ("sscd", 0, 0), ("sscd", 1, 1000)]
+        );
+        // Dot vectors are kept as sent (f16 keeps 11 significant bits); cosine ones normalised.
+        assert_close(&stored[0].vector, &raw, 0.07);
+        assert_close(&stored[1].vector, &unit(sscd0), 1e-3);
+        assert_close(&stored[2].vector, &unit(sscd1), 1e-3);
+
+        let active = store.load_active().await?;
+        assert_eq!(active.frames.len(), 2);
+        assert_eq!(active.seq, store.last_seq().await?);
+        let mut loaded: Vec<FrameEmbedding> = active
+            .embeddings
+            .iter()
+            .map(|e| {
+                assert_eq!((e.reference, e.bank), (reference.id, bank.id));
+                e.embedding.clone()
+            })
+            .collect();
+        loaded.sort_by(|a, b| {
+            a.space
+                .cmp(&b.space)
+                .then(a.frame_index.cmp(&b.frame_index))
+        });
+        assert_eq!(loaded, stored);
+
+        // A second bank may declare the same space with its own threshold.
+        let other = store
+            .create_bank(
+                bank_with_spaces("other", local, vec![space("sscd", 64, Metric::Cosine, 0.9)]),
+                sys(local),
+            )
+            .await?;
+        assert_eq!(
+            store.get_bank(other.id).await?.embedding_spaces,
+            vec![space("sscd", 64, Metric::Cosine, 0.9)]
+        );
+
+        // A reference with vectors and no PDQ frame.
+        let vector_only = store
+            .add_reference(
+                NewReference {
+                    embeddings: vec![vector_of(4, "sscd", wavy(64, 0.5))],
+                    ..new_reference(other.id, local, Vec::new())
+                },
+                sys(local),
+            )
+            .await?;
+        assert_eq!(vector_only.frame_count, 0);
+        assert!(store.reference_frames(vector_only.id).await?.is_empty());
+        assert_eq!(store.reference_embeddings(vector_only.id).await?.len(), 1);
+        assert_eq!(store.load_active().await?.embeddings.len(), 4);
+        Ok(())
+    }
+
+    async fn embedding_space_conflicts_and_bad_vectors_are_refused(store: Store) -> TestResult {
+        let local = store.default_org().await?;
+        let bank = store
+            .create_bank(
+                bank_with_spaces("b", local, vec![space("sscd", 4, Metric::Cosine, 0.8)]),
+                sys(local),
+            )
+            .await?;
+        let seq = store.last_seq().await?;
+        let err = store
+            .create_bank(
+                bank_with_spaces("c", local, vec![space("sscd", 8, Metric::Cosine, 0.8)]),
+                sys(local),
+            )
+            .await
+            .map(|_| ());
+        let Err(err @ Error::SpaceConflict { .. }) = err else {
+            panic!("expected a space conflict, got {err:?}");
+        };
+        assert_eq!(
+            err.to_string(),
+            "embedding space \"sscd\" exists with dimension 4 (cosine); cannot declare it with dimension 8 (cosine)"
+        );
+        let err = store
+            .create_bank(
+                bank_with_spaces("c", local, vec![space("sscd", 4, Metric::Dot, 0.8)]),
+                sys(local),
+            )
+            .await;
+        assert!(matches!(err, Err(Error::SpaceConflict { .. })), "{err:?}");
+        // Nothing of the refused banks was kept.
+        assert_eq!(store.last_seq().await?, seq);
+        assert!(matches!(
+            store.bank_by_name("c").await,
+            Err(Error::NotFound { .. })
+        ));
+
+        for (bad, expected) in [
+            (space("", 4, Metric::Cosine, 0.5), "has 0 characters"),
+            (space("SSCD", 4, Metric::Cosine, 0.5), "'S'"),
+            (
+                space("x", 0, Metric::Cosine, 0.5),
+                "dimension 0, must be 1 to 4096",
+            ),
+            (space("x", 4097, Metric::Cosine, 0.5), "dimension 4097"),
+            (space("x", 4, Metric::Cosine, 0.0), "threshold 0"),
+            (space("x", 4, Metric::Cosine, 1.5), "threshold 1.5"),
+            (space("x", 4, Metric::Dot, f32::NAN), "threshold NaN"),
+        ] {
+            let err = store
+                .create_bank(bank_with_spaces("d", local, vec![bad]), sys(local))
+                .await;
+            assert!(
+                matches!(&err, Err(Error::InvalidInput { field: "embedding_spaces", reason }) if reason.contains(expected)),
+                "{expected}: {err:?}"
+            );
+        }
+        let twice = store
+            .create_bank(
+                bank_with_spaces(
+                    "d",
+                    local,
+                    vec![
+                        space("x", 4, Metric::Cosine, 0.5),
+                        space("x", 4, Metric::Cosine, 0.6),
+                    ],
+                ),
+                sys(local),
+            )
+            .await;
+        assert!(
+            matches!(twice, Err(Error::InvalidInput { .. })),
+            "{twice:?}"
+        );
+
+        let add = |embeddings: Vec<FrameEmbedding>| {
+            let store = store.clone();
+            async move {
+                store
+                    .add_reference(
+                        NewReference {
+                            embeddings,
+                            ..new_reference(bank.id, local, vec![frame(0, 1)])
+                        },
+                        sys(local),
+                    )
+                    .await
+            }
+        };
+        for (embeddings, expected) in [
+            (
+                vec![vector_of(3, "sscd", vec![1.0; 3])],
+                "embedding space \"sscd\" expects 4 values, frame 3 has 3",
+            ),
+            (
+                vec![vector_of(2, "other", vec![1.0; 4])],
+                "frame 2 has a vector of embedding space \"other\", which the bank does not declare (it declares [sscd])",
+            ),
+            (
+                vec![vector_of(1, "sscd", vec![1.0, f32::NAN, 0.0, 0.0])],
+                "frame 1 value 1 is NaN",
+            ),
+            (
+                vec![vector_of(1, "sscd", vec![1.0, 0.0, f32::INFINITY, 0.0])],
+                "frame 1 value 2 is inf",
+            ),
+            (
+                vec![vector_of(0, "sscd", vec![0.0; 4])],
+                "a cosine vector cannot be zero",
+            ),
+            (
+                vec![
+                    vector_of(5, "sscd", vec![1.0; 4]),
+                    vector_of(5, "sscd", vec![2.0; 4]),
+                ],
+                "frame 5 has two vectors of embedding space \"sscd\"",
+            ),
+        ] {
+            let err = add(embeddings).await;
+            assert!(
+                matches!(&err, Err(Error::InvalidInput { field: "embeddings", reason }) if reason.contains(expected)),
+                "{expected}: {err:?}"
+            );
+        }
+        assert_eq!(store.last_seq().await?, seq);
+        assert_eq!(store.stats().await?.active_references, 0);
+        // Neither frames nor vectors: still an error.
+        let empty = store
+            .add_reference(new_reference(bank.id, local, Vec::new()), sys(local))
+            .await;
+        assert!(
+            matches!(
+                empty,
+                Err(Error::InvalidInput {
+                    field: "frames",
+                    ..
+                })
+            ),
+            "{empty:?}"
+        );
+        Ok(())
+    }
+
+    async fn withdrawn_vectors_are_not_loaded(store: Store) -> TestResult {
+        let local = store.default_org().await?;
+        let bank = store
+            .create_bank(
+                bank_with_spaces("b", local, vec![space("sscd", 8, Metric::Cosine, 0.8)]),
+                sys(local),
+            )
+            .await?;
+        let mut ids = Vec::new();
+        for seed in 1..=3u8 {
+            let reference = store
+                .add_reference(
+                    NewReference {
+                        embeddings: vec![vector_of(0, "sscd", wavy(8, f32::from(seed)))],
+                        ..new_reference(bank.id, local, vec![frame(0, seed)])
+                    },
+                    sys(local),
+                )
+                .await?;
+            ids.push(reference.id);
+        }
+        store.withdraw_reference(ids[1], "fp", sys(local)).await?;
+        let active = store.load_active().await?;
+        let mut loaded: Vec<ReferenceId> = active.embeddings.iter().map(|e| e.reference).collect();
+        loaded.sort_unstable();
+        assert_eq!(loaded, vec![ids[0], ids[2]]);
+        // Kept for audit.
+        assert_eq!(store.reference_embeddings(ids[1]).await?.len(), 1);
+        assert!(matches!(
+            store.reference_embeddings(ReferenceId(999)).await,
+            Err(Error::NotFound {
+                kind: "reference",
+                ..
+            })
+        ));
+        Ok(())
+    }
+
+    async fn mirrored_references_keep_their_vectors(store: Store) -> TestResult {
+        let local = store.default_org().await?;
+        let bank = store
+            .create_mirrored_bank(
+                "peer",
+                7,
+                bank_with_spaces("mirror", local, vec![space("sscd", 4, Metric::Cosine, 0.8)]),
+                sys(local),
+            )
+            .await?;
+        assert_eq!(bank.embedding_spaces.len(), 1);
+        let (reference, added) = store
+            .add_mirrored_reference(
+                "peer",
+                70,
+                NewReference {
+                    embeddings: vec![vector_of(0, "sscd", vec![0.5, 0.5, 0.5, 0.5])],
+                    ..new_reference(bank.id, local, vec![frame(0, 1)])
+                },
+                sys(local),
+            )
+            .await?;
+        assert!(added);
+        let stored = store.reference_embeddings(reference.id).await?;
+        assert_eq!(stored.len(), 1);
+        assert_close(&stored[0].vector, &[0.5; 4], 1e-3);
+        Ok(())
+    }
+
     /// Runs each backend-neutral test body above against both backends: a temporary SQLite
     /// file, and a fresh PostgreSQL database when `FRAMEMATCH_TEST_POSTGRES_URL` names a server
     /// (see `postgres::test_support`).
@@ -2241,7 +2882,70 @@ mod tests {
         follow_cursors_are_per_source_and_upserted,
         mirrored_banks_are_created_once,
         mirrored_references_are_added_once,
+        embeddings_round_trip_in_f16,
+        embedding_space_conflicts_and_bad_vectors_are_refused,
+        withdrawn_vectors_are_not_loaded,
+        mirrored_references_keep_their_vectors,
     );
+
+    #[tokio::test]
+    async fn vectors_survive_close_and_reopen() -> TestResult {
+        let dir = tempfile::tempdir()?;
+        let sent = wavy(16, 0.3);
+        let (bank, reference) = {
+            let store = Store::open_embedded(dir.path()).await?;
+            let local = store.default_org().await?;
+            let bank = store
+                .create_bank(
+                    bank_with_spaces("kept", local, vec![space("sscd", 16, Metric::Cosine, 0.8)]),
+                    sys(local),
+                )
+                .await?;
+            let reference = store
+                .add_reference(
+                    NewReference {
+                        embeddings: vec![vector_of(0, "sscd", sent.clone())],
+                        ..new_reference(bank.id, local, vec![frame(0, 9)])
+                    },
+                    sys(local),
+                )
+                .await?;
+            (bank, reference)
+        };
+        let store = Store::open_embedded(dir.path()).await?;
+        assert_eq!(store.get_bank(bank.id).await?, bank);
+        let stored = store.reference_embeddings(reference.id).await?;
+        assert_eq!(stored.len(), 1);
+        assert_close(&stored[0].vector, &unit(sent), 1e-3);
+        assert_eq!(store.load_active().await?.embeddings.len(), 1);
+        Ok(())
+    }
+
+    #[test]
+    fn f16_storage_is_within_1e_3_of_unit_vectors() -> TestResult {
+        let v = unit(wavy(512, 0.77));
+        let bytes = rows::encode_vector(&v);
+        assert_eq!(bytes.len(), 1024);
+        let back = rows::embedding(rows::EmbeddingColumns {
+            reference: ReferenceId(1),
+            frame_index: 0,
+            timestamp_ms: 0,
+            space: "sscd".to_string(),
+            dimension: 512,
+            vector: &bytes,
+        })?;
+        assert_close(&back.vector, &v, 1e-3);
+        let short = rows::embedding(rows::EmbeddingColumns {
+            reference: ReferenceId(1),
+            frame_index: 0,
+            timestamp_ms: 0,
+            space: "sscd".to_string(),
+            dimension: 513,
+            vector: &bytes,
+        });
+        assert!(matches!(short, Err(Error::Corrupt { .. })), "{short:?}");
+        Ok(())
+    }
 
     #[tokio::test]
     async fn data_survives_close_and_reopen() -> TestResult {

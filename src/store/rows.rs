@@ -2,11 +2,14 @@
 //! columns in its own driver's way and hands the plain values here, so the rules (and the
 //! `Corrupt` errors for values no correct write produces) are written once.
 
+use half::f16;
+
 use super::{Error, MAX_QUALITY};
 use crate::hash::PdqHash;
 use crate::model::{
-    Actor, ApiKey, Bank, BankId, Category, Change, ChangeKind, ChangeSeq, FrameSignal, KeyDigest,
-    KeyId, OrgId, ReferenceId, ReferenceState, Role, Visibility,
+    Actor, ApiKey, Bank, BankId, Category, Change, ChangeKind, ChangeSeq, EmbeddingSpace,
+    FrameEmbedding, FrameSignal, KeyDigest, KeyId, Metric, OrgId, ReferenceId, ReferenceState,
+    Role, Visibility,
 };
 
 /// The stored text of a visibility; shared-with organisations live in `bank_shares`.
@@ -224,6 +227,8 @@ pub(super) struct BankColumns<'a> {
     pub(super) shares: Vec<OrgId>,
     pub(super) description: String,
     pub(super) created_ms: i64,
+    /// Its embedding spaces, by name.
+    pub(super) spaces: Vec<EmbeddingSpace>,
 }
 
 /// A bank from its columns: the category and visibility texts are checked, and shares must go
@@ -238,6 +243,7 @@ pub(super) fn bank(columns: BankColumns<'_>) -> Result<Bank, Error> {
         shares,
         description,
         created_ms,
+        spaces,
     } = columns;
     let category: Category = category.parse().map_err(|_| Error::Corrupt {
         detail: format!("bank {id} has unknown category {category:?}"),
@@ -263,7 +269,97 @@ pub(super) fn bank(columns: BankColumns<'_>) -> Result<Bank, Error> {
         visibility,
         description,
         created_ms,
-        embedding_spaces: Vec::new(),
+        embedding_spaces: spaces,
+    })
+}
+
+/// One embedding space of `bank` from its columns: the dimension is 1 to
+/// [`super::MAX_DIMENSION`], the metric a known one, the threshold finite.
+pub(super) fn space(
+    bank: i64,
+    name: String,
+    dimension: i64,
+    metric: &str,
+    threshold: f32,
+) -> Result<EmbeddingSpace, Error> {
+    let corrupt = |what: String| Error::Corrupt {
+        detail: format!("bank {bank} embedding space {name:?}: {what}"),
+    };
+    let dimension = u32::try_from(dimension)
+        .ok()
+        .filter(|d| (1..=super::MAX_DIMENSION).contains(d))
+        .ok_or_else(|| corrupt(format!("dimension {dimension}")))?;
+    let metric: Metric = metric
+        .parse()
+        .map_err(|_| corrupt(format!("unknown metric {metric:?}")))?;
+    if !threshold.is_finite() {
+        return Err(corrupt(format!("threshold {threshold}")));
+    }
+    Ok(EmbeddingSpace {
+        name,
+        dimension,
+        metric,
+        threshold,
+    })
+}
+
+/// The stored form of a vector: each value as an IEEE 754 half-precision float, little-endian,
+/// 2 bytes per value. Values are validated first (finite, within f16's range), so nothing
+/// overflows to infinity; the rounding error is at most 2^-11 of a value (under 5e-4 for the
+/// components of a unit vector).
+pub(super) fn encode_vector(vector: &[f32]) -> Vec<u8> {
+    let mut bytes = Vec::with_capacity(vector.len() * 2);
+    for value in vector {
+        bytes.extend_from_slice(&f16::from_f32(*value).to_le_bytes());
+    }
+    bytes
+}
+
+/// The columns of one `embeddings` row, with its space's name and dimension.
+pub(super) struct EmbeddingColumns<'a> {
+    pub(super) reference: ReferenceId,
+    pub(super) frame_index: i64,
+    pub(super) timestamp_ms: i64,
+    pub(super) space: String,
+    pub(super) dimension: i64,
+    pub(super) vector: &'a [u8],
+}
+
+/// One stored vector, checked: `dimension` f16 values, all finite.
+pub(super) fn embedding(columns: EmbeddingColumns<'_>) -> Result<FrameEmbedding, Error> {
+    let EmbeddingColumns {
+        reference,
+        frame_index,
+        timestamp_ms,
+        space,
+        dimension,
+        vector,
+    } = columns;
+    let corrupt = |what: String| Error::Corrupt {
+        detail: format!("reference {reference} frame {frame_index} space {space:?}: {what}"),
+    };
+    let expected = usize::try_from(dimension).unwrap_or(0).saturating_mul(2);
+    if vector.len() != expected || expected == 0 {
+        return Err(corrupt(format!(
+            "vector is {} bytes, dimension {dimension} needs {expected}",
+            vector.len()
+        )));
+    }
+    let mut values = Vec::with_capacity(expected / 2);
+    for pair in vector.chunks_exact(2) {
+        let value = f16::from_le_bytes([pair[0], pair[1]]).to_f32();
+        if !value.is_finite() {
+            return Err(corrupt(format!("value {value} is not finite")));
+        }
+        values.push(value);
+    }
+    Ok(FrameEmbedding {
+        frame_index: u32::try_from(frame_index)
+            .map_err(|_| corrupt("frame index out of range".to_string()))?,
+        timestamp_ms: u64::try_from(timestamp_ms)
+            .map_err(|_| corrupt(format!("timestamp {timestamp_ms} ms is negative")))?,
+        space,
+        vector: values,
     })
 }
 

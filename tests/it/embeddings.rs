@@ -1,0 +1,535 @@
+//! Embedding spaces end to end (issue #11) on real servers over real gRPC: a bank declares a
+//! space, references carry client-computed vectors, uploads match them by cosine score with
+//! `SIGNAL_EMBEDDING`, bad vectors are INVALID_ARGUMENT naming the space and the numbers, vectors
+//! survive a restart (stored as f16), withdrawal takes them out of matching, `export` / `import`
+//! (vpdq-json) round-trips them, and a partner following the server mirrors the bank's spaces and
+//! the vectors.
+//!
+//! Not covered here: vectors the server computes with its own model (`SpaceModel`). The test
+//! server is built from a `ServeConfig`, which has no way in for a test's model; the model path
+//! is tested by the embed helper's `tests/it/embed_model.rs`.
+
+use std::time::{Duration, Instant};
+
+use framematch::config::FollowConfig;
+use framematch::pb;
+use tonic::Code;
+
+use crate::support::{self, ADMIN_KEY, TestServer};
+
+const BIN: &str = env!("CARGO_BIN_EXE_framematch");
+const SPACE: &str = "sscd";
+const DIM: usize = 16;
+/// The bank's threshold: near copies score about 0.99, unrelated vectors about 0.
+const THRESHOLD: f32 = 0.9;
+
+fn space(name: &str, dimension: u32, threshold: f32) -> pb::EmbeddingSpace {
+    pb::EmbeddingSpace {
+        name: name.to_string(),
+        dimension,
+        metric: pb::EmbeddingMetric::Cosine as i32,
+        threshold,
+    }
+}
+
+async fn create_bank_with(
+    server: &TestServer,
+    name: &str,
+    spaces: Vec<pb::EmbeddingSpace>,
+) -> Result<pb::Bank, tonic::Status> {
+    server
+        .banks()
+        .await
+        .create_bank(pb::CreateBankRequest {
+            embedding_spaces: spaces,
+            name: name.into(),
+            category: pb::Category::GraphicViolence as i32,
+            visibility: pb::Visibility::Public as i32,
+            ..Default::default()
+        })
+        .await
+        .map(tonic::Response::into_inner)
+}
+
+/// A deterministic unit-length-ish vector: reference `seed`'s descriptor.
+fn descriptor(seed: u32) -> Vec<f32> {
+    (0..DIM)
+        .map(|i| ((i as f32 + 1.0) * (seed as f32 * 0.731 + 0.1)).sin())
+        .collect()
+}
+
+/// `v` moved a little, as a re-encoded copy's descriptor moves.
+fn nudged(v: &[f32]) -> Vec<f32> {
+    v.iter()
+        .enumerate()
+        .map(|(i, x)| x + if i % 2 == 0 { 0.03 } else { -0.03 })
+        .collect()
+}
+
+fn cosine(a: &[f32], b: &[f32]) -> f32 {
+    let dot: f32 = a.iter().zip(b).map(|(x, y)| x * y).sum();
+    let norm = |v: &[f32]| v.iter().map(|x| x * x).sum::<f32>().sqrt();
+    dot / (norm(a) * norm(b))
+}
+
+/// A frame that carries only a vector (no picture, no PDQ).
+fn vector_frame(frame_index: u32, space: &str, values: Vec<f32>) -> pb::Frame {
+    pb::Frame {
+        frame_index,
+        timestamp_ms: u64::from(frame_index) * 1000,
+        signal: None,
+        embeddings: vec![pb::Embedding {
+            space: space.to_string(),
+            values,
+        }],
+    }
+}
+
+/// Matches one vector-only frame against every bank.
+async fn match_vector(
+    server: &TestServer,
+    values: Vec<f32>,
+) -> Result<Vec<pb::FrameMatch>, tonic::Status> {
+    support::match_image(server, vector_frame(0, SPACE, values), None)
+        .await
+        .map(|result| result.matches)
+}
+
+/// A server with bank `vectors` (space `sscd`, 16-d cosine, threshold 0.9) holding one reference
+/// of two vector-only frames (`descriptor(1)`, `descriptor(2)`); returns its id.
+async fn server_with_reference() -> (TestServer, i64) {
+    let server = TestServer::start().await;
+    let id = add_vectors_reference(&server).await;
+    (server, id)
+}
+
+async fn add_vectors_reference(server: &TestServer) -> i64 {
+    create_bank_with(server, "vectors", vec![space(SPACE, DIM as u32, THRESHOLD)])
+        .await
+        .expect("create bank");
+    let added = support::add_reference(
+        server,
+        "vectors",
+        vec![
+            vector_frame(0, SPACE, descriptor(1)),
+            vector_frame(1, SPACE, descriptor(2)),
+        ],
+    )
+    .await
+    .expect("add reference");
+    assert_eq!(added.frames_received, 2);
+    assert_eq!(added.frames_stored, 0, "no PDQ frame");
+    added.reference.expect("reference").id
+}
+
+fn assert_embedding_match(matches: &[pb::FrameMatch], reference: i64, frame: u32) {
+    let hit = matches
+        .iter()
+        .find(|m| m.source.as_ref().map(|s| s.reference_id) == Some(reference))
+        .unwrap_or_else(|| panic!("no match on reference {reference}: {matches:?}"));
+    assert_eq!(hit.signal, pb::Signal::Embedding as i32, "{hit:?}");
+    assert_eq!(hit.space, SPACE);
+    assert!(hit.score >= THRESHOLD && hit.score <= 1.01, "{hit:?}");
+    assert_eq!(hit.reference_frame_index, frame);
+}
+
+#[tokio::test]
+async fn client_vectors_match_by_score_in_the_banks_space() {
+    let (server, reference) = server_with_reference().await;
+    let banks = server
+        .banks()
+        .await
+        .list_banks(pb::ListBanksRequest {})
+        .await
+        .expect("list")
+        .into_inner()
+        .banks;
+    assert_eq!(banks[0].embedding_spaces, vec![space(SPACE, 16, THRESHOLD)]);
+
+    let near = nudged(&descriptor(2));
+    assert!(cosine(&near, &descriptor(2)) > 0.99);
+    let matches = match_vector(&server, near).await.expect("match");
+    assert_embedding_match(&matches, reference, 1);
+
+    // Unrelated descriptors score far below the threshold.
+    let far = descriptor(40);
+    assert!(cosine(&far, &descriptor(1)) < 0.5 && cosine(&far, &descriptor(2)) < 0.5);
+    assert!(match_vector(&server, far).await.expect("match").is_empty());
+
+    // A PDQ frame with a vector beside it matches by the vector too.
+    let mut frame = support::pdq_frame(0, 0, &framematch::hash::PdqHash::from_bytes([7; 32]), 100);
+    frame.embeddings = vec![pb::Embedding {
+        space: SPACE.into(),
+        values: nudged(&descriptor(1)),
+    }];
+    let result = support::match_image(&server, frame, None)
+        .await
+        .expect("match");
+    assert_embedding_match(&result.matches, reference, 0);
+
+    // Over a MatchVideo stream: a verdict from vectors alone.
+    let requests = vec![
+        pb::MatchRequest {
+            options: None,
+            frame: Some(vector_frame(0, SPACE, nudged(&descriptor(1)))),
+        },
+        pb::MatchRequest {
+            options: None,
+            frame: Some(vector_frame(1, SPACE, nudged(&descriptor(2)))),
+        },
+    ];
+    let responses = support::match_video(&server, requests)
+        .await
+        .expect("video");
+    let matched_frames = responses
+        .iter()
+        .filter_map(|r| match &r.result {
+            Some(pb::match_response::Result::Frame(f)) => Some(f),
+            _ => None,
+        })
+        .filter(|f| !f.matches.is_empty())
+        .count();
+    assert_eq!(matched_frames, 2, "{responses:?}");
+    server.stop().await;
+}
+
+/// `result` failed with `code` and a message containing `text`.
+fn expect<T: std::fmt::Debug>(result: Result<T, tonic::Status>, code: Code, text: &str) {
+    let status = result.expect_err(text);
+    assert_eq!(status.code(), code, "{status:?}");
+    assert!(
+        status.message().contains(text),
+        "{text:?} not in {status:?}"
+    );
+}
+
+#[tokio::test]
+async fn bad_vectors_and_spaces_are_refused_with_the_numbers() {
+    let (server, _) = server_with_reference().await;
+
+    // References.
+    let add = |frame: pb::Frame| support::add_reference(&server, "vectors", vec![frame]);
+    expect(
+        add(vector_frame(3, SPACE, vec![0.5; DIM - 1])).await,
+        Code::InvalidArgument,
+        "embedding space \"sscd\" expects 16 values, frame 3 has 15",
+    );
+    let mut nan = descriptor(1);
+    nan[4] = f32::NAN;
+    expect(
+        add(vector_frame(2, SPACE, nan)).await,
+        Code::InvalidArgument,
+        "embedding space \"sscd\" in frame 2: value 4 is NaN",
+    );
+    let mut inf = descriptor(1);
+    inf[0] = f32::INFINITY;
+    expect(
+        add(vector_frame(2, SPACE, inf)).await,
+        Code::InvalidArgument,
+        "value 0 is inf",
+    );
+    expect(
+        add(vector_frame(1, "", descriptor(1))).await,
+        Code::InvalidArgument,
+        "frame.embeddings.space is empty in frame 1",
+    );
+    expect(
+        add(vector_frame(5, "other", descriptor(1))).await,
+        Code::InvalidArgument,
+        "frame 5 has a vector of embedding space \"other\", which the bank does not declare",
+    );
+    expect(
+        add(vector_frame(0, SPACE, vec![0.0; DIM])).await,
+        Code::InvalidArgument,
+        "a cosine vector cannot be zero",
+    );
+
+    // Uploads.
+    expect(
+        match_vector(&server, vec![0.5; 3]).await,
+        Code::InvalidArgument,
+        "embedding space \"sscd\" expects 16 values, frame 0 has 3",
+    );
+    expect(
+        support::match_image(&server, vector_frame(0, "other", descriptor(1)), None).await,
+        Code::InvalidArgument,
+        "frame 0 has a vector of embedding space \"other\", which no bank in scope declares (in scope: [sscd])",
+    );
+    expect(
+        support::match_image(&server, pb::Frame::default(), None).await,
+        Code::InvalidArgument,
+        "frame.embeddings",
+    );
+
+    // Banks.
+    expect(
+        create_bank_with(&server, "b", vec![space(SPACE, 32, 0.8)]).await,
+        Code::FailedPrecondition,
+        "embedding space \"sscd\" exists with dimension 16 (cosine); cannot declare it with dimension 32 (cosine)",
+    );
+    expect(
+        create_bank_with(&server, "b", vec![space("x", 16, 1.5)]).await,
+        Code::InvalidArgument,
+        "embedding space \"x\" has threshold 1.5; a cosine threshold must be above 0 and at most 1",
+    );
+    expect(
+        create_bank_with(&server, "b", vec![space("x", 5000, 0.8)]).await,
+        Code::InvalidArgument,
+        "embedding space \"x\" has dimension 5000, must be 1 to 4096",
+    );
+    expect(
+        create_bank_with(&server, "b", vec![space("Bad Name", 16, 0.8)]).await,
+        Code::InvalidArgument,
+        "use a-z, 0-9",
+    );
+    // Unset parts take the server's defaults: dimension 512, cosine, threshold 0.75.
+    let defaulted = create_bank_with(
+        &server,
+        "defaults",
+        vec![pb::EmbeddingSpace {
+            name: "fresh".into(),
+            ..Default::default()
+        }],
+    )
+    .await
+    .expect("defaults");
+    assert_eq!(defaulted.embedding_spaces, vec![space("fresh", 512, 0.75)]);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn vectors_survive_a_restart_and_withdrawal_takes_them_out() {
+    let (server, reference) = server_with_reference().await;
+    let near = nudged(&descriptor(1));
+    let before = match_vector(&server, near.clone()).await.expect("match");
+    assert_embedding_match(&before, reference, 0);
+
+    let server = TestServer::start_in(server.stop().await, |_| {}).await;
+    let after = match_vector(&server, near.clone()).await.expect("match");
+    assert_embedding_match(&after, reference, 0);
+    // Stored as f16: the score moves by less than 1e-3.
+    assert!(
+        (before[0].score - after[0].score).abs() < 1e-3,
+        "{before:?} {after:?}"
+    );
+
+    server
+        .banks()
+        .await
+        .withdraw_reference(pb::WithdrawReferenceRequest {
+            reference_id: reference,
+            reason: "false positive".into(),
+        })
+        .await
+        .expect("withdraw");
+    assert!(
+        match_vector(&server, near.clone())
+            .await
+            .expect("match")
+            .is_empty()
+    );
+    let server = TestServer::start_in(server.stop().await, |_| {}).await;
+    assert!(match_vector(&server, near).await.expect("match").is_empty());
+    server.stop().await;
+}
+
+/// Runs the binary against `url`; returns (exit code, stdout, stderr).
+async fn run(url: &str, args: &[&str]) -> (i32, String, String) {
+    let output = tokio::process::Command::new(BIN)
+        .env("FRAMEMATCH_API_KEY", ADMIN_KEY)
+        .args(args)
+        .args(["--server", url])
+        .output()
+        .await
+        .expect("run framematch");
+    (
+        output.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+#[tokio::test]
+async fn export_and_import_carry_the_vectors() {
+    let (source, _) = server_with_reference().await;
+    // A reference with a PDQ frame and a vector of the same frame.
+    let mut frame =
+        support::pdq_frame(0, 0, &framematch::hash::PdqHash::from_bytes([0x5a; 32]), 90);
+    frame.embeddings = vec![pb::Embedding {
+        space: SPACE.into(),
+        values: descriptor(3),
+    }];
+    support::add_reference(&source, "vectors", vec![frame])
+        .await
+        .expect("add");
+
+    let mut stream = source
+        .banks()
+        .await
+        .export_bank(pb::ExportBankRequest {
+            bank: "vectors".into(),
+            include_withdrawn: false,
+        })
+        .await
+        .expect("export")
+        .into_inner();
+    let mut exported = Vec::new();
+    while let Some(reference) = stream.message().await.expect("export stream") {
+        exported.push(reference);
+    }
+    assert_eq!(exported.len(), 2);
+    let vector_only = &exported[0].frames;
+    assert_eq!(vector_only.len(), 2);
+    assert!(
+        vector_only
+            .iter()
+            .all(|f| f.pdq.is_empty() && f.embeddings.len() == 1)
+    );
+    assert!(cosine(&vector_only[1].embeddings[0].values, &descriptor(2)) > 0.9999);
+    let mixed = &exported[1].frames;
+    assert_eq!(mixed.len(), 1);
+    assert_eq!(mixed[0].pdq.len(), 32);
+    assert!(cosine(&mixed[0].embeddings[0].values, &descriptor(3)) > 0.9999);
+
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = dir.path().join("vectors.jsonl").display().to_string();
+    let (code, _, err) = run(
+        &source.url(),
+        &["export", "vectors", "--format", "vpdq-json", "-o", &file],
+    )
+    .await;
+    assert_eq!(code, 0, "{err}");
+    // The PDQ-only formats say what they drop.
+    let pdq_file = dir.path().join("vectors.vpdq").display().to_string();
+    let (code, _, err) = run(
+        &source.url(),
+        &["export", "vectors", "--format", "vpdq", "-o", &pdq_file],
+    )
+    .await;
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("vectors are not written"), "{err}");
+
+    let target = TestServer::start().await;
+    create_bank_with(
+        &target,
+        "vectors",
+        vec![space(SPACE, DIM as u32, THRESHOLD)],
+    )
+    .await
+    .expect("bank");
+    let (code, out, err) = run(&target.url(), &["import", "vectors", &file]).await;
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("imported 2 references"), "{out}");
+    let matches = match_vector(&target, nudged(&descriptor(2)))
+        .await
+        .expect("match");
+    assert_eq!(matches.len(), 1, "{matches:?}");
+    assert_eq!(matches[0].signal, pb::Signal::Embedding as i32);
+    let matches = match_vector(&target, nudged(&descriptor(3)))
+        .await
+        .expect("match");
+    assert_eq!(matches.len(), 1, "{matches:?}");
+    source.stop().await;
+    target.stop().await;
+}
+
+#[tokio::test]
+async fn bank_create_takes_embedding_flags_and_bank_list_shows_them() {
+    let server = TestServer::start().await;
+    let (code, _, err) = run(
+        &server.url(),
+        &[
+            "bank",
+            "create",
+            "cli-bank",
+            "--category",
+            "other",
+            "--embedding",
+            "sscd",
+            "--embedding",
+            "mine:0.5:64:dot",
+        ],
+    )
+    .await;
+    assert_eq!(code, 0, "{err}");
+    let (code, out, err) = run(&server.url(), &["bank", "list"]).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("\tcli-bank\tother\tlocal\tprivate\t\tmine:0.5:64:dot,sscd:0.75:512:cosine\n"),
+        "{out:?}"
+    );
+    let (code, _, err) = run(
+        &server.url(),
+        &[
+            "bank",
+            "create",
+            "x",
+            "--category",
+            "other",
+            "--embedding",
+            "s:0.5:64:l2",
+        ],
+    )
+    .await;
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("unknown embedding metric \"l2\""), "{err}");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_follower_mirrors_the_spaces_and_the_vectors() {
+    let partner = TestServer::start().await;
+    let url = partner.url();
+    let follower = TestServer::start_with(|config| {
+        config.follow = Some(FollowConfig {
+            url,
+            key: ADMIN_KEY.to_string(),
+            share_with: Vec::new(),
+            tls_ca: None,
+            tls_client_cert: None,
+            tls_client_key: None,
+        });
+    })
+    .await;
+    let reference = add_vectors_reference(&partner).await;
+    assert!(reference > 0);
+
+    let started = Instant::now();
+    let near = nudged(&descriptor(2));
+    loop {
+        match match_vector(&follower, near.clone()).await {
+            Ok(matches) if !matches.is_empty() => {
+                assert_eq!(matches[0].signal, pb::Signal::Embedding as i32);
+                assert_eq!(matches[0].space, SPACE);
+                assert_eq!(matches[0].reference_frame_index, 1);
+                break;
+            }
+            // Before the bank is mirrored, no bank in scope declares the space.
+            Ok(_) | Err(_) => {}
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the follower did not match the partner's vector within 10 s"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let banks = follower
+        .banks()
+        .await
+        .list_banks(pb::ListBanksRequest {})
+        .await
+        .expect("list")
+        .into_inner()
+        .banks;
+    let mirrored: Vec<_> = banks
+        .iter()
+        .filter(|b| !b.embedding_spaces.is_empty())
+        .collect();
+    assert_eq!(mirrored.len(), 1, "{banks:?}");
+    assert_eq!(
+        mirrored[0].embedding_spaces,
+        vec![space(SPACE, 16, THRESHOLD)]
+    );
+    follower.stop().await;
+    partner.stop().await;
+}
