@@ -23,7 +23,7 @@ use image::ImageFormat;
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::client::{self, ClientOptions, Connection};
-use crate::config::ServeArgs;
+use crate::config::{EmbeddingArgs, ServeArgs};
 use crate::hash::pdq::{self, DecodeLimits, Dihedral};
 use crate::hash::vpdq::{self, MatchConfig, Semantics, Vpdq};
 use crate::model::Category;
@@ -80,8 +80,10 @@ pub enum Command {
         #[command(subcommand)]
         command: RefCommand,
     },
-    /// Match image files: prints `path<TAB>reference_id<TAB>bank<TAB>distance` per match; exits 0
-    /// when nothing matched, 1 when something matched, 2 on error.
+    /// Match image files: prints `path<TAB>reference_id<TAB>bank<TAB>distance` per match (for a
+    /// match by an embedding space, `space=score` instead of the distance); exits 0
+    /// when nothing matched, 1 when something matched, 2 on error. Images are sent as they are,
+    /// so a server with an embedding model also searches the spaces of the banks in scope.
     Match {
         /// Only search these banks (repeatable); default: all.
         #[arg(long = "bank")]
@@ -206,6 +208,16 @@ pub struct HashArgs {
     /// Print videos as HMA's JSON array of `"pdq_hex,quality,timestamp"` strings instead.
     #[arg(long)]
     pub json: bool,
+    /// Print embedding descriptors instead of PDQ hashes, computed by `--embedding-model`
+    /// exactly as the server does: one JSON object per line (JSON Lines) for each image and each
+    /// sampled video frame, `{"path", "space", "frame_index", "timestamp_ms", "content_area",
+    /// "values"}`, with a second line (`content_area` true) for the picture inside its borders
+    /// when it has letterbox or pillarbox bars. `values` is the L2-normalised vector.
+    #[arg(long)]
+    pub embedding: bool,
+    /// The model `--embedding` runs.
+    #[command(flatten)]
+    pub model: EmbeddingArgs,
     /// Image files (JPEG, PNG, WebP, GIF, BMP) or videos (anything ffmpeg decodes). With several
     /// files, each video's lines follow a `# path` line.
     #[arg(required = true)]
@@ -247,6 +259,9 @@ pub struct ScanArgs {
     #[arg(long = "bank")]
     pub banks: Vec<String>,
     /// Send each selected frame as a JPEG for the server to hash, instead of hashing locally.
+    /// This is also what happens when a bank in scope declares embedding spaces, so that the
+    /// server computes the frames' vectors (it embeds one frame per its
+    /// --embedding-interval-ms, one per second by default).
     #[arg(long)]
     pub send_images: bool,
     /// Also match rotated and mirrored versions of the frames.
@@ -457,8 +472,9 @@ pub enum KeyCommand {
 #[derive(Debug, Subcommand)]
 pub enum RefCommand {
     /// Add one reference per file to a bank; prints `reference_id<TAB>path`. Images are sent as
-    /// they are; videos are hashed here (vPDQ) and sent as hashes; vPDQ files (reference text or
-    /// HMA JSON) are sent as they hash.
+    /// they are; videos are hashed here (vPDQ) and sent as hashes, or, when the bank declares
+    /// embedding spaces, their sampled frames are sent as JPEGs for the server to hash and embed;
+    /// vPDQ files (reference text or HMA JSON) are sent as they hash.
     Add {
         /// Target bank.
         bank: String,
@@ -583,6 +599,14 @@ pub enum Error {
         /// The reference (0 when unknown).
         reference: i64,
         /// What is wrong.
+        reason: String,
+    },
+    /// The embedding model could not describe a file's picture.
+    #[error("{}: {reason}", path.display())]
+    Embed {
+        /// The file.
+        path: PathBuf,
+        /// What failed.
         reason: String,
     },
     /// A background task stopped unexpectedly (a bug).
@@ -729,6 +753,9 @@ fn load_vpdq(path: &Path, sampling: SamplingOptions) -> Result<Vpdq, Error> {
 /// video. A file that fails is reported on stderr and the rest go on; the exit code is 2 if any
 /// failed.
 pub fn hash_files(args: &HashArgs) -> ExitCode {
+    if args.embedding {
+        return embed_files(args);
+    }
     let limits = DecodeLimits::default();
     let sampling = args.sampling.options();
     let several = args.files.len() > 1;
@@ -763,6 +790,135 @@ pub fn hash_files(args: &HashArgs) -> ExitCode {
     } else {
         ExitCode::SUCCESS
     }
+}
+
+// === hash --embedding ===
+
+/// One line of `hash --embedding`.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub struct EmbeddingLine {
+    /// The file.
+    pub path: String,
+    /// The model's embedding space.
+    pub space: String,
+    /// 0 for an image; the frame's index in decoder order for a video.
+    pub frame_index: u64,
+    /// 0 for an image; the frame's time for a video (vPDQ's `frame_index / fps`), rounded.
+    pub timestamp_ms: u64,
+    /// Whether this is the vector of the picture inside its borders.
+    pub content_area: bool,
+    /// The L2-normalised vector.
+    pub values: Vec<f32>,
+}
+
+/// `hash --embedding`: loads the model once, then prints each file's lines. A file that fails is
+/// reported on stderr and the rest go on; exit 2 if any failed, 64 for a bad model flag.
+fn embed_files(args: &HashArgs) -> ExitCode {
+    let config = match args.model.model_config(crate::embed::DEFAULT_THRESHOLD, 1) {
+        Ok(Some(config)) => config,
+        Ok(None) => {
+            eprintln!(
+                "framematch: --embedding needs --embedding-model (or FRAMEMATCH_EMBEDDING_MODEL); \
+                 run `eval \"$(.ci/fetch-models)\"` (README \"Embedding model\")"
+            );
+            return ExitCode::from(EXIT_CONFIG);
+        }
+        Err(error) => {
+            eprintln!("framematch: {error}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let model: std::sync::Arc<dyn crate::api::embedding::SpaceModel> =
+        match crate::embed::OnnxModel::open(&config) {
+            Ok(model) => std::sync::Arc::new(model),
+            Err(error) => {
+                eprintln!("framematch: {error}");
+                return ExitCode::from(EXIT_ERROR);
+            }
+        };
+    let sampling = args.sampling.options();
+    let mut failed = false;
+    let mut stdout = std::io::stdout().lock();
+    for path in &args.files {
+        let mut emit = |frame_index: u64, timestamp_ms: u64, picture: &image::RgbImage| {
+            embedding_lines(path, &model, frame_index, timestamp_ms, picture)
+                .map(|text| stdout.write_all(text.as_bytes()).is_ok())
+        };
+        let result = sniff(path).and_then(|kind| match kind {
+            FileKind::Image => {
+                let bytes = read_file(path)?;
+                let picture = pdq::decode_image(&bytes, &DecodeLimits::default())
+                    .map_err(|source| Error::Hash {
+                        path: path.to_path_buf(),
+                        source,
+                    })?
+                    .to_rgb8();
+                emit(0, 0, &picture).map(|_| ())
+            }
+            FileKind::Text | FileKind::Media => {
+                let mut reader = FrameReader::open(&Tools::default(), path, &sampling)?;
+                let (width, height) = (reader.info().width, reader.info().height);
+                let mut rgb = Vec::new();
+                while let Some(position) = reader.next_frame(&mut rgb)? {
+                    let picture =
+                        image::RgbImage::from_raw(width, height, std::mem::take(&mut rgb))
+                            .ok_or_else(|| Error::Embed {
+                                path: path.to_path_buf(),
+                                reason: format!("frame {} is short", position.frame_index),
+                            })?;
+                    let open = emit(
+                        position.frame_index,
+                        timestamp_ms(position.timestamp_s),
+                        &picture,
+                    )?;
+                    rgb = picture.into_raw();
+                    if !open {
+                        // A closed pipe (`| head`): the reader has what it wanted.
+                        return Ok(());
+                    }
+                }
+                Ok(())
+            }
+        });
+        if let Err(error) = result {
+            eprintln!("framematch: {error}");
+            failed = true;
+        }
+    }
+    if failed {
+        ExitCode::from(EXIT_ERROR)
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
+/// The lines of one picture: its vector, and its content area's when it has borders.
+fn embedding_lines(
+    path: &Path,
+    model: &std::sync::Arc<dyn crate::api::embedding::SpaceModel>,
+    frame_index: u64,
+    timestamp_ms: u64,
+    picture: &image::RgbImage,
+) -> Result<String, Error> {
+    let (vectors, _) = crate::api::embedding::embed_picture(std::slice::from_ref(model), picture)
+        .map_err(|e| Error::Embed {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    })?;
+    let mut out = String::new();
+    for vector in vectors {
+        let line = EmbeddingLine {
+            path: path.display().to_string(),
+            space: vector.space.to_string(),
+            frame_index,
+            timestamp_ms,
+            content_area: vector.content_area,
+            values: vector.vector,
+        };
+        out.push_str(&serde_json::to_string(&line).map_err(|e| Error::Task(e.to_string()))?);
+        out.push('\n');
+    }
+    Ok(out)
 }
 
 fn hash_image_file(path: &Path, limits: &DecodeLimits, dihedral: bool) -> Result<String, Error> {
@@ -1094,9 +1250,11 @@ pub async fn reference(command: RefCommand, server: &ClientOptions) -> Result<()
                     "--external-id names one reference; give a single file with it".into(),
                 ));
             }
+            let pixels =
+                banks_declare_spaces(client::connect(server).await?, std::slice::from_ref(&bank))
+                    .await?;
             for path in files {
-                let frames = reference_frames(&path, sampling.options()).await?;
-                let mut messages = vec![pb::AddReferenceRequest {
+                let header = pb::AddReferenceRequest {
                     item: Some(pb::add_reference_request::Item::Header(
                         pb::ReferenceHeader {
                             bank: bank.clone(),
@@ -1104,15 +1262,23 @@ pub async fn reference(command: RefCommand, server: &ClientOptions) -> Result<()
                             note: note.clone(),
                         },
                     )),
-                }];
-                messages.extend(frames.into_iter().map(|frame| pb::AddReferenceRequest {
-                    item: Some(pb::add_reference_request::Item::Frame(frame)),
-                }));
-                let added = client
-                    .add_reference(tokio_stream::iter(messages))
-                    .await
-                    .map_err(|s| rpc_error(format!("adding {}", path.display()), s))?
-                    .into_inner();
+                };
+                let context = format!("adding {}", path.display());
+                let added = if pixels && sniff(&path)? == FileKind::Media {
+                    add_video_pixels(&mut client, header, &path, sampling.options(), &context)
+                        .await?
+                } else {
+                    let frames = reference_frames(&path, sampling.options()).await?;
+                    let mut messages = vec![header];
+                    messages.extend(frames.into_iter().map(|frame| pb::AddReferenceRequest {
+                        item: Some(pb::add_reference_request::Item::Frame(frame)),
+                    }));
+                    client
+                        .add_reference(tokio_stream::iter(messages))
+                        .await
+                        .map_err(|s| rpc_error(context, s))?
+                        .into_inner()
+                };
                 let id = added.reference.map_or(0, |r| r.id);
                 println!("{id}\t{}", path.display());
             }
@@ -1156,6 +1322,104 @@ pub async fn reference(command: RefCommand, server: &ClientOptions) -> Result<()
             }
         }
     }
+    Ok(())
+}
+
+/// Whether any bank in scope (`banks`, or every bank the key sees when empty) declares an
+/// embedding space: then frames go to the server as pixels, so it computes their vectors. A
+/// server too old to say, or a listing the key may not read, counts as no.
+async fn banks_declare_spaces(channel: Connection, banks: &[String]) -> Result<bool, Error> {
+    let mut banks_client = pb::banks_client::BanksClient::new(channel);
+    let listed = match banks_client.list_banks(pb::ListBanksRequest {}).await {
+        Ok(response) => response.into_inner().banks,
+        Err(status)
+            if matches!(
+                status.code(),
+                tonic::Code::PermissionDenied | tonic::Code::Unimplemented
+            ) =>
+        {
+            return Ok(false);
+        }
+        Err(status) => return Err(rpc_error("listing banks", status)),
+    };
+    Ok(listed
+        .iter()
+        .filter(|bank| banks.is_empty() || banks.contains(&bank.name))
+        .any(|bank| !bank.embedding_spaces.is_empty()))
+}
+
+/// A video reference for a bank with embedding spaces: its sampled frames decoded, JPEG-encoded
+/// and streamed as they come (memory stays at a few frames), for the server to hash and embed.
+async fn add_video_pixels(
+    client: &mut pb::banks_client::BanksClient<Connection>,
+    header: pb::AddReferenceRequest,
+    path: &Path,
+    sampling: SamplingOptions,
+    context: &str,
+) -> Result<pb::AddReferenceResponse, Error> {
+    let (tx, rx) = tokio::sync::mpsc::channel::<pb::AddReferenceRequest>(4);
+    let owned = path.to_path_buf();
+    let producer = tokio::task::spawn_blocking(move || -> Result<u64, Error> {
+        if tx.blocking_send(header).is_err() {
+            return Ok(0);
+        }
+        let mut sent = 0;
+        for_each_jpeg_frame(&owned, sampling, |frame| {
+            let request = pb::AddReferenceRequest {
+                item: Some(pb::add_reference_request::Item::Frame(frame)),
+            };
+            let open = tx.blocking_send(request).is_ok();
+            sent += u64::from(open);
+            open
+        })?;
+        Ok(sent)
+    });
+    let added = client
+        .add_reference(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .map_err(|s| rpc_error(context, s));
+    let sent = producer.await.map_err(|e| Error::Task(e.to_string()))??;
+    if sent == 0 {
+        return Err(Error::NoFrames {
+            path: path.to_path_buf(),
+        });
+    }
+    Ok(added?.into_inner())
+}
+
+/// Decodes `path`'s sampled frames and hands each to `send` as a JPEG frame with its index and
+/// time, with a progress bar; stops early when `send` returns false (the stream is gone).
+fn for_each_jpeg_frame(
+    path: &Path,
+    sampling: SamplingOptions,
+    mut send: impl FnMut(pb::Frame) -> bool,
+) -> Result<(), Error> {
+    let mut reader = FrameReader::open(&Tools::default(), path, &sampling)?;
+    let expected = reader.info().frame_count.map(|n| reader.selected_count(n));
+    let (width, height) = (reader.info().width, reader.info().height);
+    let bar = progress_bar(expected, &path.display().to_string());
+    let mut rgb = Vec::new();
+    while let Some(position) = reader.next_frame(&mut rgb)? {
+        let mut jpeg = Vec::new();
+        image::codecs::jpeg::JpegEncoder::new_with_quality(&mut jpeg, SCAN_JPEG_QUALITY)
+            .encode(&rgb, width, height, image::ExtendedColorType::Rgb8)
+            .map_err(|source| Error::Encode {
+                path: path.to_path_buf(),
+                frame_index: position.frame_index,
+                source,
+            })?;
+        let frame = pb::Frame {
+            embeddings: Vec::new(),
+            frame_index: u32::try_from(position.frame_index).unwrap_or(u32::MAX),
+            timestamp_ms: timestamp_ms(position.timestamp_s),
+            signal: Some(pb::frame::Signal::Image(jpeg)),
+        };
+        if !send(frame) {
+            break;
+        }
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
     Ok(())
 }
 
@@ -1283,12 +1547,17 @@ pub async fn match_files(
         for m in result.matches {
             matched = true;
             let source = m.source.unwrap_or_default();
+            // An embedding match has no distance: its column says `space=score` instead.
+            let closeness = if m.signal == pb::Signal::Embedding as i32 {
+                format!("{}={:.3}", m.space, m.score)
+            } else {
+                m.distance.to_string()
+            };
             println!(
-                "{}\t{}\t{}\t{}",
+                "{}\t{}\t{}\t{closeness}",
                 path.display(),
                 source.reference_id,
                 source.bank,
-                m.distance
             );
         }
     }
@@ -1369,11 +1638,20 @@ pub async fn scan(args: &ScanArgs, server: &ClientOptions) -> ExitCode {
             return ExitCode::from(EXIT_ERROR);
         }
     };
+    // Frames go as JPEGs when asked, or when the server is to compute their vectors.
+    let send_images = args.send_images
+        || match banks_declare_spaces(channel.clone(), &args.banks).await {
+            Ok(declared) => declared,
+            Err(error) => {
+                eprintln!("framematch: {error}");
+                return ExitCode::from(EXIT_ERROR);
+            }
+        };
     let mut client = pb::matcher_client::MatcherClient::new(channel);
     let mut matched = false;
     let mut failed = false;
     for path in &args.videos {
-        match scan_video(&mut client, path, args).await {
+        match scan_video(&mut client, path, args, send_images).await {
             Ok(verdicts) => {
                 for verdict in verdicts {
                     matched |= verdict.is_match;
@@ -1413,6 +1691,7 @@ async fn scan_video(
     client: &mut pb::matcher_client::MatcherClient<Connection>,
     path: &Path,
     args: &ScanArgs,
+    send_images: bool,
 ) -> Result<Vec<pb::Verdict>, Error> {
     let sampling = SamplingOptions {
         seconds_per_hash: args.seconds_per_hash,
@@ -1428,7 +1707,7 @@ async fn scan_video(
         ..Default::default()
     };
     let context = format!("scanning {}", path.display());
-    if args.send_images {
+    if send_images {
         return scan_images(client, path, sampling, options, &context).await;
     }
     // Hashing locally first costs little more than decoding (ffmpeg decodes every frame either
@@ -1478,39 +1757,18 @@ async fn scan_images(
     let (tx, rx) = tokio::sync::mpsc::channel::<pb::MatchRequest>(4);
     let owned = path.to_path_buf();
     let producer = tokio::task::spawn_blocking(move || -> Result<u64, Error> {
-        let mut reader = FrameReader::open(&Tools::default(), &owned, &sampling)?;
-        let expected = reader.info().frame_count.map(|n| reader.selected_count(n));
-        let (width, height) = (reader.info().width, reader.info().height);
-        let bar = progress_bar(expected, &owned.display().to_string());
         let mut options = Some(options);
-        let mut rgb = Vec::new();
         let mut sent = 0;
-        while let Some(position) = reader.next_frame(&mut rgb)? {
-            let mut jpeg = Vec::new();
-            image::codecs::jpeg::JpegEncoder::new_with_quality(&mut jpeg, SCAN_JPEG_QUALITY)
-                .encode(&rgb, width, height, image::ExtendedColorType::Rgb8)
-                .map_err(|source| Error::Encode {
-                    path: owned.clone(),
-                    frame_index: position.frame_index,
-                    source,
-                })?;
+        for_each_jpeg_frame(&owned, sampling, |frame| {
             let request = pb::MatchRequest {
                 options: options.take(),
-                frame: Some(pb::Frame {
-                    embeddings: Vec::new(),
-                    frame_index: u32::try_from(position.frame_index).unwrap_or(u32::MAX),
-                    timestamp_ms: timestamp_ms(position.timestamp_s),
-                    signal: Some(pb::frame::Signal::Image(jpeg)),
-                }),
+                frame: Some(frame),
             };
-            if tx.blocking_send(request).is_err() {
-                // The stream is gone; its status says why.
-                break;
-            }
-            sent += 1;
-            bar.inc(1);
-        }
-        bar.finish_and_clear();
+            // A failed send: the stream is gone; its status says why.
+            let open = tx.blocking_send(request).is_ok();
+            sent += u64::from(open);
+            open
+        })?;
         Ok(sent)
     });
     let verdicts = collect_verdicts(

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
 
+use crate::embed::{InputSize, ModelConfig};
 use crate::hash::PDQ_BITS;
 use crate::hash::pdq::DecodeLimits;
 use crate::index::{EngineKind, HnswParams};
@@ -175,6 +176,118 @@ pub struct ServeArgs {
     /// presented must still be valid).
     #[arg(long, env = "FRAMEMATCH_TLS_CLIENT_AUTH_OPTIONAL")]
     pub tls_client_auth_optional: bool,
+    /// The server's own embedding model (`--embedding-model` and the flags that go with it).
+    #[command(flatten)]
+    pub embedding: EmbeddingArgs,
+    /// The cosine at or above which a reference frame matches, for banks created with the space
+    /// and no threshold of their own.
+    #[arg(long, env = "FRAMEMATCH_EMBEDDING_THRESHOLD", value_name = "F", default_value_t = crate::embed::DEFAULT_THRESHOLD)]
+    pub embedding_threshold: f32,
+    /// Embed at most one upload frame per this many milliseconds of a MatchVideo stream (vPDQ's
+    /// one frame per second; the model costs about a hundred times PDQ); 0 embeds every frame.
+    #[arg(
+        long,
+        env = "FRAMEMATCH_EMBEDDING_INTERVAL_MS",
+        value_name = "MS",
+        default_value_t = 1000
+    )]
+    pub embedding_interval_ms: u64,
+}
+
+/// The embedding model flags shared by `serve` and `hash --embedding`.
+#[derive(Clone, Debug, clap::Args)]
+pub struct EmbeddingArgs {
+    /// An embedding model (issue #11): an ONNX graph taking uint8 NHWC pictures and returning
+    /// one descriptor each, such as `sscd.onnx` from `.ci/fetch-models`. With it `serve` computes
+    /// the vectors of frames that carry pixels, for banks that declare its space; without it
+    /// everything works as before and only client-sent vectors are matched.
+    #[arg(
+        long = "embedding-model",
+        env = "FRAMEMATCH_EMBEDDING_MODEL",
+        value_name = "PATH"
+    )]
+    pub model: Option<PathBuf>,
+    /// The embedding space the model's vectors belong to, as banks declare it.
+    #[arg(long = "embedding-space", env = "FRAMEMATCH_EMBEDDING_SPACE", value_name = "NAME", default_value = crate::embed::DEFAULT_SPACE)]
+    pub space: String,
+    /// The size pictures are resized to before the model, `WIDTHxHEIGHT`.
+    #[arg(
+        long = "embedding-input",
+        env = "FRAMEMATCH_EMBEDDING_INPUT",
+        value_name = "WxH",
+        default_value = "320x320"
+    )]
+    pub input: String,
+    /// The ONNX Runtime shared library (`libonnxruntime.so.1.x`) that runs the model; needed with
+    /// --embedding-model. The `onnxruntime` PyPI wheel ships one; `.ci/fetch-models` prints it.
+    #[arg(long, env = "ORT_DYLIB_PATH", value_name = "PATH")]
+    pub onnxruntime: Option<PathBuf>,
+}
+
+impl EmbeddingArgs {
+    /// The model these flags name, checked (space name, input size, both files exist), or `None`
+    /// without `--embedding-model`. `threshold` and `sessions` are the caller's.
+    ///
+    /// # Errors
+    /// The flag and what is wrong with it; a missing file is named with how to fetch it.
+    pub fn model_config(
+        &self,
+        threshold: f32,
+        sessions: usize,
+    ) -> Result<Option<ModelConfig>, Error> {
+        let Some(model) = &self.model else {
+            return Ok(None);
+        };
+        let space = self.space.as_str();
+        if space.is_empty()
+            || space.len() > MAX_SPACE_NAME
+            || !space
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
+        {
+            return Err(invalid(
+                "embedding-space",
+                format!("{space:?}: 1 to {MAX_SPACE_NAME} characters of a-z 0-9 _ -"),
+            ));
+        }
+        let input: InputSize = self
+            .input
+            .parse()
+            .map_err(|reason| invalid("embedding-input", reason))?;
+        if !model.is_file() {
+            return Err(invalid(
+                "embedding-model",
+                crate::embed::Error::ModelMissing {
+                    path: model.clone(),
+                }
+                .to_string(),
+            ));
+        }
+        let Some(runtime) = &self.onnxruntime else {
+            return Err(invalid(
+                "onnxruntime",
+                "the ONNX Runtime library is needed with --embedding-model (or set ORT_DYLIB_PATH); \
+                 run `eval \"$(.ci/fetch-models)\"` (README \"Embedding model\")",
+            ));
+        };
+        if !runtime.is_file() {
+            return Err(invalid(
+                "onnxruntime",
+                crate::embed::Error::RuntimeMissing {
+                    path: runtime.clone(),
+                }
+                .to_string(),
+            ));
+        }
+        Ok(Some(ModelConfig {
+            space: space.to_string(),
+            model: model.clone(),
+            runtime: runtime.clone(),
+            input,
+            threshold,
+            sessions,
+        }))
+    }
 }
 
 /// What `--follow` asks for: the partner to mirror and how (see [`crate::follow`]).
@@ -332,6 +445,11 @@ pub struct ServeConfig {
     pub follow: Option<FollowConfig>,
     /// gRPC over TLS (and mTLS) when set; plain HTTP/2 otherwise.
     pub tls: Option<ServerTls>,
+    /// The server's own embedding model, if any (`--embedding-*`); files checked to exist, not
+    /// yet loaded (the server loads it before it answers).
+    pub embedding: Option<ModelConfig>,
+    /// Upload frames of one stream are embedded at most once per this many milliseconds.
+    pub embedding_interval_ms: u64,
     /// Where metrics are exported over OTLP (spans are the process-wide subscriber's business,
     /// see [`crate::telemetry::Tracing`]). Not read from the environment here: `main` fills it
     /// from the `OTEL_*` variables, tests set it directly.
@@ -359,6 +477,8 @@ impl ServeConfig {
             bootstrap_admin_key: None,
             follow: None,
             tls: None,
+            embedding: None,
+            embedding_interval_ms: 1000,
             otlp: OtlpConfig::default(),
         }
     }
@@ -458,7 +578,14 @@ impl TryFrom<&ServeArgs> for ServeConfig {
             }
             (None, None) => None,
         };
+        let hash_workers = if args.hash_workers == 0 {
+            default_workers()
+        } else {
+            args.hash_workers
+        };
         Ok(Self {
+            embedding: embedding_model(args, hash_workers)?,
+            embedding_interval_ms: args.embedding_interval_ms,
             data_dir: args.data_dir.clone(),
             postgres_url,
             tail_interval: Duration::from_millis(args.tail_interval_ms),
@@ -481,11 +608,7 @@ impl TryFrom<&ServeArgs> for ServeConfig {
                 max_concurrent_streams: args.max_concurrent_streams,
                 max_queued_hashes: args.max_queued_hashes,
             },
-            hash_workers: if args.hash_workers == 0 {
-                default_workers()
-            } else {
-                args.hash_workers
-            },
+            hash_workers,
             shutdown_grace: Duration::from_millis(args.shutdown_grace_ms),
             log_format,
             metrics_listen: args.metrics_listen,
@@ -496,6 +619,25 @@ impl TryFrom<&ServeArgs> for ServeConfig {
             otlp: OtlpConfig::default(),
         })
     }
+}
+
+/// Longest embedding space name (as the proto's `EmbeddingSpace.name` allows).
+const MAX_SPACE_NAME: usize = 64;
+
+/// `--embedding-*` and `--onnxruntime` of `serve`: [`EmbeddingArgs::model_config`] with the
+/// threshold checked, so a missing download stops the server before it starts, naming the file
+/// and the fix.
+fn embedding_model(args: &ServeArgs, sessions: usize) -> Result<Option<ModelConfig>, Error> {
+    let threshold = args.embedding_threshold;
+    if args.embedding.model.is_some()
+        && !(threshold.is_finite() && threshold > 0.0 && threshold <= 1.0)
+    {
+        return Err(invalid(
+            "embedding-threshold",
+            format!("{threshold}: a cosine above 0 and at most 1"),
+        ));
+    }
+    args.embedding.model_config(threshold, sessions)
 }
 
 /// `--tls-*`: both halves of the identity or neither, client CAs only over TLS, and every file
@@ -592,6 +734,66 @@ mod tests {
             ("other-key.pem", other_key.serialize_pem()),
         ] {
             std::fs::write(dir.join(name), pem).expect("write pem");
+        }
+    }
+
+    #[test]
+    fn without_a_model_the_server_embeds_nothing() {
+        let config = config(&[]).expect("valid");
+        assert!(config.embedding.is_none());
+        assert_eq!(config.embedding_interval_ms, 1000);
+    }
+
+    #[test]
+    fn embedding_flags_are_checked_and_files_named() {
+        let dir = tempfile::tempdir().expect("dir");
+        let model = dir.path().join("sscd.onnx");
+        let runtime = dir.path().join("libonnxruntime.so");
+        std::fs::write(&model, b"graph").expect("write");
+        std::fs::write(&runtime, b"library").expect("write");
+        let (m, r) = (model.display().to_string(), runtime.display().to_string());
+        let embedding = config(&[
+            "--embedding-model",
+            &m,
+            "--onnxruntime",
+            &r,
+            "--embedding-input",
+            "512x288",
+            "--embedding-threshold",
+            "0.8",
+            "--hash-workers",
+            "3",
+        ])
+        .expect("valid")
+        .embedding
+        .expect("a model");
+        assert_eq!(embedding.space, "sscd");
+        assert_eq!(embedding.input.to_string(), "512x288");
+        assert_eq!(embedding.threshold, 0.8);
+        assert_eq!(embedding.sessions, 3);
+
+        let missing = dir.path().join("none.onnx").display().to_string();
+        let error = config(&["--embedding-model", &missing, "--onnxruntime", &r])
+            .expect_err("missing model");
+        assert_eq!(error.flag, "embedding-model");
+        assert!(
+            error.reason.contains(&format!("{missing}: no such file")),
+            "{error}"
+        );
+        assert!(error.reason.contains(".ci/fetch-models"), "{error}");
+        let error = config(&["--embedding-model", &m, "--onnxruntime", &missing])
+            .expect_err("missing runtime");
+        assert_eq!(error.flag, "onnxruntime");
+        for (flag, value) in [
+            ("embedding-space", "SSCD"),
+            ("embedding-input", "320"),
+            ("embedding-threshold", "1.5"),
+            ("embedding-threshold", "0"),
+        ] {
+            let long = format!("--{flag}");
+            let error = config(&["--embedding-model", &m, "--onnxruntime", &r, &long, value])
+                .expect_err("invalid");
+            assert_eq!(error.flag, flag, "{value}");
         }
     }
 

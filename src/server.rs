@@ -55,6 +55,9 @@ pub enum Error {
     /// `--follow` cannot start.
     #[error(transparent)]
     Follow(#[from] crate::follow::Error),
+    /// The embedding model could not be loaded.
+    #[error(transparent)]
+    Embedding(#[from] crate::embed::Error),
     /// The metrics endpoint's address could not be bound.
     #[error("cannot listen for metrics on {address}: {source}")]
     MetricsListen {
@@ -149,6 +152,42 @@ pub async fn serve_with_metrics(
     result
 }
 
+/// The server's own embedding models (`--embedding-model`; none without it), loaded on the
+/// blocking pool (ONNX Runtime reads and optimises the graph, then one trial run), each logged
+/// with its space so operators see which spaces this server computes.
+async fn load_models(
+    config: &ServeConfig,
+) -> Result<Vec<Arc<dyn crate::api::embedding::SpaceModel>>, Error> {
+    let Some(model) = config.embedding.clone() else {
+        tracing::info!("no embedding model: only vectors sent by clients are matched");
+        return Ok(Vec::new());
+    };
+    let started = Instant::now();
+    let opened = tokio::task::spawn_blocking(move || crate::embed::OnnxModel::open(&model))
+        .await
+        .map_err(|e| crate::embed::Error::Model {
+            path: config
+                .embedding
+                .as_ref()
+                .map(|m| m.model.clone())
+                .unwrap_or_default(),
+            reason: format!("loading stopped: {e}"),
+        })??;
+    let model_config = opened.config();
+    tracing::info!(
+        space = %model_config.space,
+        model = %model_config.model.display(),
+        runtime = %model_config.runtime.display(),
+        input = %model_config.input,
+        dimension = crate::api::embedding::SpaceModel::dimension(&opened),
+        threshold = model_config.threshold,
+        interval_ms = config.embedding_interval_ms,
+        took_ms = started.elapsed().as_millis() as u64,
+        "embedding model loaded"
+    );
+    Ok(vec![Arc::new(opened)])
+}
+
 /// The gRPC part of [`serve_with_metrics`].
 async fn serve_grpc(
     listener: TcpListener,
@@ -156,6 +195,8 @@ async fn serve_grpc(
     shutdown: impl Future<Output = ()> + Send,
     pipeline: &MetricsPipeline,
 ) -> Result<(), Error> {
+    // The model first: a broken download fails in a second, before the store is touched.
+    let models = load_models(&config).await?;
     let store = match &config.postgres_url {
         Some(url) => Store::open_postgres(url).await?,
         None => Store::open_embedded(&config.data_dir).await?,
@@ -174,7 +215,8 @@ async fn serve_grpc(
         default_org,
         &config,
         pipeline.metrics(),
-    );
+    )
+    .with_models(models, config.embedding_interval_ms);
     load_keys(&state, config.bootstrap_admin_key.as_deref()).await?;
     let follower = match &config.follow {
         Some(follow) => Some(Follower::prepare(&state, follow)?),

@@ -4,6 +4,7 @@
 mod support;
 
 mod binary;
+mod embed_model;
 mod embeddings;
 mod errors;
 mod exchange_formats;

@@ -1,0 +1,345 @@
+//! The real embedding models (issue #11): `embed::OnnxModel` running Meta's SSCD (int8 ResNet50)
+//! and its distilled MobileNetV4 student through ONNX Runtime, on the conformance photos.
+//!
+//! The models and the runtime library are not in the repository (their licence forbids it):
+//! `eval "$(.ci/fetch-models --test)"` sets `FRAMEMATCH_TEST_EMBEDDING_MODEL` (sscd.onnx;
+//! sscd_distilled.onnx is beside it) and `FRAMEMATCH_TEST_ONNXRUNTIME`, and `.ci/run` does so.
+//! Without them these tests print `skipping: ...` and pass; under CI (`CI` set) they fail.
+//!
+//! The expected vectors (tests/fixtures/embed_expected.json) were computed by ONNX Runtime from
+//! Python with PIL decoding and resizing, by bench/embed_fixture.py, which documents how.
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::{Arc, OnceLock};
+
+use framematch::api::embedding::SpaceModel;
+use framematch::embed::{DEFAULT_INPUT, DEFAULT_THRESHOLD, ModelConfig, OnnxModel};
+use image::RgbImage;
+
+use crate::support;
+
+const BIN: &str = env!("CARGO_BIN_EXE_framematch");
+
+/// The three photos the fixture holds vectors of.
+const PHOTOS: [&str; 3] = ["bridge-1-original.jpg", "pen-and-coaster.png", "RGB.jpg"];
+
+/// The model file and the runtime library, or `None` after saying why the test is skipped;
+/// under CI their absence fails.
+fn model_files() -> Option<(PathBuf, PathBuf)> {
+    let var = |name: &str| std::env::var_os(name).map(PathBuf::from);
+    let (model, runtime) = (
+        var("FRAMEMATCH_TEST_EMBEDDING_MODEL"),
+        var("FRAMEMATCH_TEST_ONNXRUNTIME"),
+    );
+    if let (Some(model), Some(runtime)) = (model, runtime) {
+        assert!(model.is_file(), "{} is not a file", model.display());
+        assert!(runtime.is_file(), "{} is not a file", runtime.display());
+        return Some((model, runtime));
+    }
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "CI must have the embedding model: .ci/run sets FRAMEMATCH_TEST_EMBEDDING_MODEL and \
+         FRAMEMATCH_TEST_ONNXRUNTIME with .ci/fetch-models --test"
+    );
+    eprintln!(
+        "skipping: no embedding model (run `eval \"$(.ci/fetch-models --test)\"` to set \
+         FRAMEMATCH_TEST_EMBEDDING_MODEL and FRAMEMATCH_TEST_ONNXRUNTIME)"
+    );
+    None
+}
+
+fn config(model: PathBuf, runtime: PathBuf) -> ModelConfig {
+    ModelConfig {
+        space: "sscd".into(),
+        model,
+        runtime,
+        input: DEFAULT_INPUT,
+        threshold: DEFAULT_THRESHOLD,
+        sessions: 2,
+    }
+}
+
+/// The model `name` (`sscd` or `sscd_distilled`), opened once per test binary.
+fn model(name: &str) -> Option<Arc<OnnxModel>> {
+    static MODELS: OnceLock<Option<HashMap<String, Arc<OnnxModel>>>> = OnceLock::new();
+    let models = MODELS.get_or_init(|| {
+        let (sscd, runtime) = model_files()?;
+        let dir = sscd.parent().expect("a directory").to_path_buf();
+        let mut models = HashMap::new();
+        for name in ["sscd", "sscd_distilled"] {
+            let path = dir.join(format!("{name}.onnx"));
+            let opened = OnnxModel::open(&config(path, runtime.clone())).expect("model opens");
+            models.insert(name.to_string(), Arc::new(opened));
+        }
+        Some(models)
+    });
+    models.as_ref().map(|m| Arc::clone(&m[name]))
+}
+
+fn photo(dir: &Path, name: &str) -> RgbImage {
+    image::open(dir.join("pdq").join(name))
+        .expect("photo decodes")
+        .to_rgb8()
+}
+
+fn cosine(a: &[f32], b: &[f32]) -> f64 {
+    let dot: f64 = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| f64::from(*x) * f64::from(*y))
+        .sum();
+    let norm = |v: &[f32]| v.iter().map(|x| f64::from(*x).powi(2)).sum::<f64>().sqrt();
+    dot / (norm(a) * norm(b))
+}
+
+/// bench/embed_fixture.py's synthetic picture: red and green ramps, a blue 40-pixel checkerboard.
+fn pattern(width: u32, height: u32) -> Vec<u8> {
+    let mut rgb = Vec::with_capacity(width as usize * height as usize * 3);
+    for y in 0..height {
+        for x in 0..width {
+            rgb.push((x * 255 / (width - 1)) as u8);
+            rgb.push((y * 255 / (height - 1)) as u8);
+            rgb.push(if (x / 40 + y / 40) % 2 == 1 { 220 } else { 20 });
+        }
+    }
+    rgb
+}
+
+#[test]
+fn conformance_photos_give_finite_unit_vectors() {
+    let (Some(sscd), Some(distilled)) = (model("sscd"), model("sscd_distilled")) else {
+        return;
+    };
+    let Some(dir) = support::conformance_dir() else {
+        return;
+    };
+    for model in [sscd, distilled] {
+        assert_eq!(model.dimension(), 512);
+        for name in PHOTOS {
+            let vector = model.embed(&photo(&dir, name)).expect("embeds");
+            assert_eq!(vector.len(), 512, "{name}");
+            assert!(vector.iter().all(|v| v.is_finite()), "{name}");
+            let norm = vector
+                .iter()
+                .map(|v| f64::from(*v).powi(2))
+                .sum::<f64>()
+                .sqrt();
+            assert!((norm - 1.0).abs() < 1e-5, "{name}: norm {norm}");
+        }
+    }
+}
+
+#[test]
+fn vectors_equal_python_onnx_runtime() {
+    let (Some(_), Some(dir)) = (model("sscd"), support::conformance_dir()) else {
+        return;
+    };
+    let fixture: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/embed_expected.json"),
+        )
+        .expect("fixture"),
+    )
+    .expect("fixture is JSON");
+    let expected = |model: &str, key: &str| -> Vec<f32> {
+        serde_json::from_value(fixture["models"][model][key].clone()).expect("a vector")
+    };
+    for name in ["sscd", "sscd_distilled"] {
+        let model = model(name).expect("opened above");
+        // The runtimes alone: the same pixels in, no decoder or resizer between.
+        let ours = model
+            .embed_resized(&pattern(DEFAULT_INPUT.width, DEFAULT_INPUT.height))
+            .expect("embeds");
+        let score = cosine(&ours, &expected(name, "pattern"));
+        eprintln!("{name} pattern: cosine {score:.6} with Python's ONNX Runtime");
+        assert!(score >= 0.9999, "{name} pattern: cosine {score}");
+        // The whole path: our decoder and Triangle resize against PIL's decoder and BILINEAR.
+        for photo_name in PHOTOS {
+            let ours = model.embed(&photo(&dir, photo_name)).expect("embeds");
+            let score = cosine(&ours, &expected(name, photo_name));
+            eprintln!("{name} {photo_name}: cosine {score:.6} with Python's ONNX Runtime");
+            assert!(score >= 0.999, "{name} {photo_name}: cosine {score}");
+        }
+    }
+}
+
+#[test]
+fn a_ten_percent_crop_scores_well_above_an_unrelated_photo() {
+    let (Some(dir), Some(_)) = (support::conformance_dir(), model("sscd")) else {
+        return;
+    };
+    let original = photo(&dir, "bridge-1-original.jpg");
+    let (w, h) = original.dimensions();
+    // 10 % of each side cut away: 5 % from every edge.
+    let cropped =
+        image::imageops::crop_imm(&original, w / 20, h / 20, w - w / 10, h - h / 10).to_image();
+    let unrelated = photo(&dir, "pen-and-coaster.png");
+    for name in ["sscd", "sscd_distilled"] {
+        let model = model(name).expect("opened above");
+        let reference = model.embed(&original).expect("embeds");
+        let crop = cosine(&reference, &model.embed(&cropped).expect("embeds"));
+        let other = cosine(&reference, &model.embed(&unrelated).expect("embeds"));
+        eprintln!("{name}: 10% crop {crop:.3}, unrelated photo {other:.3}");
+        assert!(
+            crop >= f64::from(DEFAULT_THRESHOLD),
+            "{name}: crop {crop} is below the default threshold"
+        );
+        assert!(
+            crop - other >= 0.4,
+            "{name}: crop {crop}, unrelated {other}"
+        );
+    }
+}
+
+#[test]
+fn sessions_are_shared_by_concurrent_callers() {
+    let (Some(model), Some(dir)) = (model("sscd_distilled"), support::conformance_dir()) else {
+        return;
+    };
+    let picture = photo(&dir, "RGB.jpg");
+    let alone = model.embed(&picture).expect("embeds");
+    // Four threads over a pool of two sessions: everyone waits their turn and gets the same answer.
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..4)
+            .map(|_| scope.spawn(|| model.embed(&picture).expect("embeds")))
+            .collect();
+        for handle in handles {
+            let vector = handle.join().expect("no panic");
+            assert!(cosine(&vector, &alone) > 0.99999);
+        }
+    });
+}
+
+#[test]
+fn serve_with_a_missing_model_file_exits_with_the_clear_error() {
+    let dir = tempfile::tempdir().expect("dir");
+    let missing = dir.path().join("sscd.onnx");
+    let output = Command::new(BIN)
+        .env_remove("ORT_DYLIB_PATH")
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--metrics-listen",
+            "127.0.0.1:0",
+        ])
+        .arg("--data-dir")
+        .arg(dir.path())
+        .arg("--embedding-model")
+        .arg(&missing)
+        .arg("--onnxruntime")
+        .arg(dir.path().join("libonnxruntime.so"))
+        .output()
+        .expect("runs");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(64), "{stderr}");
+    assert_eq!(
+        stderr.trim(),
+        format!(
+            "framematch: invalid --embedding-model: embedding model {}: no such file; run \
+             `eval \"$(.ci/fetch-models)\"` (README \"Embedding model\")",
+            missing.display()
+        )
+    );
+}
+
+#[test]
+fn serve_loads_the_model_and_names_its_space() {
+    let Some((model, runtime)) = model_files() else {
+        return;
+    };
+    let dir = tempfile::tempdir().expect("dir");
+    let mut child = Command::new(BIN)
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--metrics-listen",
+            "127.0.0.1:0",
+            "--insecure-no-auth",
+        ])
+        .arg("--data-dir")
+        .arg(dir.path())
+        .arg("--embedding-model")
+        .arg(&model)
+        .arg("--onnxruntime")
+        .arg(&runtime)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    // The model is loaded before the listener answers anything; its log line comes first.
+    let stderr = child.stderr.take().expect("stderr");
+    let mut lines = BufReader::new(stderr).lines();
+    let loaded = lines
+        .by_ref()
+        .map_while(Result::ok)
+        .find(|line| line.contains("embedding model loaded") || line.contains("framematch:"))
+        .unwrap_or_default();
+    child.kill().expect("kill");
+    let _ = child.wait();
+    assert!(loaded.contains("embedding model loaded"), "{loaded}");
+    assert!(loaded.contains("space=sscd"), "{loaded}");
+    assert!(loaded.contains("dimension=512"), "{loaded}");
+    assert!(loaded.contains("input=320x320"), "{loaded}");
+}
+
+#[test]
+fn hash_embedding_prints_one_json_line_per_picture() {
+    let (Some((model, runtime)), Some(dir)) = (model_files(), support::conformance_dir()) else {
+        return;
+    };
+    let photo = dir.join("pdq/bridge-1-original.jpg");
+    let output = Command::new(BIN)
+        .args(["hash", "--embedding"])
+        .arg("--embedding-model")
+        .arg(&model)
+        .arg("--onnxruntime")
+        .arg(&runtime)
+        .arg(&photo)
+        .output()
+        .expect("runs");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let lines: Vec<framematch::cli::EmbeddingLine> = stdout
+        .lines()
+        .map(|line| serde_json::from_str(line).expect("a JSON line"))
+        .collect();
+    assert_eq!(lines.len(), 1, "{stdout}");
+    let line = &lines[0];
+    assert_eq!(line.path, photo.display().to_string());
+    assert_eq!(line.space, "sscd");
+    assert_eq!((line.frame_index, line.timestamp_ms), (0, 0));
+    assert!(!line.content_area);
+    assert_eq!(line.values.len(), 512);
+    // The same vector as the library's.
+    if let Some(sscd) = self::model("sscd") {
+        let direct = sscd
+            .embed(&image::open(&photo).expect("decodes").to_rgb8())
+            .expect("embeds");
+        assert!(cosine(&direct, &line.values) > 0.99999);
+    }
+}
+
+#[test]
+fn hash_embedding_without_a_model_says_how_to_get_one() {
+    let output = Command::new(BIN)
+        .env_remove("FRAMEMATCH_EMBEDDING_MODEL")
+        .args(["hash", "--embedding", "x.jpg"])
+        .output()
+        .expect("runs");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(64), "{stderr}");
+    assert!(
+        stderr.contains("--embedding needs --embedding-model"),
+        "{stderr}"
+    );
+    assert!(stderr.contains(".ci/fetch-models"), "{stderr}");
+}
