@@ -900,11 +900,13 @@ fn embedding_lines(
     timestamp_ms: u64,
     picture: &image::RgbImage,
 ) -> Result<String, Error> {
-    let (vectors, _) = crate::api::embedding::embed_picture(std::slice::from_ref(model), picture)
-        .map_err(|e| Error::Embed {
-        path: path.to_path_buf(),
-        reason: e.to_string(),
-    })?;
+    let (vectors, _) =
+        crate::api::embedding::embed_picture(std::slice::from_ref(model), picture, true).map_err(
+            |e| Error::Embed {
+                path: path.to_path_buf(),
+                reason: e.to_string(),
+            },
+        )?;
     let mut out = String::new();
     for vector in vectors {
         let line = EmbeddingLine {
