@@ -1874,6 +1874,37 @@ mod tests {
     use super::*;
 
     #[test]
+    fn embedding_flags_parse_each_optional_part() {
+        let parse = |text: &str| text.parse::<EmbeddingArg>();
+        assert_eq!(
+            parse("sscd"),
+            Ok(EmbeddingArg {
+                name: "sscd".into(),
+                threshold: 0.0,
+                dimension: 0,
+                metric: None,
+            })
+        );
+        assert_eq!(
+            parse("mine:0.9:256:dot"),
+            Ok(EmbeddingArg {
+                name: "mine".into(),
+                threshold: 0.9,
+                dimension: 256,
+                metric: Some(crate::model::Metric::Dot),
+            })
+        );
+        assert_eq!(
+            parse("s::64").map(|a| (a.threshold, a.dimension)),
+            Ok((0.0, 64))
+        );
+        assert!(parse("").is_err());
+        assert!(parse("s:high").is_err_and(|e| e.contains("threshold \"high\"")));
+        assert!(parse("s:0.5:64:l2").is_err_and(|e| e.contains("unknown embedding metric")));
+        assert!(parse("s:0.5:64:dot:x").is_err_and(|e| e.contains("extra part")));
+    }
+
+    #[test]
     fn file_kinds_come_from_the_first_bytes() {
         assert_eq!(kind_of(b"\x89PNG\r\n\x1a\n0000"), FileKind::Image);
         assert_eq!(kind_of(b"\xff\xd8\xff\xe0\x00\x10JFIF"), FileKind::Image);

@@ -533,3 +533,38 @@ async fn a_follower_mirrors_the_spaces_and_the_vectors() {
     follower.stop().await;
     partner.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_on_the_same_postgresql_matches_the_vectors_and_loads_them_at_start() {
+    let Some(database) = support::Database::create().await else {
+        return;
+    };
+    let replica =
+        |url: String| TestServer::start_with(move |config| config.postgres_url = Some(url));
+    let a = replica(database.url.clone()).await;
+    let b = replica(database.url.clone()).await;
+    // Written through A: B learns the bank (its space) and the reference from the change log.
+    let reference = add_vectors_reference(&a).await;
+    let near = nudged(&descriptor(1));
+    let started = Instant::now();
+    loop {
+        if let Ok(matches) = match_vector(&b, near.clone()).await
+            && !matches.is_empty()
+        {
+            assert_embedding_match(&matches, reference, 0);
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "replica B did not match A's vector within 10 s"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // A third replica started now loads the vectors from PostgreSQL.
+    let c = replica(database.url.clone()).await;
+    assert_embedding_match(&match_vector(&c, near).await.expect("match"), reference, 0);
+    a.stop().await;
+    b.stop().await;
+    c.stop().await;
+    database.drop_now().await;
+}
