@@ -4,7 +4,10 @@
 For each model (sscd, sscd_distilled) this writes the L2-normalised output of:
   * three conformance photos, decoded by PIL, converted to RGB (alpha dropped), resized to
     320x320 with PIL's BILINEAR (antialiased when shrinking: the filter framematch's
-    `embed::resize` imitates with image's Triangle), fed as uint8 NHWC [1, 320, 320, 3];
+    `embed::resize` imitates with image's Triangle), fed as uint8 NHWC [1, 320, 320, 3]
+    (key: the file name);
+  * the centre 320x320 crop of each, not resized (key: `NAME#centre`), so both runtimes see the
+    same real pixels;
   * a synthetic 320x320 pattern whose pixels are integer formulas (see `pattern`), which the Rust
     test builds identically: it compares the runtimes alone, with no decoder or resizer between.
 
@@ -61,8 +64,14 @@ def main():
         vectors = {"pattern": embed(session, pattern(*SIZE))}
         for name in IMAGES:
             with Image.open(args.conformance / name) as im:
-                pixels = np.asarray(im.convert("RGB").resize(SIZE, Image.BILINEAR), dtype=np.uint8)
+                rgb = im.convert("RGB")
+            pixels = np.asarray(rgb.resize(SIZE, Image.BILINEAR), dtype=np.uint8)
             vectors[name] = embed(session, pixels)
+            # The centre SIZE crop, not resized: the same pixels reach both runtimes (up to the
+            # JPEG decoders' rounding), so this compares the runtimes on real content.
+            left, top = (rgb.width - SIZE[0]) // 2, (rgb.height - SIZE[1]) // 2
+            crop = rgb.crop((left, top, left + SIZE[0], top + SIZE[1]))
+            vectors[f"{name}#centre"] = embed(session, np.asarray(crop, dtype=np.uint8))
         result["models"][model] = {
             k: [round(v, 7) for v in vec] for k, vec in vectors.items()
         }

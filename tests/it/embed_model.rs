@@ -147,6 +147,7 @@ fn vectors_equal_python_onnx_runtime() {
     let expected = |model: &str, key: &str| -> Vec<f32> {
         serde_json::from_value(fixture["models"][model][key].clone()).expect("a vector")
     };
+    let mut centre_scores = Vec::new();
     for name in ["sscd", "sscd_distilled"] {
         let model = model(name).expect("opened above");
         // The runtimes alone: the same pixels in, no decoder or resizer between.
@@ -156,13 +157,41 @@ fn vectors_equal_python_onnx_runtime() {
         let score = cosine(&ours, &expected(name, "pattern"));
         eprintln!("{name} pattern: cosine {score:.6} with Python's ONNX Runtime");
         assert!(score >= 0.9999, "{name} pattern: cosine {score}");
-        // The whole path: our decoder and Triangle resize against PIL's decoder and BILINEAR.
         for photo_name in PHOTOS {
-            let ours = model.embed(&photo(&dir, photo_name)).expect("embeds");
+            let picture = photo(&dir, photo_name);
+            // The runtimes on real content: the centre crop at the input size, not resized.
+            let (w, h) = (DEFAULT_INPUT.width, DEFAULT_INPUT.height);
+            let centre = image::imageops::crop_imm(
+                &picture,
+                (picture.width() - w) / 2,
+                (picture.height() - h) / 2,
+                w,
+                h,
+            )
+            .to_image();
+            let ours = model.embed_resized(centre.as_raw()).expect("embeds");
+            let score = cosine(&ours, &expected(name, &format!("{photo_name}#centre")));
+            eprintln!("{name} {photo_name} centre: cosine {score:.6} with Python's ONNX Runtime");
+            centre_scores.push((name, photo_name, score));
+            // The whole path: our decoder and Triangle resize against PIL's decoder and
+            // BILINEAR, whose rounding differs (0.997 measured at worst): close, not equal.
+            let ours = model.embed(&picture).expect("embeds");
             let score = cosine(&ours, &expected(name, photo_name));
-            eprintln!("{name} {photo_name}: cosine {score:.6} with Python's ONNX Runtime");
-            assert!(score >= 0.999, "{name} {photo_name}: cosine {score}");
+            eprintln!("{name} {photo_name} resized: cosine {score:.6} with Python's pipeline");
+            assert!(score >= 0.99, "{name} {photo_name} resized: cosine {score}");
         }
+    }
+    for (name, photo_name, score) in centre_scores {
+        // The PNG gives both runtimes the very same pixels: 1.000000 measured. The JPEGs are
+        // decoded by image's decoder here and libjpeg-turbo in PIL, whose rounding differs by a
+        // level here and there, which the int8 SSCD feels (0.996 measured; the fp32 student
+        // 0.9998).
+        let floor = if photo_name.ends_with(".png") {
+            0.999
+        } else {
+            0.99
+        };
+        assert!(score >= floor, "{name} {photo_name} centre: cosine {score}");
     }
 }
 
@@ -260,6 +289,8 @@ fn serve_loads_the_model_and_names_its_space() {
             "--metrics-listen",
             "127.0.0.1:0",
             "--insecure-no-auth",
+            "--log-format",
+            "json",
         ])
         .arg("--data-dir")
         .arg(dir.path())
@@ -281,10 +312,12 @@ fn serve_loads_the_model_and_names_its_space() {
         .unwrap_or_default();
     child.kill().expect("kill");
     let _ = child.wait();
-    assert!(loaded.contains("embedding model loaded"), "{loaded}");
-    assert!(loaded.contains("space=sscd"), "{loaded}");
-    assert!(loaded.contains("dimension=512"), "{loaded}");
-    assert!(loaded.contains("input=320x320"), "{loaded}");
+    let event: serde_json::Value = serde_json::from_str(&loaded).expect("a JSON log line");
+    let fields = &event["fields"];
+    assert_eq!(fields["message"], "embedding model loaded", "{loaded}");
+    assert_eq!(fields["space"], "sscd", "{loaded}");
+    assert_eq!(fields["dimension"], 512, "{loaded}");
+    assert_eq!(fields["input"], "320x320", "{loaded}");
 }
 
 #[test]
