@@ -34,8 +34,10 @@ SKIMAGE = [
 ]
 CONF_STILLS = [
     "bridge-1-original.jpg", "exif-rotn-6.jpg", "c.png", "pen-and-coaster.png",
-    "square-512x512.jpg", "q0122.jpg", "q0291.jpg", "q0746.jpg", "q2821.jpg", "small.jpg",
+    "square-512x512.jpg", "q0122.jpg", "q0291.jpg", "q0746.jpg", "q2821.jpg",
 ]
+# Pictures of one scene share a side of the split (small.jpg is left out: it is black).
+SCENE = {"c": "pen-and-coaster", "square-512x512": "bridge-1-original"}
 # Real clips: (name, file, start seconds). The chair segments are one source (one camera take).
 CLIPS = [
     ("chair", "chair-orig-22-sd-bar.mp4", 0.0),
@@ -149,10 +151,11 @@ def main():
     pictures = [(Path(p).stem, sources / "skimage" / "data" / p) for p in SKIMAGE]
     pictures.append(("grace_hopper", sources / "matplotlib" / "mpl-data" / "sample_data" / "grace_hopper.jpg"))
     pictures += [(Path(p).stem, CONFORMANCE / "pdq" / p) for p in CONF_STILLS]
-    names = sorted({n for n, _ in pictures} | {c[0] for c in CLIPS})
+    scenes = sorted({SCENE.get(n, n) for n, _ in pictures} | {c[0] for c in CLIPS})
     rng = random.Random(11)
-    rng.shuffle(names)
-    side = {n: ("known" if i % 2 == 0 else "innocent") for i, n in enumerate(names)}
+    rng.shuffle(scenes)
+    by_scene = {n: ("known" if i % 2 == 0 else "innocent") for i, n in enumerate(scenes)}
+    side = {n: by_scene[SCENE.get(n, n)] for n in {n for n, _ in pictures} | {c[0] for c in CLIPS}}
 
     jobs = []  # (video id, side, source picture, function)
     for i, (name, path) in enumerate(pictures):
@@ -176,7 +179,8 @@ def main():
     rows, cmds = [], []
     for n, (vid, sd, name, _) in enumerate(sorted(jobs, key=lambda j: j[0])):
         rows.append((vid, sd, name, "original", f"src/{vid}.mp4"))
-        others = [v for v in innocent if not v.startswith(name + "-")]
+        others = [v for v in innocent if not v.startswith(SCENE.get(name, name) + "-")
+                  and not v.startswith(name + "-")]
         bg = str(out / "src" / f"{others[n % len(others)]}.mp4")
         for tname, make in tx.items():
             rel = f"tx/{vid}.{tname}.mp4"

@@ -40,33 +40,40 @@ if step media; then
   "$PY" "$HERE/make_media.py" "$OUT" "$OUT/sources"
 fi
 
+# pdq_run BIN TAG: a fresh server on loopback, a bank of the known originals, every video scanned;
+# verdicts to $OUT/pdq-scan$TAG.tsv (path, reference id, bank, query %, reference %, match).
+pdq_run() {
+  local bin=$1 tag=$2 data=$OUT/pdq-data$2 addr="" server
+  rm -rf "$data" && mkdir -p "$data"
+  "$bin" serve --insecure-no-auth --listen 127.0.0.1:0 --data-dir "$data" >"$OUT/pdq-server$tag.log" 2>&1 &
+  server=$!
+  for _ in $(seq 300); do
+    addr=$(sed -n 's/^listening on //p' "$OUT/pdq-server$tag.log" | head -1)
+    [[ -n $addr ]] && break
+    sleep 0.1
+  done
+  [[ -n $addr ]] || { echo "server did not start: $(cat "$OUT/pdq-server$tag.log")" >&2; kill "$server"; return 1; }
+  export FRAMEMATCH_SERVER=http://$addr
+  "$bin" bank create known --category other >/dev/null
+  mapfile -t refs < <(awk -F'\t' '$2=="known" && $4=="original" {print "'"$OUT"'/" $5}' "$OUT/manifest.tsv")
+  "$bin" ref add known "${refs[@]}" >"$OUT/pdq-refs$tag.tsv"
+  mapfile -t vids < <(awk -F'\t' 'NR>1 {print "'"$OUT"'/" $5}' "$OUT/manifest.tsv")
+  : >"$OUT/pdq-scan$tag.tsv"
+  local i
+  for ((i = 0; i < ${#vids[@]}; i += 100)); do
+    # Exit 1 means "something matched"; 2 is an error.
+    "$bin" scan --bank known "${vids[@]:i:100}" >>"$OUT/pdq-scan$tag.tsv" || [[ $? == 1 ]]
+  done
+  kill "$server"; wait "$server" 2>/dev/null || true
+  stamp "pdq$tag: $(grep -c $'\tmatch$' "$OUT/pdq-scan$tag.tsv") matching verdicts"
+}
+
 if step pdq; then
   stamp "pdq: build, serve, bank the known originals, scan everything"
   cargo build --quiet --bin framematch
-  BIN=$ROOT/target/debug/framematch
-  rm -rf "$OUT/pdq-data" && mkdir -p "$OUT/pdq-data"
-  "$BIN" serve --insecure-no-auth --listen 127.0.0.1:0 --data-dir "$OUT/pdq-data" \
-    >"$OUT/pdq-server.log" 2>&1 &
-  SERVER=$!
-  trap 'kill $SERVER 2>/dev/null || true' EXIT
-  for _ in $(seq 100); do
-    ADDR=$(sed -n 's/^listening on //p' "$OUT/pdq-server.log" | head -1)
-    [[ -n $ADDR ]] && break
-    sleep 0.1
-  done
-  export FRAMEMATCH_SERVER=http://$ADDR
-  "$BIN" bank create known --category other >/dev/null
-  mapfile -t refs < <(awk -F'\t' '$2=="known" && $4=="original" {print "'"$OUT"'/" $5}' "$OUT/manifest.tsv")
-  "$BIN" ref add known "${refs[@]}" >"$OUT/pdq-refs.tsv"
-  mapfile -t vids < <(awk -F'\t' 'NR>1 {print "'"$OUT"'/" $5}' "$OUT/manifest.tsv")
-  : >"$OUT/pdq-scan.tsv"
-  for ((i = 0; i < ${#vids[@]}; i += 100)); do
-    # Exit 1 means "something matched"; 2 is an error.
-    "$BIN" scan --bank known "${vids[@]:i:100}" >>"$OUT/pdq-scan.tsv" || [[ $? == 1 ]]
-  done
-  kill $SERVER; wait $SERVER 2>/dev/null || true
-  trap - EXIT
-  stamp "pdq: $(wc -l <"$OUT/pdq-scan.tsv") verdict lines"
+  pdq_run "$ROOT/target/debug/framematch" ""
+  # Optional baseline, e.g. a build from before the border fix: PDQ_BEFORE=/path/to/framematch
+  if [[ -n ${PDQ_BEFORE:-} ]]; then pdq_run "$PDQ_BEFORE" "-before"; fi
 fi
 
 if step embed; then

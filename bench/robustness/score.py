@@ -30,15 +30,15 @@ def load_manifest(out):
     return [dict(zip(("video", "side", "source", "transform", "path"), r)) for r in rows]
 
 
-def pdq_results(out, rows):
+def pdq_results(out, rows, tag=""):
     """(video, transform) -> set of matched reference videos, from the server's verdicts."""
     ref_video = {}
-    for line in open(out / "pdq-refs.tsv"):
+    for line in open(out / f"pdq-refs{tag}.tsv"):
         rid, path = line.rstrip("\n").split("\t")
         ref_video[rid] = Path(path).name[: -len(".mp4")]
     by_path = {str(out / r["path"]): (r["video"], r["transform"]) for r in rows}
     matched = defaultdict(set)
-    for line in open(out / "pdq-scan.tsv"):
+    for line in open(out / f"pdq-scan{tag}.tsv"):
         path, rid, _bank, _q, _r, verdict = line.rstrip("\n").split("\t")
         if verdict == "match":
             matched[by_path[path]].add(ref_video[rid])
@@ -94,6 +94,21 @@ def main():
           f"{len(transforms)} versions each (original + {len(transforms) - 1} transforms): "
           f"{len(rows)} videos.\n")
     pdq = pdq_results(out, rows) if (out / "pdq-scan.tsv").exists() else None
+    before = pdq_results(out, rows, "-before") if (out / "pdq-scan-before.tsv").exists() else None
+    if pdq is not None:
+        print("## PDQ alone (the real server, vPDQ verdicts)\n")
+        print("| transform | known detected | false positives |" + (" before the border fix: detected / FP |" if before else ""))
+        print("|---|---|---|" + ("---|" if before else ""))
+        for t in transforms:
+            kn = [r for r in known if r["transform"] == t]
+            inn = [r for r in innocent if r["transform"] == t]
+            line = (f"| {t} | {pct(sum(r['video'] in pdq[(r['video'], t)] for r in kn), len(kn))} | "
+                    f"{sum(bool(pdq[(r['video'], t)]) for r in inn)} |")
+            if before:
+                line += (f" {pct(sum(r['video'] in before[(r['video'], t)] for r in kn), len(kn))} / "
+                         f"{sum(bool(before[(r['video'], t)]) for r in inn)} |")
+            print(line)
+        print()
 
     for tag in tags:
         path = out / f"emb-{tag}.npz"
