@@ -41,7 +41,7 @@ rows (isotropic random vectors alone are ~orthogonal to everything in 512-d and 
   25 % blend      normalise(a r1 + (1 - a) r2 + noise), r1, r2 two random real rows,
                   a ~ U(0.2, 0.8), noise N(0, 0.3^2 / d) per value: points between real scenes;
   25 % perturbed  normalise(r + s g / sqrt(d)), r a random real row, g ~ N(0, 1)^d,
-                  s ~ U(0.8, 2.0) (cosine to r about 0.45 to 0.8): competitors near real rows;
+                  s ~ U(0.4, 2.0) (cosine to r about 0.45 to 0.93): competitors near real rows;
   10 % random     uniform unit vectors.
 """
 
@@ -188,7 +188,7 @@ def distractors(real, count, rng):
                 r2 = real[rng.integers(0, len(real), m)]
                 x = a * r1 + (1 - a) * r2 + rng.standard_normal((m, DIM)) * (0.3 / np.sqrt(DIM))
             elif name == "perturbed":
-                s = rng.uniform(0.8, 2.0, (m, 1))
+                s = rng.uniform(0.4, 2.0, (m, 1))
                 x = real[rng.integers(0, len(real), m)] + s * rng.standard_normal((m, DIM)) / np.sqrt(DIM)
             else:
                 x = rng.standard_normal((m, DIM))
