@@ -312,15 +312,17 @@ fn originals(found: &[Vec<u32>], data: &Data) -> f64 {
     hit as f64 / found.len() as f64
 }
 
-/// Every query through `search` once (answers), then `runs` timed passes on one thread.
+/// The first `answers` queries through `search` once (their answers), then `runs` timed passes
+/// over the first `queries` on one thread.
 fn measure(
     data: &Data,
+    answers: usize,
     queries: usize,
     runs: usize,
     search: &dyn Fn(&[f32], &mut Vec<VectorMatch>),
 ) -> (Vec<Vec<u32>>, Vec<f64>) {
     let mut out = Vec::new();
-    let found = (0..data.query_count())
+    let found = (0..answers.min(data.query_count()))
         .map(|i| {
             search(data.query(i), &mut out);
             out.iter().map(row).collect()
@@ -368,10 +370,11 @@ fn main() {
         eprintln!("N={n}: {q} queries");
         let mut flat_done = false;
         for &m in &o.m {
+            // `--m 0`: no graph, the flat scan alone (a 1M graph build takes many minutes here).
             let params = VectorParams {
-                max_connections: m,
+                max_connections: m.max(2),
                 ef_construction: o.ef_construction,
-                graph_min: 1,
+                graph_min: if m == 0 { usize::MAX } else { 1 },
                 ..VectorParams::default()
             };
             let mut build_s = Vec::new();
@@ -415,11 +418,39 @@ fn main() {
                 qps_1t_all: Vec::new(),
                 queries: q,
             };
+            if m == 0 {
+                let timed = o.exact_queries.min(q);
+                let (found, qps) = measure(&data, timed, timed, o.runs, &|query, out| {
+                    index.search_exact(query, f32::MIN, K, &|_| true, out);
+                });
+                let found = &found[..];
+                let truth = &data.truth[..timed];
+                rows.push(Row {
+                    engine: "ours-flat-int8".into(),
+                    m: 0,
+                    ef_construction: 0,
+                    build_s: median(build_s),
+                    recall_vs_flat: 1.0,
+                    recall_vs_f32: recall(found, truth),
+                    epsilon_recall: epsilon_recall(found, &data),
+                    original_in_top10: originals(found, &data),
+                    qps_1t: median(qps.clone()),
+                    qps_1t_all: qps,
+                    queries: timed,
+                    ..template.clone()
+                });
+                eprintln!(
+                    "  flat alone: recall vs f32 {:.4}, {:.1} q/s",
+                    rows.last().map_or(0.0, |r| r.recall_vs_f32),
+                    rows.last().map_or(0.0, |r| r.qps_1t)
+                );
+                continue;
+            }
             let flat = exact_answers(&index, &data);
             if !flat_done {
                 flat_done = true;
                 let timed = o.exact_queries.min(q);
-                let (_, qps) = measure(&data, timed, o.runs, &|query, out| {
+                let (_, qps) = measure(&data, 0, timed, o.runs, &|query, out| {
                     index.search_exact(query, f32::MIN, K, &|_| true, out);
                 });
                 rows.push(Row {
@@ -445,7 +476,7 @@ fn main() {
             }
             for &ef in &o.ef_search {
                 index.set_ef_search(ef);
-                let (found, qps) = measure(&data, q, o.runs, &|query, out| {
+                let (found, qps) = measure(&data, q, q, o.runs, &|query, out| {
                     index.search(query, f32::MIN, K, &|_| true, out);
                 });
                 let row = Row {
