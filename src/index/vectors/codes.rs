@@ -4,7 +4,8 @@
 //! with `c_i = round(x_i / s)`, so `x_i ≈ s c_i` within `s / 2`. That is `d + 4` bytes per vector
 //! (516 for SSCD's 512 dimensions) against `4 d` for f32 and `2 d` for f16.
 //!
-//! Scores against a query keep the query in f32 (asymmetric): `q · x ≈ s Σ q_i c_i`. For a unit
+//! Scores against a query keep the query in f32 (asymmetric): `q · x ≈ s Σ q_i c_i`; searches
+//! prepare it once as 15-bit integers ([`Query`]) so that the sum runs in integer SIMD. For a unit
 //! vector of 512 dimensions the error of one score is of the order of 10^-3 or less (measured in
 //! the tests below against the f32 dot product); a match threshold sits far above that.
 
@@ -105,6 +106,18 @@ impl Codes {
         }
     }
 
+    /// [`score`](Self::score) for a query prepared once with [`Query::new`]: the query's values
+    /// as 15-bit integers, so that the dot product runs in integers (SSE2's `pmaddwd` multiplies
+    /// and adds 8 pairs a step, against 4 for f32 after widening each byte); what the integer
+    /// query loses is below 10^-5 of a score, far under the int8 codes' own error.
+    #[inline]
+    pub fn score_query(&self, query: &Query, id: u32) -> f32 {
+        match self.get(id) {
+            Some((code, scale)) => dot_i16_i8(&query.values, code) as f32 * query.scale * scale,
+            None => 0.0,
+        }
+    }
+
     /// `vector a · vector b`, both quantised (used while the graph is built).
     #[inline]
     pub fn code_dot(&self, a: u32, b: u32) -> f32 {
@@ -125,6 +138,70 @@ impl Codes {
     pub fn memory_bytes(&self) -> usize {
         self.bytes.capacity() + self.scales.capacity() * size_of::<f32>()
     }
+}
+
+/// A query quantised for [`Codes::score_query`]: `query_i ≈ scale values_i` with
+/// `|values_i| <= QUERY_MAX`.
+#[derive(Clone, Debug, Default)]
+pub struct Query {
+    values: Vec<i16>,
+    scale: f32,
+}
+
+/// The largest magnitude of a prepared query value: 2^14 - 1, so that a pair of products
+/// (`pmaddwd`'s step) and 1024 products summed stay far below `i32::MAX`.
+const QUERY_MAX: f32 = 16_383.0;
+
+/// Values summed in `i32` before the running total moves to `i64` (keeps any dimension exact).
+const BLOCK: usize = 1024;
+
+impl Query {
+    /// Quantises `query` (finite values; a zero or non-finite query scores 0 everywhere).
+    pub fn new(query: &[f32]) -> Self {
+        let max = query.iter().fold(0.0f32, |m, x| m.max(x.abs()));
+        if !(max > 0.0 && max.is_finite()) {
+            return Self {
+                values: vec![0; query.len()],
+                scale: 0.0,
+            };
+        }
+        let inverse = QUERY_MAX / max;
+        Self {
+            values: query
+                .iter()
+                .map(|x| (x * inverse).round().clamp(-QUERY_MAX, QUERY_MAX) as i16)
+                .collect(),
+            scale: max / QUERY_MAX,
+        }
+    }
+
+    /// The vector length.
+    pub fn len(&self) -> usize {
+        self.values.len()
+    }
+
+    /// Whether it has no values.
+    pub fn is_empty(&self) -> bool {
+        self.values.is_empty()
+    }
+}
+
+/// `Σ q_i c_i` in integers, exact. Written as a plain widening reduction, which LLVM turns into
+/// `pmaddwd` on x86-64 (`cargo bench --bench vectors` measures it).
+#[inline]
+pub fn dot_i16_i8(query: &[i16], code: &[i8]) -> i64 {
+    query
+        .chunks(BLOCK)
+        .zip(code.chunks(BLOCK))
+        .map(|(q, c)| {
+            let sum: i32 = q
+                .iter()
+                .zip(c)
+                .map(|(&a, &b)| i32::from(a) * i32::from(b))
+                .sum();
+            i64::from(sum)
+        })
+        .sum()
 }
 
 /// Lanes the dot products accumulate in: wide enough for the compiler to fill SSE registers and
@@ -150,23 +227,14 @@ pub fn dot_f32_i8(query: &[f32], code: &[i8]) -> f32 {
     sum
 }
 
-/// `Σ a_i b_i` in i32 (exact: 4096 × 127² is far below 2^31).
+/// `Σ a_i b_i` in i32 (exact: 4096 × 127² is far below 2^31). A plain widening reduction, which
+/// LLVM turns into `pmaddwd`.
 #[inline]
 pub fn dot_i8(a: &[i8], b: &[i8]) -> i32 {
-    let mut acc = [0i32; LANES];
-    let a_chunks = a.chunks_exact(LANES);
-    let b_chunks = b.chunks_exact(LANES);
-    let (a_tail, b_tail) = (a_chunks.remainder(), b_chunks.remainder());
-    for (x, y) in a_chunks.zip(b_chunks) {
-        for ((s, &p), &q) in acc.iter_mut().zip(x).zip(y) {
-            *s += i32::from(i16::from(p) * i16::from(q));
-        }
-    }
-    let mut sum: i32 = acc.iter().sum();
-    for (&p, &q) in a_tail.iter().zip(b_tail) {
-        sum += i32::from(p) * i32::from(q);
-    }
-    sum
+    a.iter()
+        .zip(b)
+        .map(|(&p, &q)| i32::from(p) * i32::from(q))
+        .sum()
 }
 
 #[cfg(test)]
@@ -203,6 +271,17 @@ mod tests {
             }
             // Half a quantisation step per value: about 0.004 / sqrt(d) per score.
             assert!(worst < 0.01, "d {d}: worst score error {worst}");
+            // The integer query scores as the f32 one does, to well under the codes' error.
+            let mut apart = 0.0f32;
+            for _ in 0..20 {
+                let q = unit(&mut rng, d);
+                let prepared = Query::new(&q);
+                assert_eq!(prepared.len(), d);
+                for id in 0..200u32 {
+                    apart = apart.max((codes.score_query(&prepared, id) - codes.score(&q, id)).abs());
+                }
+            }
+            assert!(apart < 1e-4, "d {d}: integer query differs by {apart}");
             let self_dot = codes.code_dot(3, 3);
             assert!((self_dot - 1.0).abs() < 0.02, "{self_dot}");
             assert!((codes.max_squared_norm() - 1.0).abs() < 0.02);
@@ -227,6 +306,14 @@ mod tests {
         assert_eq!(copy.get(0), codes.get(1));
         assert_eq!(copy.get(1), None);
         assert_eq!(codes.score(&[1.0; 4], 9), 0.0);
+        assert_eq!(codes.score_query(&Query::new(&[1.0; 4]), 9), 0.0);
+        assert_eq!(codes.score_query(&Query::new(&[0.0; 4]), 1), 0.0);
+        let prepared = Query::new(&[1.0; 4]);
+        let expected = codes.score(&[1.0; 4], 1);
+        assert!((codes.score_query(&prepared, 1) - expected).abs() < 1e-3, "{expected}");
+        let long = vec![3i16; 2500];
+        let ones = vec![-2i8; 2500];
+        assert_eq!(dot_i16_i8(&long, &ones), -15_000, "blocks past 1024 values add up");
         assert!(codes.memory_bytes() >= 2 * (4 + 4));
     }
 }

@@ -11,10 +11,11 @@
 //!
 //! and hnsw_rs's structure is dropped. That is `4 + 4 × degree` bytes per vector (about 100 at
 //! M=16) beside the codes. A search is the usual HNSW descent: greedy through the upper layers,
-//! then a beam of width `ef` over layer 0, scoring every visited node by the f32 query against
-//! its int8 code (the same score the flat scan gives, so the best candidates come out re-scored
+//! then a beam of width `ef` over layer 0, scoring every visited node by the query (prepared
+//! once as integers, [`Query`]) against its int8 code (the same score the flat scan gives, so the best candidates come out re-scored
 //! already). The graph is immutable: entries added after the build are the owner's flat tail.
 
+use std::cell::RefCell;
 use std::cmp::Ordering;
 use std::collections::BinaryHeap;
 use std::mem::size_of;
@@ -23,7 +24,7 @@ use std::sync::Arc;
 use anndists::dist::Distance;
 use hnsw_rs::hnsw::Hnsw;
 
-use super::codes::Codes;
+use super::codes::{Codes, Query};
 
 /// hnsw_rs caps layers at 16.
 const MAX_LAYERS: usize = 16;
@@ -117,15 +118,27 @@ impl Ord for Scored {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 struct Worst(std::cmp::Reverse<Scored>);
 
-/// Visited nodes, one bit each.
+/// Visited nodes, one bit each, kept per thread between searches (a fresh bitset per search
+/// was a 125 KB allocation, zeroed, per query at 1M entries); only the words a search touched
+/// are cleared after it.
+#[derive(Default)]
 struct Visited {
     words: Vec<u64>,
+    touched: Vec<u32>,
 }
 
 impl Visited {
-    fn new(n: usize) -> Self {
-        Self {
-            words: vec![0; n.div_ceil(64)],
+    /// Makes room for ids `0..n` (all clear).
+    fn reset(&mut self, n: usize) {
+        for &word in &self.touched {
+            if let Some(w) = self.words.get_mut(word as usize) {
+                *w = 0;
+            }
+        }
+        self.touched.clear();
+        let words = n.div_ceil(64);
+        if self.words.len() < words {
+            self.words.resize(words, 0);
         }
     }
 
@@ -135,12 +148,19 @@ impl Visited {
         let (word, bit) = ((id / 64) as usize, id % 64);
         match self.words.get_mut(word) {
             Some(w) if *w & (1 << bit) == 0 => {
+                if *w == 0 {
+                    self.touched.push(word as u32);
+                }
                 *w |= 1 << bit;
                 true
             }
             _ => false,
         }
     }
+}
+
+thread_local! {
+    static VISITED: RefCell<Visited> = RefCell::new(Visited::default());
 }
 
 impl Graph {
@@ -248,19 +268,24 @@ impl Graph {
     /// The `ef` best entries for `query` by `codes.score`, best first (fewer if the graph is
     /// smaller), written to `out` (cleared first).
     pub fn search(&self, codes: &Codes, query: &[f32], ef: usize, out: &mut Vec<(u32, f32)>) {
+        self.search_query(codes, &Query::new(query), ef, out);
+    }
+
+    /// [`search`](Self::search) with a query prepared once ([`Codes::score_query`] scores).
+    pub fn search_query(&self, codes: &Codes, query: &Query, ef: usize, out: &mut Vec<(u32, f32)>) {
         out.clear();
         if self.len == 0 || ef == 0 {
             return;
         }
         let mut current = Scored {
-            score: codes.score(query, self.entry),
+            score: codes.score_query(query, self.entry),
             id: self.entry,
         };
         for layer in self.layers.iter().skip(1).rev() {
             loop {
                 let mut improved = false;
                 for &next in layer.neighbours(current.id) {
-                    let score = codes.score(query, next);
+                    let score = codes.score_query(query, next);
                     if score > current.score {
                         current = Scored { score, id: next };
                         improved = true;
@@ -274,35 +299,37 @@ impl Graph {
         let Some(base) = self.layers.first() else {
             return;
         };
-        let mut visited = Visited::new(self.len);
-        visited.insert(current.id);
-        // Candidates to expand, best first; results kept, worst first.
-        let mut candidates = BinaryHeap::with_capacity(ef * 2);
-        let mut results: BinaryHeap<Worst> = BinaryHeap::with_capacity(ef + 1);
-        candidates.push(current);
-        results.push(Worst(std::cmp::Reverse(current)));
-        while let Some(candidate) = candidates.pop() {
-            let worst = results.peek().map_or(f32::NEG_INFINITY, |w| w.0.0.score);
-            if results.len() >= ef && candidate.score < worst {
-                break;
-            }
-            for &next in base.neighbours(candidate.id) {
-                if !visited.insert(next) {
-                    continue;
-                }
-                let score = codes.score(query, next);
+        VISITED.with_borrow_mut(|visited| {
+            visited.reset(self.len);
+            visited.insert(current.id);
+            // Candidates to expand, best first; results kept, worst first.
+            let mut candidates = BinaryHeap::with_capacity(ef * 2);
+            let mut results: BinaryHeap<Worst> = BinaryHeap::with_capacity(ef + 1);
+            candidates.push(current);
+            results.push(Worst(std::cmp::Reverse(current)));
+            while let Some(candidate) = candidates.pop() {
                 let worst = results.peek().map_or(f32::NEG_INFINITY, |w| w.0.0.score);
-                if results.len() < ef || score > worst {
-                    let scored = Scored { score, id: next };
-                    candidates.push(scored);
-                    results.push(Worst(std::cmp::Reverse(scored)));
-                    if results.len() > ef {
-                        results.pop();
+                if results.len() >= ef && candidate.score < worst {
+                    break;
+                }
+                for &next in base.neighbours(candidate.id) {
+                    if !visited.insert(next) {
+                        continue;
+                    }
+                    let score = codes.score_query(query, next);
+                    let worst = results.peek().map_or(f32::NEG_INFINITY, |w| w.0.0.score);
+                    if results.len() < ef || score > worst {
+                        let scored = Scored { score, id: next };
+                        candidates.push(scored);
+                        results.push(Worst(std::cmp::Reverse(scored)));
+                        if results.len() > ef {
+                            results.pop();
+                        }
                     }
                 }
             }
-        }
-        out.extend(results.into_iter().map(|w| (w.0.0.id, w.0.0.score)));
+            out.extend(results.into_iter().map(|w| (w.0.0.id, w.0.0.score)));
+        });
         out.sort_unstable_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
     }
 

@@ -10,8 +10,8 @@
 //!   [`VectorParams::graph_min`] has no graph at all: the scan is the engine.
 //!
 //! Scores are `query · vector` (cosine spaces hold unit vectors, so that is their cosine) with the
-//! query in f32 and the vector as stored (int8), whether it was found through the graph or the
-//! scan, so [`VectorIndex::search_exact`] (the flat scan of every live entry) is the oracle of
+//! query as 15-bit integers ([`codes::Query`], within 10^-5 of the f32 query) and the vector as
+//! stored (int8), whether it was found through the graph or the scan, so [`VectorIndex::search_exact`] (the flat scan of every live entry) is the oracle of
 //! [`VectorIndex::search`] up to the graph's recall.
 //!
 //! Withdrawal is a tombstone; a rebuild (background, see `super::signals`) drops the tombstones
@@ -33,7 +33,7 @@ use crate::model::{BankId, FrameEmbedding, Metric, ReferenceId};
 pub mod codes;
 pub mod graph;
 
-use codes::Codes;
+use codes::{Codes, Query};
 use graph::Graph;
 
 /// A graph rebuild is due once the tail exceeds the graph over this (and [`TAIL_MIN`]).
@@ -210,6 +210,12 @@ impl VectorIndex {
         self.params
     }
 
+    /// Changes the search beam width (at least 1) without a rebuild: the graph does not depend
+    /// on it (`cargo bench --bench vectors` sweeps it on one built index).
+    pub fn set_ef_search(&mut self, ef_search: usize) {
+        self.params.ef_search = ef_search.max(1);
+    }
+
     /// `"graph"` once a graph covers the space, `"flat"` while the scan serves it alone.
     pub fn engine_name(&self) -> &'static str {
         if self.graph.is_empty() {
@@ -344,14 +350,14 @@ impl VectorIndex {
     /// Scans entries `from..` exactly, pushing live matches scoring at least `min_score`.
     fn scan(
         &self,
-        query: &[f32],
+        query: &Query,
         from: usize,
         min_score: f32,
         bank_filter: &dyn Fn(BankId) -> bool,
         out: &mut Vec<VectorMatch>,
     ) {
         for id in from as u32..self.entries.len() as u32 {
-            let score = self.codes.score(query, id);
+            let score = self.codes.score_query(query, id);
             if score >= min_score
                 && let Some(m) = self.matched(id, score, bank_filter)
             {
@@ -380,12 +386,14 @@ impl VectorIndex {
         if query.len() != self.dimension || k == 0 {
             return;
         }
+        let query = &Query::new(query);
         if !self.graph.is_empty() {
             let mut ef = self.params.ef_search.max(k);
             let mut candidates = Vec::new();
             for _ in 0..5 {
                 out.clear();
-                self.graph.search(&self.codes, query, ef, &mut candidates);
+                self.graph
+                    .search_query(&self.codes, query, ef, &mut candidates);
                 let mut rejected = false;
                 for &(id, score) in &candidates {
                     if score < min_score {
@@ -420,7 +428,7 @@ impl VectorIndex {
         if query.len() != self.dimension || k == 0 {
             return;
         }
-        self.scan(query, 0, min_score, bank_filter, out);
+        self.scan(&Query::new(query), 0, min_score, bank_filter, out);
         sort_and_truncate(out, k);
     }
 
