@@ -851,4 +851,58 @@ mod tests {
             .expect("hashed");
         assert!(plain.embeddings.is_empty());
     }
+
+    #[tokio::test]
+    async fn uploads_get_model_vectors_unless_the_client_sent_that_space() {
+        let dir = tempfile::tempdir().expect("dir");
+        let state = state(dir.path()).await;
+        let params = Arc::new(MatchParams {
+            spaces: vec![matching::SpaceScope {
+                space: Arc::from("histogram"),
+                dimension: 12,
+                metric: Metric::Cosine,
+                thresholds: HashMap::from([(BankId(1), 0.9)]),
+            }],
+            ..MatchParams::default()
+        });
+        let filter = Arc::new(BankFilter::All);
+        let (query, _) = state
+            .match_frame(picture(true), &params, &filter, true)
+            .await
+            .expect("matched");
+        // The whole picture and its content area inside the bars.
+        assert_eq!(query.embeddings.len(), 2);
+        assert!(query.embeddings.iter().any(|v| v.content_area));
+
+        let mut sent = picture(true);
+        sent.embeddings = vec![crate::model::FrameEmbedding {
+            frame_index: 4,
+            timestamp_ms: 400,
+            space: "histogram".into(),
+            vector: vec![2.0; 12],
+        }];
+        let (query, _) = state
+            .match_frame(sent, &params, &filter, true)
+            .await
+            .expect("matched");
+        assert_eq!(
+            query.embeddings.len(),
+            1,
+            "the client's vector, not the model's"
+        );
+        assert!((query.embeddings[0].vector[0] - 12f32.sqrt().recip()).abs() < 1e-6);
+
+        let mut wrong = picture(false);
+        wrong.embeddings = vec![crate::model::FrameEmbedding {
+            frame_index: 4,
+            timestamp_ms: 400,
+            space: "histogram".into(),
+            vector: vec![1.0; 11],
+        }];
+        let error = state
+            .match_frame(wrong, &params, &filter, true)
+            .await
+            .expect_err("wrong dimension");
+        assert_eq!(Status::from(error).code(), tonic::Code::InvalidArgument);
+    }
 }
