@@ -725,3 +725,184 @@ impl Drop for QueueSlot<'_> {
         self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::index::{EngineKind, FrameIndex, HnswParams, VectorParams};
+    use crate::model::{EmbeddingSpace, Metric};
+
+    /// A small real model: the picture's colour histogram (4 bins per channel), L2-normalised.
+    struct Histogram;
+
+    impl embedding::SpaceModel for Histogram {
+        fn name(&self) -> &str {
+            "histogram"
+        }
+        fn dimension(&self) -> u32 {
+            12
+        }
+        fn metric(&self) -> Metric {
+            Metric::Cosine
+        }
+        fn embed(&self, picture: &image::RgbImage) -> Result<Vec<f32>, String> {
+            let mut bins = vec![0.0f32; 12];
+            for pixel in picture.pixels() {
+                for (channel, value) in pixel.0.iter().enumerate() {
+                    bins[channel * 4 + usize::from(*value / 64)] += 1.0;
+                }
+            }
+            let norm = bins.iter().map(|b| b * b).sum::<f32>().sqrt();
+            Ok(bins.into_iter().map(|b| b / norm).collect())
+        }
+    }
+
+    async fn state(dir: &std::path::Path) -> AppState {
+        let store = Store::open_embedded(dir).await.expect("store");
+        let default_org = store.default_org().await.expect("org");
+        let index = SignalIndex::new(
+            FrameIndex::new(EngineKind::default(), HnswParams::default()),
+            VectorParams::default(),
+        );
+        let config = ServeConfig::with_data_dir(dir.to_path_buf());
+        AppState::new(
+            store,
+            index,
+            Catalog::default(),
+            default_org,
+            &config,
+            Metrics::noop(),
+        )
+        .with_models(vec![Arc::new(Histogram)], 0)
+    }
+
+    /// A 64x64 picture: a noisy gradient, with black bars top and bottom when `bars`.
+    fn picture(bars: bool) -> FrameInput {
+        let (width, height) = (64u32, 64u32);
+        let mut data = Vec::with_capacity(64 * 64 * 3);
+        for y in 0..height {
+            for x in 0..width {
+                let bar = bars && !(16..48).contains(&y);
+                let v = |k: u32| {
+                    if bar {
+                        0
+                    } else {
+                        ((x * k + y * 7 + (x * y) % 13) % 256) as u8
+                    }
+                };
+                data.extend_from_slice(&[v(3), v(5), v(11)]);
+            }
+        }
+        FrameInput {
+            frame_index: 4,
+            timestamp_ms: 400,
+            content: Content::Rgb {
+                width,
+                height,
+                data,
+            },
+            embeddings: Vec::new(),
+        }
+    }
+
+    #[tokio::test]
+    async fn reference_frames_get_the_models_vector_of_the_whole_picture_only() {
+        let dir = tempfile::tempdir().expect("dir");
+        let state = state(dir.path()).await;
+        let spaces = [EmbeddingSpace {
+            name: "histogram".into(),
+            dimension: 12,
+            metric: Metric::Cosine,
+            threshold: 0.9,
+        }];
+        let models = state.models_for(&spaces);
+        assert_eq!(models.len(), 1);
+        // A space of that name with another dimension is not the model's.
+        assert!(
+            state
+                .models_for(&[EmbeddingSpace {
+                    dimension: 13,
+                    ..spaces[0].clone()
+                }])
+                .is_empty()
+        );
+        let query = state
+            .frame_signal(picture(true), false, models.clone())
+            .await
+            .expect("hashed");
+        assert!(query.has_pdq);
+        assert!(query.content.is_some(), "the bars give a content area");
+        assert_eq!(query.embeddings.len(), 1, "whole picture only");
+        let vector = &query.embeddings[0];
+        assert!(!vector.content_area);
+        assert_eq!(&*vector.space, "histogram");
+        let expected = embedding::SpaceModel::embed(&Histogram, &{
+            let Content::Rgb { data, .. } = picture(true).content else {
+                unreachable!("an rgb frame")
+            };
+            image::RgbImage::from_raw(64, 64, data).expect("picture")
+        })
+        .expect("embed");
+        assert_eq!(vector.vector, expected);
+        // Without models, PDQ only.
+        let plain = state
+            .frame_signal(picture(false), false, Vec::new())
+            .await
+            .expect("hashed");
+        assert!(plain.embeddings.is_empty());
+    }
+
+    #[tokio::test]
+    async fn uploads_get_model_vectors_unless_the_client_sent_that_space() {
+        let dir = tempfile::tempdir().expect("dir");
+        let state = state(dir.path()).await;
+        let params = Arc::new(MatchParams {
+            spaces: vec![matching::SpaceScope {
+                space: Arc::from("histogram"),
+                dimension: 12,
+                metric: Metric::Cosine,
+                thresholds: HashMap::from([(BankId(1), 0.9)]),
+            }],
+            ..MatchParams::default()
+        });
+        let filter = Arc::new(BankFilter::All);
+        let (query, _) = state
+            .match_frame(picture(true), &params, &filter, true)
+            .await
+            .expect("matched");
+        // The whole picture and its content area inside the bars.
+        assert_eq!(query.embeddings.len(), 2);
+        assert!(query.embeddings.iter().any(|v| v.content_area));
+
+        let mut sent = picture(true);
+        sent.embeddings = vec![crate::model::FrameEmbedding {
+            frame_index: 4,
+            timestamp_ms: 400,
+            space: "histogram".into(),
+            vector: vec![2.0; 12],
+        }];
+        let (query, _) = state
+            .match_frame(sent, &params, &filter, true)
+            .await
+            .expect("matched");
+        assert_eq!(
+            query.embeddings.len(),
+            1,
+            "the client's vector, not the model's"
+        );
+        assert!((query.embeddings[0].vector[0] - 12f32.sqrt().recip()).abs() < 1e-6);
+
+        let mut wrong = picture(false);
+        wrong.embeddings = vec![crate::model::FrameEmbedding {
+            frame_index: 4,
+            timestamp_ms: 400,
+            space: "histogram".into(),
+            vector: vec![1.0; 11],
+        }];
+        let error = state
+            .match_frame(wrong, &params, &filter, true)
+            .await
+            .expect_err("wrong dimension");
+        assert_eq!(Status::from(error).code(), tonic::Code::InvalidArgument);
+    }
+}
