@@ -45,7 +45,7 @@ fi
 pdq_run() {
   local bin=$1 tag=$2 data=$OUT/pdq-data$2 addr="" server
   rm -rf "$data" && mkdir -p "$data"
-  "$bin" serve --insecure-no-auth --listen 127.0.0.1:0 --data-dir "$data" >"$OUT/pdq-server$tag.log" 2>&1 &
+  "$bin" serve --insecure-no-auth --listen 127.0.0.1:0 --metrics-listen 127.0.0.1:0 --data-dir "$data" >"$OUT/pdq-server$tag.log" 2>&1 &
   server=$!
   for _ in $(seq 300); do
     addr=$(sed -n 's/^listening on //p' "$OUT/pdq-server$tag.log" | head -1)

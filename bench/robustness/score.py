@@ -10,6 +10,7 @@ Usage: score.py OUT_DIR MODEL_TAG...   (prints Markdown)
 """
 
 import math
+import os
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -38,8 +39,16 @@ def pdq_results(out, rows, tag=""):
         ref_video[rid] = Path(path).name[: -len(".mp4")]
     by_path = {str(out / r["path"]): (r["video"], r["transform"]) for r in rows}
     scanned_file = out / f"pdq-scanned{tag}.txt"
-    scanned = ({by_path[p.strip()] for p in open(scanned_file) if p.strip()}
-               if scanned_file.exists() else set(by_path.values()))
+    lines = [line.rstrip("\n").split("\t") for line in open(out / f"pdq-scan{tag}.tsv")]
+    if scanned_file.exists():
+        order = [by_path[p.strip()] for p in open(scanned_file) if p.strip()]
+    else:
+        order = [(r["video"], r["transform"]) for r in rows]
+    if os.environ.get("PDQ_PARTIAL") and lines:
+        # A scan still running: count the videos up to the last one that printed a verdict.
+        last = order.index(by_path[lines[-1][0]])
+        order = order[: last + 1]
+    scanned = set(order)
     matched = defaultdict(set)
     matched["scanned"] = scanned
     for line in open(out / f"pdq-scan{tag}.tsv"):
@@ -86,7 +95,7 @@ def pct(n, d):
 
 
 def main():
-    out = Path(sys.argv[1])
+    out = Path(sys.argv[1]).resolve()
     tags = sys.argv[2:]
     rows = load_manifest(out)
     transforms = list(dict.fromkeys(r["transform"] for r in rows))
@@ -111,6 +120,8 @@ def main():
             from_before.add(r["transform"])
     if new is None and before is None:
         pdq = None
+    scanned = None if pdq is None else ((new["scanned"] if new else set())
+                                        | (before["scanned"] if before else set()))
     if pdq is not None:
         print("## PDQ alone (the real server, vPDQ verdicts)\n")
         print("| transform | this build: detected / FP | baseline build (main, before the border fix): detected / FP |")
@@ -123,8 +134,10 @@ def main():
                 if res is None or not any((r["video"], t) in res["scanned"] for r in kn):
                     cells.append("not run")
                     continue
-                cells.append(f"{pct(sum(r['video'] in res[(r['video'], t)] for r in kn), len(kn))} / "
-                             f"{sum(bool(res[(r['video'], t)]) for r in inn)}")
+                kn_s = [r for r in kn if (r["video"], t) in res["scanned"]]
+                inn_s = [r for r in inn if (r["video"], t) in res["scanned"]]
+                cells.append(f"{pct(sum(r['video'] in res[(r['video'], t)] for r in kn_s), len(kn_s))}"
+                             f" of {len(kn_s)} / {sum(bool(res[(r['video'], t)]) for r in inn_s)} of {len(inn_s)}")
             print(f"| {t} | {cells[0]} | {cells[1]} |")
         print()
 
@@ -165,6 +178,7 @@ def main():
                   f"matching any reference, of {n_innocent}):\n")
             if from_before:
                 print("(* PDQ from the baseline build, see the PDQ table.)\n")
+            print("(PDQ: of the videos scanned, see the PDQ table; both: unscanned count as PDQ misses.)\n")
             print("| transform | PDQ | SSCD | both | FP PDQ | FP SSCD | FP both |")
             print("|---|---|---|---|---|---|---|")
             for t in transforms:
@@ -184,7 +198,8 @@ def main():
                     return pdq is not None and bool(pdq[(r["video"], t)])
 
                 star = "*" if t in from_before else ""
-                print(f"| {t}{star} | {pct(sum(map(pdq_hit, kn)), len(kn))} | "
+                kn_s = [r for r in kn if scanned is None or (r["video"], t) in scanned]
+                print(f"| {t}{star} | {pct(sum(map(pdq_hit, kn_s)), len(kn_s))} | "
                       f"{pct(sum(map(emb_hit, kn)), len(kn))} | "
                       f"{pct(sum(pdq_hit(r) or emb_hit(r) for r in kn), len(kn))} | "
                       f"{sum(map(pdq_fp, inn))} | {sum(map(emb_fp, inn))} | "
