@@ -79,7 +79,7 @@ if step pdq; then
   stamp "pdq: build, serve, bank the known originals, scan everything"
   if [[ -z ${PDQ_BASELINE_ONLY:-} ]]; then
     [[ -n ${PDQ_NO_BUILD:-} ]] || cargo build --quiet --bin framematch
-    pdq_run "$ROOT/target/debug/framematch" ""
+    pdq_run "$ROOT/target/debug/framematch" "${PDQ_TAG:-}"
   fi
   # Optional baseline, e.g. a build from before the border fix: PDQ_BEFORE=/path/to/framematch
   if [[ -n ${PDQ_BEFORE:-} ]]; then pdq_run "$PDQ_BEFORE" "-before"; fi

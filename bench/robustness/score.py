@@ -44,8 +44,9 @@ def pdq_results(out, rows, tag=""):
         order = [by_path[p.strip()] for p in open(scanned_file) if p.strip()]
     else:
         order = [(r["video"], r["transform"]) for r in rows]
-    if os.environ.get("PDQ_PARTIAL") and lines:
-        # A scan still running: count the videos up to the last one that printed a verdict.
+    if tag in os.environ.get("PDQ_PARTIAL", "-").split(",") and lines:
+        # PDQ_PARTIAL=-rest: that scan was stopped early; count the videos up to the last one
+        # that printed a verdict.
         last = order.index(by_path[lines[-1][0]])
         order = order[: last + 1]
     scanned = set(order)
@@ -106,7 +107,16 @@ def main():
     print(f"Data: {n_known} known videos (references), {n_innocent} innocent videos, "
           f"{len(transforms)} versions each (original + {len(transforms) - 1} transforms): "
           f"{len(rows)} videos.\n")
-    new = pdq_results(out, rows) if (out / "pdq-scan.tsv").exists() else None
+    # This build's scans: run.sh's default tag and any PDQ_TAG=-rest run (a second subset).
+    new = None
+    for tag in ("", "-rest"):
+        if (out / f"pdq-scan{tag}.tsv").exists():
+            part = pdq_results(out, rows, tag)
+            if new is None:
+                new = part
+            else:
+                for key, value in part.items():
+                    new[key] = new[key] | value
     before = pdq_results(out, rows, "-before") if (out / "pdq-scan-before.tsv").exists() else None
     # The PDQ column: this branch's build where it scanned a version, else the baseline build
     # (marked *), whose border rule differs only for bars (16:9 in 9:16, blurred backdrops).
