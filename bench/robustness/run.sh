@@ -45,7 +45,7 @@ fi
 pdq_run() {
   local bin=$1 tag=$2 data=$OUT/pdq-data$2 addr="" server
   rm -rf "$data" && mkdir -p "$data"
-  "$bin" serve --insecure-no-auth --listen 127.0.0.1:0 --data-dir "$data" >"$OUT/pdq-server$tag.log" 2>&1 &
+  "$bin" serve --insecure-no-auth --listen 127.0.0.1:0 --metrics-listen 127.0.0.1:0 --data-dir "$data" >"$OUT/pdq-server$tag.log" 2>&1 &
   server=$!
   for _ in $(seq 300); do
     addr=$(sed -n 's/^listening on //p' "$OUT/pdq-server$tag.log" | head -1)
@@ -54,10 +54,17 @@ pdq_run() {
   done
   [[ -n $addr ]] || { echo "server did not start: $(cat "$OUT/pdq-server$tag.log")" >&2; kill "$server"; return 1; }
   export FRAMEMATCH_SERVER=http://$addr
-  "$bin" bank create known --category other >/dev/null
+  # The server listens before its index has loaded (UNAVAILABLE until then).
+  for _ in $(seq 600); do
+    "$bin" bank create known --category other >/dev/null 2>"$OUT/pdq-create$tag.err" && break
+    sleep 0.2
+  done
   mapfile -t refs < <(awk -F'\t' '$2=="known" && $4=="original" {print "'"$OUT"'/" $5}' "$OUT/manifest.tsv")
   "$bin" ref add known "${refs[@]}" >"$OUT/pdq-refs$tag.tsv"
-  mapfile -t vids < <(awk -F'\t' 'NR>1 {print "'"$OUT"'/" $5}' "$OUT/manifest.tsv")
+  # PDQ_TRANSFORMS="bars916 blur916" scans only those versions (a quick look at one change).
+  mapfile -t vids < <(awk -F'\t' -v only=" ${PDQ_TRANSFORMS:-} " \
+    'NR>1 && (only == "  " || index(only, " " $4 " ")) {print "'"$OUT"'/" $5}' "$OUT/manifest.tsv")
+  printf '%s\n' "${vids[@]}" >"$OUT/pdq-scanned$tag.txt"
   : >"$OUT/pdq-scan$tag.tsv"
   local i
   for ((i = 0; i < ${#vids[@]}; i += 100)); do
@@ -70,8 +77,10 @@ pdq_run() {
 
 if step pdq; then
   stamp "pdq: build, serve, bank the known originals, scan everything"
-  cargo build --quiet --bin framematch
-  pdq_run "$ROOT/target/debug/framematch" ""
+  if [[ -z ${PDQ_BASELINE_ONLY:-} ]]; then
+    [[ -n ${PDQ_NO_BUILD:-} ]] || cargo build --quiet --bin framematch
+    pdq_run "$ROOT/target/debug/framematch" "${PDQ_TAG:-}"
+  fi
   # Optional baseline, e.g. a build from before the border fix: PDQ_BEFORE=/path/to/framematch
   if [[ -n ${PDQ_BEFORE:-} ]]; then pdq_run "$PDQ_BEFORE" "-before"; fi
 fi

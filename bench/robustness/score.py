@@ -10,6 +10,7 @@ Usage: score.py OUT_DIR MODEL_TAG...   (prints Markdown)
 """
 
 import math
+import os
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -37,7 +38,20 @@ def pdq_results(out, rows, tag=""):
         rid, path = line.rstrip("\n").split("\t")
         ref_video[rid] = Path(path).name[: -len(".mp4")]
     by_path = {str(out / r["path"]): (r["video"], r["transform"]) for r in rows}
+    scanned_file = out / f"pdq-scanned{tag}.txt"
+    lines = [line.rstrip("\n").split("\t") for line in open(out / f"pdq-scan{tag}.tsv")]
+    if scanned_file.exists():
+        order = [by_path[p.strip()] for p in open(scanned_file) if p.strip()]
+    else:
+        order = [(r["video"], r["transform"]) for r in rows]
+    if tag in os.environ.get("PDQ_PARTIAL", "-").split(",") and lines:
+        # PDQ_PARTIAL=-rest: that scan was stopped early; count the videos up to the last one
+        # that printed a verdict.
+        last = order.index(by_path[lines[-1][0]])
+        order = order[: last + 1]
+    scanned = set(order)
     matched = defaultdict(set)
+    matched["scanned"] = scanned
     for line in open(out / f"pdq-scan{tag}.tsv"):
         path, rid, _bank, _q, _r, verdict = line.rstrip("\n").split("\t")
         if verdict == "match":
@@ -82,7 +96,7 @@ def pct(n, d):
 
 
 def main():
-    out = Path(sys.argv[1])
+    out = Path(sys.argv[1]).resolve()
     tags = sys.argv[2:]
     rows = load_manifest(out)
     transforms = list(dict.fromkeys(r["transform"] for r in rows))
@@ -93,21 +107,48 @@ def main():
     print(f"Data: {n_known} known videos (references), {n_innocent} innocent videos, "
           f"{len(transforms)} versions each (original + {len(transforms) - 1} transforms): "
           f"{len(rows)} videos.\n")
-    pdq = pdq_results(out, rows) if (out / "pdq-scan.tsv").exists() else None
+    # This build's scans: run.sh's default tag and any PDQ_TAG=-rest run (a second subset).
+    new = None
+    for tag in ("", "-rest"):
+        if (out / f"pdq-scan{tag}.tsv").exists():
+            part = pdq_results(out, rows, tag)
+            if new is None:
+                new = part
+            else:
+                for key, value in part.items():
+                    new[key] = new[key] | value
     before = pdq_results(out, rows, "-before") if (out / "pdq-scan-before.tsv").exists() else None
+    # The PDQ column: this branch's build where it scanned a version, else the baseline build
+    # (marked *), whose border rule differs only for bars (16:9 in 9:16, blurred backdrops).
+    pdq, from_before = defaultdict(set), set()
+    for r in rows:
+        key = (r["video"], r["transform"])
+        if new is not None and key in new["scanned"]:
+            pdq[key] = new[key]
+        elif before is not None and key in before["scanned"]:
+            pdq[key] = before[key]
+            from_before.add(r["transform"])
+    if new is None and before is None:
+        pdq = None
+    scanned = None if pdq is None else ((new["scanned"] if new else set())
+                                        | (before["scanned"] if before else set()))
     if pdq is not None:
         print("## PDQ alone (the real server, vPDQ verdicts)\n")
-        print("| transform | known detected | false positives |" + (" before the border fix: detected / FP |" if before else ""))
-        print("|---|---|---|" + ("---|" if before else ""))
+        print("| transform | this build: detected / FP | baseline build (main, before the border fix): detected / FP |")
+        print("|---|---|---|")
         for t in transforms:
             kn = [r for r in known if r["transform"] == t]
             inn = [r for r in innocent if r["transform"] == t]
-            line = (f"| {t} | {pct(sum(r['video'] in pdq[(r['video'], t)] for r in kn), len(kn))} | "
-                    f"{sum(bool(pdq[(r['video'], t)]) for r in inn)} |")
-            if before:
-                line += (f" {pct(sum(r['video'] in before[(r['video'], t)] for r in kn), len(kn))} / "
-                         f"{sum(bool(before[(r['video'], t)]) for r in inn)} |")
-            print(line)
+            cells = []
+            for res in (new, before):
+                if res is None or not any((r["video"], t) in res["scanned"] for r in kn):
+                    cells.append("not run")
+                    continue
+                kn_s = [r for r in kn if (r["video"], t) in res["scanned"]]
+                inn_s = [r for r in inn if (r["video"], t) in res["scanned"]]
+                cells.append(f"{pct(sum(r['video'] in res[(r['video'], t)] for r in kn_s), len(kn_s))}"
+                             f" of {len(kn_s)} / {sum(bool(res[(r['video'], t)]) for r in inn_s)} of {len(inn_s)}")
+            print(f"| {t} | {cells[0]} | {cells[1]} |")
         print()
 
     for tag in tags:
@@ -145,6 +186,9 @@ def main():
             t_k = threshold(inn_max[CHOSEN_K])
             print(f"Detection at K={CHOSEN_K}, T={t_k:.2f} (false positives: innocent videos "
                   f"matching any reference, of {n_innocent}):\n")
+            if from_before:
+                print("(* PDQ from the baseline build, see the PDQ table.)\n")
+            print("(PDQ: of the videos scanned, see the PDQ table; both: unscanned count as PDQ misses.)\n")
             print("| transform | PDQ | SSCD | both | FP PDQ | FP SSCD | FP both |")
             print("|---|---|---|---|---|---|---|")
             for t in transforms:
@@ -163,7 +207,9 @@ def main():
                 def pdq_fp(r):
                     return pdq is not None and bool(pdq[(r["video"], t)])
 
-                print(f"| {t} | {pct(sum(map(pdq_hit, kn)), len(kn))} | "
+                star = "*" if t in from_before else ""
+                kn_s = [r for r in kn if scanned is None or (r["video"], t) in scanned]
+                print(f"| {t}{star} | {pct(sum(map(pdq_hit, kn_s)), len(kn_s))} | "
                       f"{pct(sum(map(emb_hit, kn)), len(kn))} | "
                       f"{pct(sum(pdq_hit(r) or emb_hit(r) for r in kn), len(kn))} | "
                       f"{sum(map(pdq_fp, inn))} | {sum(map(emb_fp, inn))} | "
