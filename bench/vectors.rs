@@ -56,7 +56,10 @@ fn parse_size(text: &str) -> usize {
     } else {
         (t.as_str(), 1)
     };
-    digits.parse::<usize>().expect("a size like 100k, 1M or 250000") * unit
+    digits
+        .parse::<usize>()
+        .expect("a size like 100k, 1M or 250000")
+        * unit
 }
 
 fn list(text: &str) -> Vec<usize> {
@@ -157,7 +160,12 @@ struct Data {
 
 fn load_data(dir: &Path, n: usize) -> Data {
     let base = read_f32(&dir.join(format!("base-{n}.f32")));
-    assert_eq!(base.len(), n * DIM, "base-{n}.f32 holds {} values", base.len());
+    assert_eq!(
+        base.len(),
+        n * DIM,
+        "base-{n}.f32 holds {} values",
+        base.len()
+    );
     let queries = read_f32(&dir.join("queries.f32"));
     let q = queries.len() / DIM;
     let truth_ids = read_i32(&dir.join(format!("truth-{n}.i32")));
@@ -178,10 +186,9 @@ fn load_data(dir: &Path, n: usize) -> Data {
             position[r as usize] = row as u32;
         }
     }
-    let meta: serde_json::Value = serde_json::from_slice(
-        &std::fs::read(dir.join("queries.json")).expect("queries.json"),
-    )
-    .expect("queries.json parses");
+    let meta: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("queries.json")).expect("queries.json"))
+            .expect("queries.json parses");
     let originals = meta
         .as_array()
         .expect("a list")
@@ -502,7 +509,9 @@ fn main() {
     println!(
         "\n| N | engine | M | ef_search | recall@10 vs flat int8 | vs f32 | ε-recall@10 | original in top 10 | queries/s (1 core) | build s ({threads} threads) | memory_bytes/frame | RSS delta/frame |"
     );
-    println!("| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
+    println!(
+        "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+    );
     for r in &rows {
         println!(
             "| {} | {} | {} | {} | {:.4} | {:.4} | {:.4} | {:.4} | {:.0} | {:.1} | {:.0} | {:.0} |",
@@ -521,7 +530,10 @@ fn main() {
         );
     }
     if let Some(path) = &o.json {
-        std::fs::write(path, serde_json::to_string_pretty(&rows).expect("serialises"))
-            .expect("writes the JSON");
+        std::fs::write(
+            path,
+            serde_json::to_string_pretty(&rows).expect("serialises"),
+        )
+        .expect("writes the JSON");
     }
 }

@@ -278,7 +278,8 @@ mod tests {
                 let prepared = Query::new(&q);
                 assert_eq!(prepared.len(), d);
                 for id in 0..200u32 {
-                    apart = apart.max((codes.score_query(&prepared, id) - codes.score(&q, id)).abs());
+                    apart =
+                        apart.max((codes.score_query(&prepared, id) - codes.score(&q, id)).abs());
                 }
             }
             assert!(apart < 1e-4, "d {d}: integer query differs by {apart}");
@@ -310,10 +311,17 @@ mod tests {
         assert_eq!(codes.score_query(&Query::new(&[0.0; 4]), 1), 0.0);
         let prepared = Query::new(&[1.0; 4]);
         let expected = codes.score(&[1.0; 4], 1);
-        assert!((codes.score_query(&prepared, 1) - expected).abs() < 1e-3, "{expected}");
+        assert!(
+            (codes.score_query(&prepared, 1) - expected).abs() < 1e-3,
+            "{expected}"
+        );
         let long = vec![3i16; 2500];
         let ones = vec![-2i8; 2500];
-        assert_eq!(dot_i16_i8(&long, &ones), -15_000, "blocks past 1024 values add up");
+        assert_eq!(
+            dot_i16_i8(&long, &ones),
+            -15_000,
+            "blocks past 1024 values add up"
+        );
         assert!(codes.memory_bytes() >= 2 * (4 + 4));
     }
 }
