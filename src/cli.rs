@@ -900,8 +900,10 @@ fn embedding_lines(
     timestamp_ms: u64,
     picture: &image::RgbImage,
 ) -> Result<String, Error> {
+    let area =
+        crate::hash::border::content_area(picture.width(), picture.height(), picture.as_raw());
     let (vectors, _) =
-        crate::api::embedding::embed_picture(std::slice::from_ref(model), picture, true).map_err(
+        crate::api::embedding::embed_picture(std::slice::from_ref(model), picture, area).map_err(
             |e| Error::Embed {
                 path: path.to_path_buf(),
                 reason: e.to_string(),

@@ -30,6 +30,12 @@ pub trait SpaceModel: Send + Sync {
     fn embed(&self, picture: &RgbImage) -> Result<Vec<f32>, String>;
 }
 
+/// Whether `model` computes the vectors of the space `name` as declared: same name, dimension
+/// and metric (a partner's bank may declare a space of the same name differently).
+pub fn serves(model: &dyn SpaceModel, name: &str, dimension: u32, metric: Metric) -> bool {
+    model.name() == name && model.dimension() == dimension && model.metric() == metric
+}
+
 /// The server's models that serve a space in `scopes`.
 pub fn models_in_scope(
     models: &[Arc<dyn SpaceModel>],
@@ -37,39 +43,40 @@ pub fn models_in_scope(
 ) -> Vec<Arc<dyn SpaceModel>> {
     models
         .iter()
-        .filter(|m| scopes.iter().any(|s| &*s.space == m.name()))
+        .filter(|m| {
+            scopes
+                .iter()
+                .any(|s| serves(m.as_ref(), &s.space, s.dimension, s.metric))
+        })
         .cloned()
         .collect()
 }
 
-/// The vectors of a decoded picture in each of `models`' spaces: of the whole picture and, with
-/// `content_area` and when it has uniform borders (letterbox, pillarbox, or 16:9 inside 9:16), of
-/// its content area too, so a re-upload that added or removed bars still meets the reference's
-/// vector. Returns them with the time the models took.
+/// The vectors of a decoded picture in each of `models`' spaces: of the whole picture and, given
+/// its `content_area` inside borders (letterbox, pillarbox, 16:9 inside 9:16: what
+/// [`border::content_area`] found while hashing), of that area too, so a re-upload that added or
+/// removed bars still meets the reference's vector. Returns them with the time the models took.
 ///
 /// # Errors
 /// [`Error::Embedding`] when a model fails.
 pub fn embed_picture(
     models: &[Arc<dyn SpaceModel>],
     picture: &RgbImage,
-    content_area: bool,
+    content_area: Option<border::Rect>,
 ) -> Result<(Vec<QueryEmbedding>, Duration), Error> {
     let started = Instant::now();
     let mut out = Vec::new();
     if models.is_empty() {
         return Ok((out, started.elapsed()));
     }
-    let (width, height) = picture.dimensions();
-    let content = content_area
-        .then(|| border::content_area(width, height, picture.as_raw()))
-        .flatten()
-        .and_then(|area| {
-            RgbImage::from_raw(
-                area.width,
-                area.height,
-                border::crop_rgb(width, picture.as_raw(), area),
-            )
-        });
+    let width = picture.width();
+    let content = content_area.and_then(|area| {
+        RgbImage::from_raw(
+            area.width,
+            area.height,
+            border::crop_rgb(width, picture.as_raw(), area),
+        )
+    });
     for model in models {
         let embed = |p: &RgbImage| {
             model.embed(p).map_err(|reason| Error::Embedding {

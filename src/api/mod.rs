@@ -277,9 +277,9 @@ impl AppState {
         self.models
             .iter()
             .filter(|m| {
-                spaces.iter().any(|s| {
-                    s.name == m.name() && s.dimension == m.dimension() && s.metric == m.metric()
-                })
+                spaces
+                    .iter()
+                    .any(|s| embedding::serves(m.as_ref(), &s.name, s.dimension, s.metric))
             })
             .cloned()
             .collect()
@@ -710,7 +710,8 @@ fn query_frame(
     if let Some(picture) = picture
         && query.searchable(embed.min_quality)
     {
-        let (vectors, took) = embedding::embed_picture(models, &picture, embed.content_area)?;
+        let area = hashes.area.filter(|_| embed.content_area);
+        let (vectors, took) = embedding::embed_picture(models, &picture, area)?;
         metrics.hashed("embedding", took);
         query.embeddings = vectors;
     }

@@ -296,6 +296,8 @@ pub struct Hashes {
     pub full: PdqOutput,
     /// The content area inside uniform borders, when there are any.
     pub content: Option<PdqOutput>,
+    /// Where that content area lies ([`content_area`]), for other signals of the same picture.
+    pub area: Option<Rect>,
 }
 
 /// Hashes packed RGB24 pixels, and their content area when they have uniform borders.
@@ -304,17 +306,22 @@ pub struct Hashes {
 /// As [`pdq::hash_rgb`].
 pub fn hash_rgb(width: u32, height: u32, rgb: &[u8]) -> Result<Hashes, pdq::Error> {
     let full = pdq::hash_rgb(width, height, rgb)?;
-    let content = content_area(width, height, rgb)
+    let area = content_area(width, height, rgb);
+    let content = area
         .map(|area| pdq::hash_rgb(area.width, area.height, &crop_rgb(width, rgb, area)))
         .transpose()?;
-    Ok(Hashes { full, content })
+    Ok(Hashes {
+        full,
+        content,
+        area,
+    })
 }
 
 /// Hashes a decoded picture exactly as [`pdq::hash_decoded`] does, and its content area when it
 /// has uniform borders.
 pub fn hash_picture(picture: DynamicImage) -> Hashes {
     let (width, height) = (picture.width(), picture.height());
-    let content = {
+    let (area, content) = {
         let converted;
         let rgb: &[u8] = match picture.as_rgb8() {
             Some(buffer) => buffer.as_raw(),
@@ -323,13 +330,16 @@ pub fn hash_picture(picture: DynamicImage) -> Hashes {
                 converted.as_raw()
             }
         };
-        content_area(width, height, rgb).and_then(|area| {
+        let area = content_area(width, height, rgb);
+        let content = area.and_then(|area| {
             pdq::hash_rgb(area.width, area.height, &crop_rgb(width, rgb, area)).ok()
-        })
+        });
+        (area, content)
     };
     Hashes {
         full: pdq::hash_decoded(picture),
         content,
+        area,
     }
 }
 

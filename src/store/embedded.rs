@@ -739,15 +739,7 @@ impl EmbeddedStore {
         id: ReferenceId,
     ) -> Result<Vec<FrameSignal>, Error> {
         self.read(move |tx| {
-            let exists = tx
-                .prepare_cached("SELECT 1 FROM refs WHERE id = ?1")?
-                .exists([id.0])?;
-            if !exists {
-                return Err(Error::NotFound {
-                    kind: "reference",
-                    key: id.to_string(),
-                });
-            }
+            reference_exists(tx, id)?;
             let mut stmt = tx.prepare_cached(
                 "SELECT frame_index, timestamp_ms, hash, quality FROM frames
                  WHERE reference_id = ?1 ORDER BY frame_index",
@@ -768,15 +760,7 @@ impl EmbeddedStore {
         id: ReferenceId,
     ) -> Result<Vec<FrameEmbedding>, Error> {
         self.read(move |tx| {
-            let exists = tx
-                .prepare_cached("SELECT 1 FROM refs WHERE id = ?1")?
-                .exists([id.0])?;
-            if !exists {
-                return Err(Error::NotFound {
-                    kind: "reference",
-                    key: id.to_string(),
-                });
-            }
+            reference_exists(tx, id)?;
             let mut stmt = tx.prepare_cached(
                 "SELECT e.frame_index, e.timestamp_ms, s.name, s.dimension, e.vector
                  FROM embeddings AS e JOIN embedding_spaces AS s ON s.id = e.space_id
@@ -955,6 +939,21 @@ impl EmbeddedStore {
 // === connection set-up ===
 
 /// Per-connection settings the durability guarantee depends on, each read back.
+/// [`Error::NotFound`] unless reference `id` exists.
+fn reference_exists(tx: &Transaction<'_>, id: ReferenceId) -> Result<(), Error> {
+    if tx
+        .prepare_cached("SELECT 1 FROM refs WHERE id = ?1")?
+        .exists([id.0])?
+    {
+        Ok(())
+    } else {
+        Err(Error::NotFound {
+            kind: "reference",
+            key: id.to_string(),
+        })
+    }
+}
+
 fn configure(conn: &Connection) -> Result<(), Error> {
     conn.busy_timeout(BUSY_TIMEOUT)?;
     let mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |row| row.get(0))?;

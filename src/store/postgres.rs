@@ -1015,15 +1015,7 @@ impl PostgresStore {
     ) -> Result<Vec<FrameSignal>, Error> {
         bounded("reference_frames", async {
             let client = self.client().await?;
-            let stmt = client
-                .prepare_cached("SELECT 1 FROM refs WHERE id = $1")
-                .await?;
-            if client.query_opt(&stmt, &[&id.0]).await?.is_none() {
-                return Err(Error::NotFound {
-                    kind: "reference",
-                    key: id.to_string(),
-                });
-            }
+            reference_exists(&client, id).await?;
             let stmt = client
                 .prepare_cached(
                     "SELECT frame_index, timestamp_ms, hash, quality FROM frames
@@ -1048,15 +1040,7 @@ impl PostgresStore {
     ) -> Result<Vec<FrameEmbedding>, Error> {
         bounded("reference_embeddings", async {
             let client = self.client().await?;
-            let stmt = client
-                .prepare_cached("SELECT 1 FROM refs WHERE id = $1")
-                .await?;
-            if client.query_opt(&stmt, &[&id.0]).await?.is_none() {
-                return Err(Error::NotFound {
-                    kind: "reference",
-                    key: id.to_string(),
-                });
-            }
+            reference_exists(&client, id).await?;
             let stmt = client
                 .prepare_cached(
                     "SELECT e.frame_index, e.timestamp_ms, s.name, s.dimension, e.vector
@@ -1270,6 +1254,20 @@ impl PostgresStore {
 // === connection set-up ===
 
 /// framematch's timeouts and name, where the URL did not choose its own.
+/// [`Error::NotFound`] unless reference `id` exists.
+async fn reference_exists(client: &impl GenericClient, id: ReferenceId) -> Result<(), Error> {
+    let stmt = client
+        .prepare_cached("SELECT 1 FROM refs WHERE id = $1")
+        .await?;
+    match client.query_opt(&stmt, &[&id.0]).await? {
+        Some(_) => Ok(()),
+        None => Err(Error::NotFound {
+            kind: "reference",
+            key: id.to_string(),
+        }),
+    }
+}
+
 fn apply_defaults(config: &mut Config) {
     if config.get_connect_timeout().is_none() {
         config.connect_timeout(CONNECT_TIMEOUT);
