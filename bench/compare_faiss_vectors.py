@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """framematch's vector index beside faiss on the very same files, in the same run (issue #11 item 7).
 
-    /work/cache/py/bin/python bench/compare_faiss_vectors.py [--sizes 100k,1M] [--runs 3]
+    python3 bench/compare_faiss_vectors.py [--sizes 100k,1M] [--runs 3]
         [--m 16,32] [--ours-m 16] [--ef-construction 128] [--ef-search 16,32,...]
         [--data target/vectors-bench] [--ours-json PATH] [--skip-ours] [--json PATH]
 

