@@ -17,6 +17,8 @@ use std::sync::{Arc, OnceLock};
 
 use framematch::api::embedding::SpaceModel;
 use framematch::embed::{DEFAULT_INPUT, DEFAULT_THRESHOLD, ModelConfig, OnnxModel};
+use framematch::hash::{PdqHash, pdq};
+use framematch::pb;
 use image::RgbImage;
 
 use crate::support;
@@ -375,4 +377,434 @@ fn hash_embedding_without_a_model_says_how_to_get_one() {
         "{stderr}"
     );
     assert!(stderr.contains(".ci/fetch-models"), "{stderr}");
+}
+
+/// A `framematch serve` child started with the distilled SSCD model as space `sscd_distilled`,
+/// killed on drop.
+struct ModelServer {
+    child: std::process::Child,
+    url: String,
+    _dir: tempfile::TempDir,
+}
+
+/// The space the model server's vectors belong to (`--embedding-space`).
+const DISTILLED: &str = "sscd_distilled";
+
+impl ModelServer {
+    /// Starts the binary with `--embedding-model sscd_distilled.onnx --onnxruntime LIB
+    /// --embedding-space sscd_distilled` (threshold and input left at their defaults: 0.75,
+    /// 320x320), reads the bound address from its first line, and waits for SERVING.
+    async fn start(model: &Path, runtime: &Path) -> Self {
+        let dir = tempfile::tempdir().expect("dir");
+        let mut child = Command::new(BIN)
+            .env("FRAMEMATCH_BOOTSTRAP_ADMIN_KEY", support::ADMIN_KEY)
+            .args([
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--metrics-listen",
+                "127.0.0.1:0",
+                "--embedding-space",
+                DISTILLED,
+            ])
+            .arg("--data-dir")
+            .arg(dir.path())
+            .arg("--embedding-model")
+            .arg(model)
+            .arg("--onnxruntime")
+            .arg(runtime)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn framematch serve");
+        let stdout = child.stdout.take().expect("stdout");
+        let first_line = tokio::task::spawn_blocking(move || {
+            let mut line = String::new();
+            BufReader::new(stdout)
+                .read_line(&mut line)
+                .expect("read first line");
+            line
+        })
+        .await
+        .expect("reader");
+        let address = first_line
+            .trim()
+            .strip_prefix("listening on ")
+            .unwrap_or_else(|| panic!("first line names the address: {first_line:?}"))
+            .to_string();
+        let url = format!("http://{address}");
+        support::wait_serving(&url).await;
+        Self {
+            child,
+            url,
+            _dir: dir,
+        }
+    }
+
+    async fn banks(&self) -> pb::banks_client::BanksClient<support::Authed> {
+        pb::banks_client::BanksClient::new(
+            support::connect_as(&self.url, Some(support::ADMIN_KEY)).await,
+        )
+        .max_encoding_message_size(64 * 1024 * 1024)
+    }
+
+    async fn matcher(&self) -> pb::matcher_client::MatcherClient<support::Authed> {
+        pb::matcher_client::MatcherClient::new(
+            support::connect_as(&self.url, Some(support::ADMIN_KEY)).await,
+        )
+        .max_encoding_message_size(64 * 1024 * 1024)
+    }
+
+    async fn match_image(&self, bytes: Vec<u8>) -> pb::FrameResult {
+        self.matcher()
+            .await
+            .match_image(pb::MatchImageRequest {
+                options: None,
+                frame: Some(support::image_frame(bytes)),
+            })
+            .await
+            .expect("MatchImage")
+            .into_inner()
+            .result
+            .expect("a result")
+    }
+}
+
+impl Drop for ModelServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `picture` with 10 % of each side cut away (5 % from every edge), re-encoded as JPEG.
+fn ten_percent_crop_jpeg(picture: &RgbImage) -> Vec<u8> {
+    let (w, h) = picture.dimensions();
+    let cropped =
+        image::imageops::crop_imm(picture, w / 20, h / 20, w - w / 10, h - h / 10).to_image();
+    let mut jpeg = Vec::new();
+    image::codecs::jpeg::JpegEncoder::new_with_quality(&mut jpeg, 90)
+        .encode_image(&cropped)
+        .expect("JPEG encodes");
+    jpeg
+}
+
+/// The PDQ distance the server matches within when the request sets none.
+const DEFAULT_MAX_DISTANCE: u32 = 31;
+
+fn pdq_of(bytes: &[u8]) -> PdqHash {
+    pdq::hash_image_bytes(bytes, &pdq::DecodeLimits::default())
+        .expect("hashes")
+        .hash()
+}
+
+fn ffmpeg_available() -> bool {
+    if Command::new("ffmpeg")
+        .arg("-version")
+        .output()
+        .is_ok_and(|o| o.status.success())
+    {
+        return true;
+    }
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "CI must have ffmpeg installed (apt-get install ffmpeg)"
+    );
+    eprintln!("skipping the video part: ffmpeg not found (apt-get install ffmpeg)");
+    false
+}
+
+/// A 3-second H.264 video of the still `jpeg` made by ffmpeg, decoded back by ffmpeg into one
+/// JPEG frame per second: what a client extracting frames from an upload sends.
+fn video_frames_of(jpeg: &[u8], dir: &Path) -> Vec<Vec<u8>> {
+    let still = dir.join("still.jpg");
+    std::fs::write(&still, jpeg).expect("write still");
+    let video = dir.join("crop.mp4");
+    let ffmpeg = |args: &[&std::ffi::OsStr]| {
+        let output = Command::new("ffmpeg")
+            .args(["-v", "error", "-y"])
+            .args(args)
+            .output()
+            .expect("ffmpeg runs");
+        assert!(
+            output.status.success(),
+            "ffmpeg: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    };
+    ffmpeg(&[
+        "-loop".as_ref(),
+        "1".as_ref(),
+        "-i".as_ref(),
+        still.as_os_str(),
+        "-t".as_ref(),
+        "3".as_ref(),
+        "-r".as_ref(),
+        "25".as_ref(),
+        "-vf".as_ref(),
+        "scale=trunc(iw/2)*2:trunc(ih/2)*2".as_ref(),
+        "-c:v".as_ref(),
+        "libx264".as_ref(),
+        "-pix_fmt".as_ref(),
+        "yuv420p".as_ref(),
+        video.as_os_str(),
+    ]);
+    let pattern = dir.join("frame-%02d.jpg");
+    ffmpeg(&[
+        "-i".as_ref(),
+        video.as_os_str(),
+        "-vf".as_ref(),
+        "fps=1".as_ref(),
+        "-q:v".as_ref(),
+        "2".as_ref(),
+        pattern.as_os_str(),
+    ]);
+    let mut frames: Vec<PathBuf> = std::fs::read_dir(dir)
+        .expect("read dir")
+        .map(|e| e.expect("entry").path())
+        .filter(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("frame-"))
+        })
+        .collect();
+    frames.sort();
+    frames
+        .iter()
+        .map(|p| std::fs::read(p).expect("read frame"))
+        .collect()
+}
+
+/// The whole path with the real model in the real binary: a bank declaring the model's space, a
+/// reference added as photo bytes (the server computes its vector), and uploads as image bytes.
+/// A 10 % crop, which moves PDQ far beyond its threshold, is caught by the embedding alone, as a
+/// picture and as a video; an unrelated photo matches nothing.
+#[tokio::test]
+async fn a_cropped_copy_is_caught_by_the_servers_embedding_where_pdq_misses_it() {
+    let (Some((sscd, runtime)), Some(dir)) = (model_files(), support::conformance_dir()) else {
+        return;
+    };
+    let distilled = sscd.with_file_name("sscd_distilled.onnx");
+    let server = ModelServer::start(&distilled, &runtime).await;
+
+    // The space named as the server's model, dimension, metric and threshold left to it.
+    let bank = server
+        .banks()
+        .await
+        .create_bank(pb::CreateBankRequest {
+            name: "attacks".into(),
+            category: pb::Category::GraphicViolence as i32,
+            embedding_spaces: vec![pb::EmbeddingSpace {
+                name: DISTILLED.into(),
+                dimension: 0,
+                metric: pb::EmbeddingMetric::Unspecified as i32,
+                threshold: 0.0,
+            }],
+            ..Default::default()
+        })
+        .await
+        .expect("CreateBank")
+        .into_inner();
+    assert_eq!(
+        bank.embedding_spaces,
+        vec![pb::EmbeddingSpace {
+            name: DISTILLED.into(),
+            dimension: 512,
+            metric: pb::EmbeddingMetric::Cosine as i32,
+            threshold: DEFAULT_THRESHOLD,
+        }]
+    );
+
+    let original = std::fs::read(dir.join("pdq/bridge-1-original.jpg")).expect("photo");
+    let header = pb::AddReferenceRequest {
+        item: Some(pb::add_reference_request::Item::Header(
+            pb::ReferenceHeader {
+                bank: "attacks".into(),
+                external_id: "bridge".into(),
+                note: "real model end to end".into(),
+            },
+        )),
+    };
+    let frame = pb::AddReferenceRequest {
+        item: Some(pb::add_reference_request::Item::Frame(support::image_frame(
+            original.clone(),
+        ))),
+    };
+    let added = server
+        .banks()
+        .await
+        .add_reference(tokio_stream::iter(vec![header, frame]))
+        .await
+        .expect("AddReference")
+        .into_inner();
+    assert_eq!((added.frames_received, added.frames_stored), (1, 1));
+    let reference = added.reference.expect("reference").id;
+
+    // (1) The 10 % crop, as JPEG bytes: PDQ is far off, the embedding matches.
+    let crop = ten_percent_crop_jpeg(&image::load_from_memory(&original).expect("decodes").to_rgb8());
+    let result = server.match_image(crop.clone()).await;
+    let crop_pdq: PdqHash = result.pdq_hex.parse().expect("the server's PDQ");
+    assert_eq!(crop_pdq, pdq_of(&crop), "the server hashes as the library does");
+    let distance = crop_pdq.distance(&pdq_of(&original));
+    assert!(
+        result.content_pdq.is_empty(),
+        "a crop of a photo has no borders"
+    );
+    assert!(
+        distance > DEFAULT_MAX_DISTANCE,
+        "PDQ alone would catch this crop (distance {distance}): the test shows nothing"
+    );
+    assert!(
+        result
+            .matches
+            .iter()
+            .all(|m| m.signal != pb::Signal::Pdq as i32),
+        "{:?}",
+        result.matches
+    );
+    let hit = result
+        .matches
+        .iter()
+        .find(|m| m.source.as_ref().map(|s| s.reference_id) == Some(reference))
+        .unwrap_or_else(|| panic!("the crop did not match: {result:?}"));
+    assert_eq!(hit.signal, pb::Signal::Embedding as i32, "{hit:?}");
+    assert_eq!(hit.space, DISTILLED);
+    assert!(
+        hit.score >= DEFAULT_THRESHOLD && hit.score <= 1.0001,
+        "{hit:?}"
+    );
+    eprintln!(
+        "10% crop: PDQ distance {distance} (threshold {DEFAULT_MAX_DISTANCE}), \
+         {DISTILLED} score {:.3} (threshold {DEFAULT_THRESHOLD})",
+        hit.score
+    );
+
+    // (2) An unrelated photo matches nothing.
+    let unrelated = std::fs::read(dir.join("pdq/pen-and-coaster.png")).expect("photo");
+    let result = server.match_image(unrelated).await;
+    assert!(result.matches.is_empty(), "{:?}", result.matches);
+    assert_eq!(result.total_matches, 0);
+
+    // (3) The crop as a video: encoded and decoded by ffmpeg, one frame per second sent.
+    if !ffmpeg_available() {
+        return;
+    }
+    let work = tempfile::tempdir().expect("dir");
+    let frames = video_frames_of(&crop, work.path());
+    assert_eq!(frames.len(), 3, "3 s at one frame per second");
+    let requests: Vec<pb::MatchRequest> = frames
+        .into_iter()
+        .enumerate()
+        .map(|(i, bytes)| pb::MatchRequest {
+            options: None,
+            frame: Some(pb::Frame {
+                frame_index: i as u32,
+                timestamp_ms: i as u64 * 1000,
+                ..support::image_frame(bytes)
+            }),
+        })
+        .collect();
+    let mut stream = server
+        .matcher()
+        .await
+        .match_video(tokio_stream::iter(requests))
+        .await
+        .expect("MatchVideo")
+        .into_inner();
+    let mut responses = Vec::new();
+    while let Some(response) = stream.message().await.expect("stream") {
+        responses.push(response.result.expect("a result"));
+    }
+    let mut scores = Vec::new();
+    let mut verdict = None;
+    let mut summary = None;
+    for response in responses {
+        match response {
+            pb::match_response::Result::Frame(frame) => {
+                let hit = frame
+                    .matches
+                    .iter()
+                    .find(|m| m.source.as_ref().map(|s| s.reference_id) == Some(reference))
+                    .unwrap_or_else(|| panic!("video frame did not match: {frame:?}"));
+                assert_eq!(hit.signal, pb::Signal::Embedding as i32, "{hit:?}");
+                assert!(
+                    frame.matches.iter().all(|m| m.signal != pb::Signal::Pdq as i32),
+                    "{frame:?}"
+                );
+                scores.push(hit.score);
+            }
+            pb::match_response::Result::Verdict(v) => verdict = Some(v),
+            pb::match_response::Result::Summary(s) => summary = Some(s),
+        }
+    }
+    assert_eq!(scores.len(), 3);
+    assert!(scores.iter().all(|s| *s >= DEFAULT_THRESHOLD), "{scores:?}");
+    let verdict = verdict.expect("a verdict");
+    assert!(verdict.is_match, "{verdict:?}");
+    assert_eq!(
+        verdict.source.as_ref().map(|s| s.reference_id),
+        Some(reference)
+    );
+    let summary = summary.expect("a summary");
+    assert_eq!(
+        (summary.frames_received, summary.frames_matched, summary.references_matched),
+        (3, 3, 1),
+        "{summary:?}"
+    );
+    eprintln!("video of the crop: scores {scores:?}, verdict {verdict:?}");
+}
+
+/// A bank declaring an embedding space on a server with no model for it: PDQ matching of image
+/// references and uploads works as without the space.
+#[tokio::test]
+async fn a_bank_with_a_space_the_server_has_no_model_for_still_matches_by_pdq() {
+    let Some(dir) = support::conformance_dir() else {
+        return;
+    };
+    let server = support::TestServer::start().await;
+    server
+        .banks()
+        .await
+        .create_bank(pb::CreateBankRequest {
+            name: "spaced".into(),
+            category: pb::Category::GraphicViolence as i32,
+            embedding_spaces: vec![pb::EmbeddingSpace {
+                name: "sscd".into(),
+                dimension: 512,
+                metric: pb::EmbeddingMetric::Cosine as i32,
+                threshold: 0.8,
+            }],
+            ..Default::default()
+        })
+        .await
+        .expect("CreateBank");
+    let original = std::fs::read(dir.join("pdq/bridge-1-original.jpg")).expect("photo");
+    let added = support::add_reference(
+        &server,
+        "spaced",
+        vec![support::image_frame(original.clone())],
+    )
+    .await
+    .expect("AddReference");
+    assert_eq!(added.frames_stored, 1);
+    let reference = added.reference.expect("reference").id;
+    // A JPEG re-encode of the same photo: PDQ near, no vector anywhere.
+    let recoded = {
+        let picture = image::load_from_memory(&original).expect("decodes").to_rgb8();
+        let mut jpeg = Vec::new();
+        image::codecs::jpeg::JpegEncoder::new_with_quality(&mut jpeg, 70)
+            .encode_image(&picture)
+            .expect("encodes");
+        jpeg
+    };
+    let result = support::match_image(&server, support::image_frame(recoded), None)
+        .await
+        .expect("MatchImage");
+    let hit = result
+        .matches
+        .iter()
+        .find(|m| m.source.as_ref().map(|s| s.reference_id) == Some(reference))
+        .unwrap_or_else(|| panic!("no PDQ match: {result:?}"));
+    assert_eq!(hit.signal, pb::Signal::Pdq as i32, "{hit:?}");
+    assert!(hit.distance <= DEFAULT_MAX_DISTANCE, "{hit:?}");
+    server.stop().await;
 }
