@@ -126,10 +126,12 @@ fn time_model(model: &OnnxModel, jpegs: &[Vec<u8>], runs: usize) -> [Vec<f64>; 4
             let model_ms = ms(t2);
             std::hint::black_box(vector);
             if run > 0 {
-                for (stage, value) in times
-                    .iter_mut()
-                    .zip([decode, resize_ms, model_ms, decode + resize_ms + model_ms])
-                {
+                for (stage, value) in times.iter_mut().zip([
+                    decode,
+                    resize_ms,
+                    model_ms,
+                    decode + resize_ms + model_ms,
+                ]) {
                     stage.push(value);
                 }
             }

@@ -625,9 +625,9 @@ async fn a_cropped_copy_is_caught_by_the_servers_embedding_where_pdq_misses_it()
         )),
     };
     let frame = pb::AddReferenceRequest {
-        item: Some(pb::add_reference_request::Item::Frame(support::image_frame(
-            original.clone(),
-        ))),
+        item: Some(pb::add_reference_request::Item::Frame(
+            support::image_frame(original.clone()),
+        )),
     };
     let added = server
         .banks()
@@ -640,10 +640,18 @@ async fn a_cropped_copy_is_caught_by_the_servers_embedding_where_pdq_misses_it()
     let reference = added.reference.expect("reference").id;
 
     // (1) The 10 % crop, as JPEG bytes: PDQ is far off, the embedding matches.
-    let crop = ten_percent_crop_jpeg(&image::load_from_memory(&original).expect("decodes").to_rgb8());
+    let crop = ten_percent_crop_jpeg(
+        &image::load_from_memory(&original)
+            .expect("decodes")
+            .to_rgb8(),
+    );
     let result = server.match_image(crop.clone()).await;
     let crop_pdq: PdqHash = result.pdq_hex.parse().expect("the server's PDQ");
-    assert_eq!(crop_pdq, pdq_of(&crop), "the server hashes as the library does");
+    assert_eq!(
+        crop_pdq,
+        pdq_of(&crop),
+        "the server hashes as the library does"
+    );
     let distance = crop_pdq.distance(&pdq_of(&original));
     assert!(
         result.content_pdq.is_empty(),
@@ -727,7 +735,10 @@ async fn a_cropped_copy_is_caught_by_the_servers_embedding_where_pdq_misses_it()
                     .unwrap_or_else(|| panic!("video frame did not match: {frame:?}"));
                 assert_eq!(hit.signal, pb::Signal::Embedding as i32, "{hit:?}");
                 assert!(
-                    frame.matches.iter().all(|m| m.signal != pb::Signal::Pdq as i32),
+                    frame
+                        .matches
+                        .iter()
+                        .all(|m| m.signal != pb::Signal::Pdq as i32),
                     "{frame:?}"
                 );
                 scores.push(hit.score);
@@ -746,7 +757,11 @@ async fn a_cropped_copy_is_caught_by_the_servers_embedding_where_pdq_misses_it()
     );
     let summary = summary.expect("a summary");
     assert_eq!(
-        (summary.frames_received, summary.frames_matched, summary.references_matched),
+        (
+            summary.frames_received,
+            summary.frames_matched,
+            summary.references_matched
+        ),
         (3, 3, 1),
         "{summary:?}"
     );
@@ -789,7 +804,9 @@ async fn a_bank_with_a_space_the_server_has_no_model_for_still_matches_by_pdq() 
     let reference = added.reference.expect("reference").id;
     // A JPEG re-encode of the same photo: PDQ near, no vector anywhere.
     let recoded = {
-        let picture = image::load_from_memory(&original).expect("decodes").to_rgb8();
+        let picture = image::load_from_memory(&original)
+            .expect("decodes")
+            .to_rgb8();
         let mut jpeg = Vec::new();
         image::codecs::jpeg::JpegEncoder::new_with_quality(&mut jpeg, 70)
             .encode_image(&picture)
