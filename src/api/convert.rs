@@ -300,6 +300,7 @@ pub fn query_embeddings(
                 dimension: scope.dimension,
                 metric: scope.metric,
                 threshold: 1.0,
+                index: None,
             };
             let vector = store::check_vector(&space, embedding.frame_index, embedding.vector)
                 .map_err(vector_error)?;

@@ -838,6 +838,7 @@ mod tests {
             dimension: 12,
             metric: Metric::Cosine,
             threshold: 0.9,
+            index: None,
         }];
         let models = state.models_for(&spaces);
         assert_eq!(models.len(), 1);

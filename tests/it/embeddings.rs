@@ -29,8 +29,12 @@ fn space(name: &str, dimension: u32, threshold: f32) -> pb::EmbeddingSpace {
         dimension,
         metric: pb::EmbeddingMetric::Cosine as i32,
         threshold,
+        index: DEFAULT_INDEX.to_string(),
     }
 }
+
+/// The server's default vector index settings, as replies spell them.
+const DEFAULT_INDEX: &str = "m=16,ef_construction=128,ef_search=64,graph_min=20000";
 
 async fn create_bank_with(
     server: &TestServer,
@@ -455,7 +459,7 @@ async fn bank_create_takes_embedding_flags_and_bank_list_shows_them() {
     let (code, out, err) = run(&server.url(), &["bank", "list"]).await;
     assert_eq!(code, 0, "{err}");
     assert!(
-        out.contains("\tcli-bank\tother\tlocal\tprivate\t\tmine:0.5:64:dot,sscd:0.75:512:cosine\n"),
+        out.contains("\tcli-bank\tother\tlocal\tprivate\t\tmine:0.5:64:dot,sscd:0.75:512:cosine\tmine:m=16,ef_construction=128,ef_search=64,graph_min=20000 sscd:m=16,ef_construction=128,ef_search=64,graph_min=20000\n"),
         "{out:?}"
     );
     let (code, _, err) = run(
