@@ -827,7 +827,12 @@ mod tests {
         for bad in ["m=1", "ef_search=0", "m", "depth=3", "m=x"] {
             let error = config(&["--vector-index", bad]).expect_err(bad);
             assert_eq!(error.flag, "vector-index", "{bad}");
-            assert!(error.to_string().starts_with("invalid --vector-index: bad vector index settings"), "{error}");
+            assert!(
+                error
+                    .to_string()
+                    .starts_with("invalid --vector-index: bad vector index settings"),
+                "{error}"
+            );
         }
     }
 

@@ -1195,7 +1195,9 @@ mod tests {
         };
         let asked = embedding_space_from_pb(asked, None, defaults).expect("asked settings");
         assert_eq!(
-            asked.index.map(|p| (p.max_connections, p.ef_search, p.ef_construction)),
+            asked
+                .index
+                .map(|p| (p.max_connections, p.ef_search, p.ef_construction)),
             Some((32, 200, 128))
         );
         let bad = pb::EmbeddingSpace {

@@ -1953,8 +1953,9 @@ mod tests {
             crate::index::VectorParams::default()
         );
 
-        let tuned: crate::index::VectorParams =
-            "m=24,ef_construction=200".parse().map_err(|e| format!("{e}"))?;
+        let tuned: crate::index::VectorParams = "m=24,ef_construction=200"
+            .parse()
+            .map_err(|e| format!("{e}"))?;
         let space = |name: &str| EmbeddingSpace {
             name: name.to_string(),
             dimension: 4,

@@ -2455,8 +2455,9 @@ mod tests {
         assert_eq!(old.embedding_spaces.len(), 1);
         assert_eq!(old.embedding_spaces[0].index, None);
 
-        let tuned: crate::index::VectorParams =
-            "m=24,ef_construction=200".parse().map_err(|e| format!("{e}"))?;
+        let tuned: crate::index::VectorParams = "m=24,ef_construction=200"
+            .parse()
+            .map_err(|e| format!("{e}"))?;
         let space = |name: &str| crate::model::EmbeddingSpace {
             name: name.to_string(),
             dimension: 4,

@@ -647,14 +647,21 @@ async fn index_settings_are_stored_per_space_and_survive_a_restart() {
     .await
     .expect_err("bad settings");
     assert_eq!(bad.code(), tonic::Code::InvalidArgument, "{bad:?}");
-    assert!(bad.message().contains("m must be 2 to 256, not 1"), "{bad:?}");
+    assert!(
+        bad.message().contains("m must be 2 to 256, not 1"),
+        "{bad:?}"
+    );
 
     let dir = server.stop().await;
     let server = TestServer::start_in(dir, |config| {
         config.vector_index = "m=8".parse().expect("settings");
     })
     .await;
-    assert_eq!(bank_spaces(&server, "tuned").await, expected, "stored ones kept");
+    assert_eq!(
+        bank_spaces(&server, "tuned").await,
+        expected,
+        "stored ones kept"
+    );
     // A new space takes the new flag; a bank declaring a stored space gets its stored settings
     // whatever it asks.
     let later = create_bank_with(
@@ -686,9 +693,13 @@ async fn index_settings_are_stored_per_space_and_survive_a_restart() {
         ]
     );
     // Matching works on the space indexed with its stored settings.
-    support::add_reference(&server, "tuned", vec![vector_frame(0, SPACE, descriptor(5))])
-        .await
-        .expect("add reference");
+    support::add_reference(
+        &server,
+        "tuned",
+        vec![vector_frame(0, SPACE, descriptor(5))],
+    )
+    .await
+    .expect("add reference");
     let matches = match_vector(&server, nudged(&descriptor(5)))
         .await
         .expect("match");
@@ -737,7 +748,10 @@ async fn get_reference_returns_its_vectors_when_asked() {
         let got = &frame.embeddings[0].values;
         assert_eq!(got.len(), sent.len());
         for (i, (g, s)) in got.iter().zip(&sent).enumerate() {
-            assert!((g - s).abs() <= 5e-4, "frame {position} value {i}: {g} vs {s}");
+            assert!(
+                (g - s).abs() <= 5e-4,
+                "frame {position} value {i}: {g} vs {s}"
+            );
         }
     }
     let missing = server
