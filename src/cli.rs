@@ -402,6 +402,7 @@ impl EmbeddingArg {
                 Some(crate::model::Metric::Dot) => pb::EmbeddingMetric::Dot,
             } as i32,
             threshold: self.threshold,
+            index: String::new(),
         }
     }
 }
@@ -1076,15 +1077,22 @@ fn bank_line(bank: &pb::Bank) -> String {
             format!("{}:{}:{}:{metric}", s.name, s.threshold, s.dimension)
         })
         .collect();
+    // The index settings contain commas: one `name:settings` per space, space-separated.
+    let indexes: Vec<String> = bank
+        .embedding_spaces
+        .iter()
+        .map(|s| format!("{}:{}", s.name, s.index))
+        .collect();
     format!(
-        "{}\t{}\t{}\t{}\t{}\t{}\t{}",
+        "{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}",
         bank.id,
         bank.name,
         category_name(bank.category),
         bank.owner,
         visibility,
         bank.shared_with.join(","),
-        spaces.join(",")
+        spaces.join(","),
+        indexes.join(" ")
     )
 }
 
@@ -1303,7 +1311,10 @@ pub async fn reference(command: RefCommand, server: &ClientOptions) -> Result<()
         }
         RefCommand::Get { id } => {
             let r = client
-                .get_reference(pb::GetReferenceRequest { reference_id: id })
+                .get_reference(pb::GetReferenceRequest {
+                    reference_id: id,
+                    include_embeddings: false,
+                })
                 .await
                 .map_err(|s| rpc_error(format!("reading reference {id}"), s))?
                 .into_inner();

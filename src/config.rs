@@ -9,7 +9,7 @@ use std::time::Duration;
 use crate::embed::{InputSize, ModelConfig};
 use crate::hash::PDQ_BITS;
 use crate::hash::pdq::DecodeLimits;
-use crate::index::{EngineKind, HnswParams};
+use crate::index::{EngineKind, HnswParams, VectorParams};
 use crate::matching::MatchParams;
 use crate::telemetry::OtlpConfig;
 use crate::tls::{self, Identity, ServerTls, TrustRoots};
@@ -100,6 +100,12 @@ pub struct ServeArgs {
     /// hnsw: neighbours fetched per search before the radius filter.
     #[arg(long, env = "FRAMEMATCH_HNSW_KNN", default_value_t = HnswParams::default().knn)]
     pub hnsw_knn: usize,
+    /// Vector index settings of embedding spaces created from now on, e.g.
+    /// `m=16,ef_construction=128,ef_search=64,graph_min=20000` (any subset; missing keys keep
+    /// these defaults). Stored with each space when it is created; a space keeps its stored
+    /// settings across restarts whatever this says.
+    #[arg(long, env = "FRAMEMATCH_VECTOR_INDEX", value_name = "SETTINGS")]
+    pub vector_index: Option<String>,
     /// Default largest Hamming distance (bits) counted as a match.
     #[arg(long, env = "FRAMEMATCH_MAX_DISTANCE", default_value_t = crate::hash::DEFAULT_MAX_DISTANCE)]
     pub max_distance: u32,
@@ -425,6 +431,8 @@ pub struct ServeConfig {
     pub engine: EngineKind,
     /// hnsw parameters (used when `engine` is hnsw).
     pub hnsw: HnswParams,
+    /// Vector index settings of embedding spaces created from now on (`--vector-index`).
+    pub vector_index: VectorParams,
     /// Defaults for requests that leave options unset.
     pub match_defaults: MatchParams,
     /// Request limits.
@@ -467,6 +475,7 @@ impl ServeConfig {
             tail_interval: Duration::from_millis(200),
             engine: EngineKind::default(),
             hnsw: HnswParams::default(),
+            vector_index: VectorParams::default(),
             match_defaults: MatchParams::default(),
             limits: Limits::default(),
             hash_workers: default_workers(),
@@ -578,6 +587,12 @@ impl TryFrom<&ServeArgs> for ServeConfig {
             }
             (None, None) => None,
         };
+        let vector_index = match &args.vector_index {
+            None => VectorParams::default(),
+            Some(text) => text
+                .parse::<VectorParams>()
+                .map_err(|bad| invalid("vector-index", bad.to_string()))?,
+        };
         let hash_workers = if args.hash_workers == 0 {
             default_workers()
         } else {
@@ -596,6 +611,7 @@ impl TryFrom<&ServeArgs> for ServeConfig {
                 ef_search: args.hnsw_ef_search,
                 knn: args.hnsw_knn,
             },
+            vector_index,
             match_defaults: MatchParams {
                 max_distance: args.max_distance,
                 min_quality: args.min_quality,
@@ -794,6 +810,29 @@ mod tests {
             let error = config(&["--embedding-model", &m, "--onnxruntime", &r, &long, value])
                 .expect_err("invalid");
             assert_eq!(error.flag, flag, "{value}");
+        }
+    }
+
+    #[test]
+    fn vector_index_settings_parse_or_name_the_flag() {
+        assert_eq!(
+            config(&[]).expect("valid").vector_index,
+            VectorParams::default()
+        );
+        let tuned = config(&["--vector-index", "m=24,ef_construction=200"])
+            .expect("valid")
+            .vector_index;
+        assert_eq!((tuned.max_connections, tuned.ef_construction), (24, 200));
+        assert_eq!(tuned.ef_search, VectorParams::default().ef_search);
+        for bad in ["m=1", "ef_search=0", "m", "depth=3", "m=x"] {
+            let error = config(&["--vector-index", bad]).expect_err(bad);
+            assert_eq!(error.flag, "vector-index", "{bad}");
+            assert!(
+                error
+                    .to_string()
+                    .starts_with("invalid --vector-index: bad vector index settings"),
+                "{error}"
+            );
         }
     }
 

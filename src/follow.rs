@@ -610,6 +610,12 @@ impl Follower {
         bank.embedding_spaces
             .iter()
             .filter_map(|space| {
+                // The partner's index settings tune its machine: a mirrored space that is new
+                // here gets this server's --vector-index.
+                let space = pb::EmbeddingSpace {
+                    index: String::new(),
+                    ..space.clone()
+                };
                 match convert::embedding_space_from_pb(
                     space.clone(),
                     None,

@@ -304,6 +304,19 @@ pub struct EmbeddingSpace {
     pub metric: Metric,
     /// A reference frame matches when its score against the upload frame is at least this.
     pub threshold: f32,
+    /// The settings of the space's vector index, server-wide like the dimension: fixed when the
+    /// space is first created (issue #11 item 2). `None` means the defaults
+    /// ([`crate::index::VectorParams::default`]): a space created before they were stored
+    /// (schema 3) reads back as `None`. The API always sends the request's settings or the
+    /// server's `--vector-index`. A bank declaring a space that exists gets the stored settings.
+    pub index: Option<crate::index::VectorParams>,
+}
+
+impl EmbeddingSpace {
+    /// The settings its vector index is built with.
+    pub fn index_params(&self) -> crate::index::VectorParams {
+        self.index.unwrap_or_default()
+    }
 }
 
 /// One frame's vector in one embedding space.

@@ -31,7 +31,7 @@ use crate::api::{AppState, Catalog};
 use crate::auth::{self, Authenticator, KeyRing};
 use crate::config::ServeConfig;
 use crate::follow::Follower;
-use crate::index::{FrameIndex, SignalIndex, VectorParams};
+use crate::index::{FrameIndex, SignalIndex};
 use crate::model::{Actor, ChangeKind, ChangeSeq, NewApiKey, Role};
 use crate::pb;
 use crate::store::{self, Store};
@@ -206,7 +206,7 @@ async fn serve_grpc(
     let catalog = Catalog::new(store.list_banks().await?, store.list_orgs().await?);
     let index = SignalIndex::new(
         FrameIndex::new(config.engine, config.hnsw),
-        VectorParams::default(),
+        config.vector_index,
     );
     let state = AppState::new(
         store,

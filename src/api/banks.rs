@@ -432,12 +432,28 @@ impl Banks for BanksService {
             .rpc_call(Rpc::GetReference, &caller, request.metadata());
         call.run(async {
             self.state.ensure_ready()?;
-            let pb::GetReferenceRequest { reference_id } = request.into_inner();
+            let pb::GetReferenceRequest {
+                reference_id,
+                include_embeddings,
+            } = request.into_inner();
+            // One check for both: the vectors are read only of a reference the caller may see.
             let reference = self.visible_reference(&caller, reference_id).await?;
+            let frames = if include_embeddings {
+                let embeddings = self
+                    .state
+                    .store
+                    .reference_embeddings(reference.id)
+                    .await
+                    .map_err(Error::from)?;
+                convert::embedding_frames_to_pb(&embeddings)
+            } else {
+                Vec::new()
+            };
             let catalog = self.state.catalog.read();
-            Ok(Response::new(convert::reference_to_pb(
-                &catalog, &reference,
-            )))
+            Ok(Response::new(pb::Reference {
+                frames,
+                ..convert::reference_to_pb(&catalog, &reference)
+            }))
         })
         .await
     }

@@ -300,6 +300,7 @@ pub fn query_embeddings(
                 dimension: scope.dimension,
                 metric: scope.metric,
                 threshold: 1.0,
+                index: None,
             };
             let vector = store::check_vector(&space, embedding.frame_index, embedding.vector)
                 .map_err(vector_error)?;
@@ -349,6 +350,8 @@ pub struct SpaceDefaults {
     pub dimension: u32,
     /// Metric for UNSPECIFIED.
     pub metric: Metric,
+    /// Index settings for an empty `index` (the server's `--vector-index`).
+    pub index: crate::index::VectorParams,
 }
 
 /// A bank's embedding space from a CreateBank request: 0 and UNSPECIFIED take the server's model
@@ -367,7 +370,18 @@ pub fn embedding_space_from_pb(
         dimension,
         metric,
         threshold,
+        index,
     } = space;
+    let index = if index.trim().is_empty() {
+        defaults.index
+    } else {
+        index
+            .parse::<crate::index::VectorParams>()
+            .map_err(|bad| Error::InvalidField {
+                field: "embedding_spaces.index",
+                reason: format!("embedding space {name:?}: {bad}"),
+            })?
+    };
     let metric = match pb::EmbeddingMetric::try_from(metric) {
         Ok(pb::EmbeddingMetric::Unspecified) => model.map_or(defaults.metric, |(_, m)| m),
         Ok(pb::EmbeddingMetric::Cosine) => Metric::Cosine,
@@ -402,6 +416,7 @@ pub fn embedding_space_from_pb(
         } else {
             threshold
         },
+        index: Some(index),
     };
     store::validate_space(&space).map_err(|error| match error {
         store::Error::InvalidInput { field, reason } => Error::InvalidField { field, reason },
@@ -420,7 +435,27 @@ pub fn embedding_space_to_pb(space: &EmbeddingSpace) -> pb::EmbeddingSpace {
             Metric::Dot => pb::EmbeddingMetric::Dot,
         } as i32,
         threshold: space.threshold,
+        index: space.index_params().to_string(),
     }
+}
+
+/// A reference's stored vectors as wire frames (GetReference's `include_embeddings`): one frame
+/// per frame index, in order, with its timestamp and its vectors, no signal.
+pub fn embedding_frames_to_pb(embeddings: &[FrameEmbedding]) -> Vec<pb::Frame> {
+    let mut frames: std::collections::BTreeMap<u32, pb::Frame> = std::collections::BTreeMap::new();
+    for embedding in embeddings {
+        frames
+            .entry(embedding.frame_index)
+            .or_insert_with(|| pb::Frame {
+                frame_index: embedding.frame_index,
+                timestamp_ms: embedding.timestamp_ms,
+                signal: None,
+                embeddings: Vec::new(),
+            })
+            .embeddings
+            .push(embedding_to_pb(embedding));
+    }
+    frames.into_values().collect()
 }
 
 /// A stored vector for the wire.
@@ -893,6 +928,7 @@ pub fn reference_to_pb(catalog: &Catalog, reference: &Reference) -> pb::Referenc
         withdrawn_reason,
         withdrawn_ms,
         frame_count: reference.frame_count,
+        frames: Vec::new(),
     }
 }
 
@@ -1132,10 +1168,12 @@ mod tests {
 
     #[test]
     fn create_bank_spaces_take_the_model_then_the_defaults() {
+        let flag: crate::index::VectorParams = "m=24".parse().expect("settings");
         let defaults = SpaceDefaults {
             threshold: 0.75,
             dimension: 512,
             metric: Metric::Cosine,
+            index: flag,
         };
         let unset = pb::EmbeddingSpace {
             name: "sscd".into(),
@@ -1146,6 +1184,28 @@ mod tests {
             (plain.dimension, plain.metric, plain.threshold),
             (512, Metric::Cosine, 0.75)
         );
+        assert_eq!(plain.index, Some(flag));
+        assert_eq!(
+            embedding_space_to_pb(&plain).index,
+            "m=24,ef_construction=128,ef_search=64,graph_min=20000"
+        );
+        let asked = pb::EmbeddingSpace {
+            index: "ef_search=200, m=32".into(),
+            ..unset.clone()
+        };
+        let asked = embedding_space_from_pb(asked, None, defaults).expect("asked settings");
+        assert_eq!(
+            asked
+                .index
+                .map(|p| (p.max_connections, p.ef_search, p.ef_construction)),
+            Some((32, 200, 128))
+        );
+        let bad = pb::EmbeddingSpace {
+            index: "m=1".into(),
+            ..unset.clone()
+        };
+        let error = embedding_space_from_pb(bad, None, defaults).expect_err("bad settings");
+        assert!(reason(error).contains("m must be 2 to 256, not 1"));
         let model = embedding_space_from_pb(unset.clone(), Some((256, Metric::Dot)), defaults)
             .expect("model's");
         assert_eq!((model.dimension, model.metric), (256, Metric::Dot));

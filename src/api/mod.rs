@@ -213,6 +213,7 @@ impl AppState {
         config: &ServeConfig,
         metrics: Metrics,
     ) -> Self {
+        let vector_params = index.vector_params();
         Self {
             store,
             index: SharedIndex::new(index),
@@ -230,6 +231,7 @@ impl AppState {
                 threshold: DEFAULT_EMBEDDING_THRESHOLD,
                 dimension: DEFAULT_EMBEDDING_DIMENSION,
                 metric: crate::model::Metric::Cosine,
+                index: vector_params,
             },
             workers: Arc::new(Semaphore::new(config.hash_workers.max(1))),
             stream_pipeline: config.hash_workers.max(1) * 2,
@@ -255,16 +257,37 @@ impl AppState {
     }
 
     /// Gives each embedding space of `bank` its vector index, if it has none yet
-    /// (`SharedIndex::ensure_space`); call it before the bank's vectors reach the index. The
-    /// store refuses a space declared with two dimensions or metrics, so a conflict here means
-    /// the index and the store disagree: it is logged, and that space's vectors are not indexed.
+    /// (`SharedIndex::ensure_space_with`), built with the space's stored settings; call it before
+    /// the bank's vectors reach the index. The store refuses a space declared with two dimensions
+    /// or metrics, so a conflict here means the index and the store disagree: it is logged, and
+    /// that space's vectors are not indexed. A stored space whose graph settings (`m`,
+    /// `ef_construction`) differ from the server's `--vector-index` keeps its own, said at info.
     pub fn ensure_spaces(&self, bank: &Bank) {
+        let flag = self.index.read().vector_params();
         for space in &bank.embedding_spaces {
-            if let Err(conflict) =
-                self.index
-                    .ensure_space(&space.name, space.dimension as usize, space.metric)
-            {
-                tracing::error!(bank = %bank.name, %conflict, "embedding space not indexed");
+            let params = space.index_params();
+            match self.index.ensure_space_with(
+                &space.name,
+                space.dimension as usize,
+                space.metric,
+                params,
+            ) {
+                Ok(true) => {
+                    if params.max_connections != flag.max_connections
+                        || params.ef_construction != flag.ef_construction
+                    {
+                        tracing::info!(
+                            space = %space.name,
+                            stored = %params,
+                            vector_index = %flag,
+                            "embedding space keeps its stored index settings; --vector-index applies to spaces created from now on"
+                        );
+                    }
+                }
+                Ok(false) => {}
+                Err(conflict) => {
+                    tracing::error!(bank = %bank.name, %conflict, "embedding space not indexed");
+                }
             }
         }
     }
@@ -815,6 +838,7 @@ mod tests {
             dimension: 12,
             metric: Metric::Cosine,
             threshold: 0.9,
+            index: None,
         }];
         let models = state.models_for(&spaces);
         assert_eq!(models.len(), 1);

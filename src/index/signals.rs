@@ -152,18 +152,31 @@ impl SignalIndex {
             .map(|(name, index)| (name.as_str(), index))
     }
 
-    /// The settings new spaces get.
+    /// The settings new spaces get (the server's `--vector-index`).
     pub fn vector_params(&self) -> VectorParams {
         self.vector_params
     }
 
-    /// Declares space `name` (idempotent); true if it is new. A known space with another
-    /// dimension or metric is refused.
+    /// Declares space `name` with the settings new spaces get
+    /// ([`vector_params`](Self::vector_params)); see [`ensure_space_with`](Self::ensure_space_with).
     pub fn ensure_space(
         &mut self,
         name: &str,
         dimension: usize,
         metric: Metric,
+    ) -> Result<bool, SpaceConflict> {
+        self.ensure_space_with(name, dimension, metric, self.vector_params)
+    }
+
+    /// Declares space `name` (idempotent) with index settings `params` (a space's stored ones);
+    /// true if it is new. A known space with another dimension or metric is refused; a known
+    /// space keeps the settings it was built with.
+    pub fn ensure_space_with(
+        &mut self,
+        name: &str,
+        dimension: usize,
+        metric: Metric,
+        params: VectorParams,
     ) -> Result<bool, SpaceConflict> {
         if let Some(index) = self.spaces.get(name) {
             if index.dimension() == dimension && index.metric() == metric {
@@ -179,7 +192,7 @@ impl SignalIndex {
         }
         self.spaces.insert(
             name.to_string(),
-            VectorIndex::new(dimension, metric, self.vector_params),
+            VectorIndex::new(dimension, metric, params),
         );
         Ok(true)
     }
@@ -519,6 +532,19 @@ impl SharedIndex {
         metric: Metric,
     ) -> Result<bool, SpaceConflict> {
         self.inner.write().ensure_space(name, dimension, metric)
+    }
+
+    /// [`SignalIndex::ensure_space_with`] under the write lock.
+    pub fn ensure_space_with(
+        &self,
+        name: &str,
+        dimension: usize,
+        metric: Metric,
+        params: VectorParams,
+    ) -> Result<bool, SpaceConflict> {
+        self.inner
+            .write()
+            .ensure_space_with(name, dimension, metric, params)
     }
 
     /// Starts the background rebuilder if a rebuild is due and it is not running.

@@ -215,6 +215,12 @@ CREATE TABLE embeddings (
     PRIMARY KEY (reference_id, space_id, frame_index)
 ) STRICT, WITHOUT ROWID;
 ",
+    // 4: issue #11 item 2: each space's vector index settings, in their text form
+    // (`m=16,ef_construction=128,ef_search=64,graph_min=20000`), written when the space is
+    // created. NULL for the spaces created before: they are indexed with the defaults.
+    r"
+ALTER TABLE embedding_spaces ADD COLUMN index_params TEXT;
+",
 ];
 
 /// The SQLite backend. Cheap to clone: every clone shares the same connections.
@@ -1129,7 +1135,7 @@ fn insert_bank(tx: &Transaction<'_>, new: NewBank, actor: Actor) -> Result<Bank,
     }
     let id = BankId(tx.last_insert_rowid());
     insert_shares(tx, id, shares)?;
-    insert_bank_spaces(tx, id, &new.embedding_spaces)?;
+    let embedding_spaces = insert_bank_spaces(tx, id, &new.embedding_spaces)?;
     append_change(tx, &ChangeKind::BankCreated(id), actor, "", created_ms)?;
     Ok(Bank {
         id,
@@ -1139,29 +1145,46 @@ fn insert_bank(tx: &Transaction<'_>, new: NewBank, actor: Actor) -> Result<Bank,
         visibility: new.visibility,
         description: new.description,
         created_ms,
-        embedding_spaces: new.embedding_spaces,
+        embedding_spaces,
     })
 }
 
-/// Declares `spaces` for `bank`: each space is created on first use; one that exists must have
-/// the same dimension and metric ([`Error::SpaceConflict`]).
+/// Declares `spaces` for `bank`: each space is created on first use, with its index settings;
+/// one that exists must have the same dimension and metric ([`Error::SpaceConflict`]) and keeps
+/// its settings. The spaces as declared: each with the settings its index has.
 fn insert_bank_spaces(
     conn: &Connection,
     bank: BankId,
     spaces: &[EmbeddingSpace],
-) -> Result<(), Error> {
+) -> Result<Vec<EmbeddingSpace>, Error> {
+    let mut declared = Vec::with_capacity(spaces.len());
     for space in spaces {
         conn.prepare_cached(
-            "INSERT INTO embedding_spaces (name, dimension, metric) VALUES (?1, ?2, ?3)
+            "INSERT INTO embedding_spaces (name, dimension, metric, index_params)
+             VALUES (?1, ?2, ?3, ?4)
              ON CONFLICT (name) DO NOTHING",
         )?
-        .execute((&space.name, space.dimension, space.metric.as_str()))?;
-        let (space_id, dimension, metric): (i64, i64, String) = conn
-            .prepare_cached("SELECT id, dimension, metric FROM embedding_spaces WHERE name = ?1")?
+        .execute((
+            &space.name,
+            space.dimension,
+            space.metric.as_str(),
+            space.index.map(|params| params.to_string()),
+        ))?;
+        let (space_id, dimension, metric, index): (i64, i64, String, Option<String>) = conn
+            .prepare_cached(
+                "SELECT id, dimension, metric, index_params FROM embedding_spaces WHERE name = ?1",
+            )?
             .query_row([&space.name], |row| {
-                Ok((row.get(0)?, row.get(1)?, row.get(2)?))
+                Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?))
             })?;
-        let stored = rows::space(bank.0, space.name.clone(), dimension, &metric, 1.0)?;
+        let stored = rows::space(
+            bank.0,
+            space.name.clone(),
+            dimension,
+            &metric,
+            space.threshold,
+            index.as_deref(),
+        )?;
         if stored.dimension != space.dimension || stored.metric != space.metric {
             return Err(Error::SpaceConflict {
                 space: space.name.clone(),
@@ -1175,8 +1198,9 @@ fn insert_bank_spaces(
             "INSERT INTO bank_spaces (bank_id, space_id, threshold) VALUES (?1, ?2, ?3)",
         )?
         .execute((bank.0, space_id, f64::from(space.threshold)))?;
+        declared.push(stored);
     }
-    Ok(())
+    Ok(declared)
 }
 
 /// The spaces of every bank, by bank id, each bank's sorted by name.
@@ -1186,7 +1210,7 @@ fn all_bank_spaces(
     let mut spaces: std::collections::HashMap<i64, Vec<EmbeddingSpace>> =
         std::collections::HashMap::new();
     let mut stmt = conn.prepare_cached(
-        "SELECT b.bank_id, s.name, s.dimension, s.metric, b.threshold
+        "SELECT b.bank_id, s.name, s.dimension, s.metric, b.threshold, s.index_params
          FROM bank_spaces AS b JOIN embedding_spaces AS s ON s.id = b.space_id
          ORDER BY b.bank_id, s.name",
     )?;
@@ -1195,7 +1219,15 @@ fn all_bank_spaces(
         let bank: i64 = row.get(0)?;
         let metric: String = row.get(3)?;
         let threshold: f64 = row.get(4)?;
-        let space = rows::space(bank, row.get(1)?, row.get(2)?, &metric, threshold as f32)?;
+        let index: Option<String> = row.get(5)?;
+        let space = rows::space(
+            bank,
+            row.get(1)?,
+            row.get(2)?,
+            &metric,
+            threshold as f32,
+            index.as_deref(),
+        )?;
         spaces.entry(bank).or_default().push(space);
     }
     Ok(spaces)
@@ -1204,7 +1236,7 @@ fn all_bank_spaces(
 /// The spaces of one bank, sorted by name.
 fn bank_spaces(conn: &Connection, bank: i64) -> Result<Vec<EmbeddingSpace>, Error> {
     let mut stmt = conn.prepare_cached(
-        "SELECT s.name, s.dimension, s.metric, b.threshold
+        "SELECT s.name, s.dimension, s.metric, b.threshold, s.index_params
          FROM bank_spaces AS b JOIN embedding_spaces AS s ON s.id = b.space_id
          WHERE b.bank_id = ?1 ORDER BY s.name",
     )?;
@@ -1213,12 +1245,14 @@ fn bank_spaces(conn: &Connection, bank: i64) -> Result<Vec<EmbeddingSpace>, Erro
     while let Some(row) = rows.next()? {
         let metric: String = row.get(2)?;
         let threshold: f64 = row.get(3)?;
+        let index: Option<String> = row.get(4)?;
         spaces.push(rows::space(
             bank,
             row.get(0)?,
             row.get(1)?,
             &metric,
             threshold as f32,
+            index.as_deref(),
         )?);
     }
     Ok(spaces)
@@ -1875,6 +1909,83 @@ mod tests {
         // Reopening finds nothing more to do.
         let store = Store::open_embedded(dir.path()).await?;
         assert_eq!(store.changes_since(ChangeSeq(0), 100).await?.len(), 6);
+        Ok(())
+    }
+
+    /// A schema-3 database (embedding spaces without stored index settings) opened by this
+    /// release: its spaces read back with no settings (the defaults), and new spaces store
+    /// theirs.
+    #[tokio::test]
+    async fn a_schema_3_database_gains_index_settings_in_place() -> TestResult {
+        let dir = tempfile::tempdir()?;
+        {
+            let conn = Connection::open(dir.path().join(FILE_NAME))?;
+            for step in &MIGRATIONS[..3] {
+                conn.execute_batch(step)?;
+            }
+            conn.pragma_update(None, "user_version", 3)?;
+            conn.execute_batch(
+                "INSERT INTO organisations (id, name, created_ms) VALUES (1, 'local', 10);
+                 INSERT INTO banks (id, name, category, owner_org, visibility, description,
+                                    created_ms)
+                     VALUES (1, 'old', 'terrorism', 1, 'private', '', 13);
+                 INSERT INTO embedding_spaces (id, name, dimension, metric)
+                     VALUES (1, 'sscd', 4, 'cosine');
+                 INSERT INTO bank_spaces (bank_id, space_id, threshold) VALUES (1, 1, 0.8);",
+            )?;
+        }
+        let store = Store::open_embedded(dir.path()).await?;
+        let Store::Embedded(embedded) = &store else {
+            panic!("opened as embedded: {store:?}");
+        };
+        let version: i64 =
+            embedded
+                .inner
+                .writer
+                .lock()
+                .pragma_query_value(None, "user_version", |r| r.get(0))?;
+        assert_eq!(version, supported_version());
+        let old = store.get_bank(BankId(1)).await?;
+        assert_eq!(old.embedding_spaces.len(), 1);
+        assert_eq!(old.embedding_spaces[0].index, None);
+        assert_eq!(
+            old.embedding_spaces[0].index_params(),
+            crate::index::VectorParams::default()
+        );
+
+        let tuned: crate::index::VectorParams = "m=24,ef_construction=200"
+            .parse()
+            .map_err(|e| format!("{e}"))?;
+        let space = |name: &str| EmbeddingSpace {
+            name: name.to_string(),
+            dimension: 4,
+            metric: crate::model::Metric::Cosine,
+            threshold: 0.7,
+            index: Some(tuned),
+        };
+        let new = store
+            .create_bank(
+                NewBank {
+                    name: "new".to_string(),
+                    category: crate::model::Category::Terrorism,
+                    owner: OrgId(1),
+                    visibility: Visibility::Private,
+                    description: String::new(),
+                    embedding_spaces: vec![space("sscd"), space("fresh")],
+                },
+                Actor::system(OrgId(1)),
+            )
+            .await?;
+        let settings: Vec<(&str, Option<crate::index::VectorParams>)> = new
+            .embedding_spaces
+            .iter()
+            .map(|s| (s.name.as_str(), s.index))
+            .collect();
+        // The old space keeps its (default) settings; the new one stores the asked ones.
+        assert_eq!(settings, vec![("fresh", Some(tuned)), ("sscd", None)]);
+        drop(store);
+        let store = Store::open_embedded(dir.path()).await?;
+        assert_eq!(store.get_bank(new.id).await?, new);
         Ok(())
     }
 

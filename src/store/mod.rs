@@ -2477,6 +2477,7 @@ mod tests {
             dimension,
             metric,
             threshold,
+            index: None,
         }
     }
 
@@ -2519,6 +2520,68 @@ mod tests {
             embedding_spaces: spaces,
             ..new_bank(name, owner)
         }
+    }
+
+    /// A space's index settings are written when it is first created and kept: a second bank
+    /// declaring it with other settings gets the stored ones, and so does every read.
+    async fn space_index_settings_are_stored_once(store: Store) -> TestResult {
+        let local = store.default_org().await?;
+        let tuned: crate::index::VectorParams = "m=24,ef_construction=200,ef_search=96,graph_min=5"
+            .parse()
+            .map_err(|e| format!("{e}"))?;
+        let first = store
+            .create_bank(
+                bank_with_spaces(
+                    "tuned",
+                    local,
+                    vec![
+                        EmbeddingSpace {
+                            index: Some(tuned),
+                            ..space("sscd", 8, Metric::Cosine, 0.8)
+                        },
+                        space("plain", 4, Metric::Dot, 1.0),
+                    ],
+                ),
+                sys(local),
+            )
+            .await?;
+        let by_name = |bank: &Bank, name: &str| {
+            bank.embedding_spaces
+                .iter()
+                .find(|s| s.name == name)
+                .cloned()
+                .ok_or_else(|| format!("bank {} has no space {name}", bank.name))
+        };
+        assert_eq!(by_name(&first, "sscd")?.index, Some(tuned));
+        // No settings asked: NULL, the defaults.
+        assert_eq!(by_name(&first, "plain")?.index, None);
+        assert_eq!(
+            by_name(&first, "plain")?.index_params(),
+            crate::index::VectorParams::default()
+        );
+        assert_eq!(store.get_bank(first.id).await?, first);
+
+        let other: crate::index::VectorParams = "m=8".parse().map_err(|e| format!("{e}"))?;
+        let second = store
+            .create_bank(
+                bank_with_spaces(
+                    "later",
+                    local,
+                    vec![EmbeddingSpace {
+                        index: Some(other),
+                        ..space("sscd", 8, Metric::Cosine, 0.9)
+                    }],
+                ),
+                sys(local),
+            )
+            .await?;
+        let declared = by_name(&second, "sscd")?;
+        assert_eq!(declared.index, Some(tuned), "the stored settings are kept");
+        assert_eq!(declared.threshold, 0.9, "the threshold is the bank's own");
+        assert_eq!(store.get_bank(second.id).await?, second);
+        assert_eq!(store.bank_by_name("later").await?, second);
+        assert_eq!(store.list_banks().await?, vec![first, second]);
+        Ok(())
     }
 
     async fn embeddings_round_trip_in_f16(store: Store) -> TestResult {
@@ -2883,6 +2946,7 @@ mod tests {
         mirrored_banks_are_created_once,
         mirrored_references_are_added_once,
         embeddings_round_trip_in_f16,
+        space_index_settings_are_stored_once,
         embedding_space_conflicts_and_bad_vectors_are_refused,
         withdrawn_vectors_are_not_loaded,
         mirrored_references_keep_their_vectors,

@@ -257,6 +257,12 @@ CREATE TABLE embeddings (
     PRIMARY KEY (reference_id, space_id, frame_index)
 );
 ",
+    // 4: issue #11 item 2: each space's vector index settings, in their text form
+    // (`m=16,ef_construction=128,ef_search=64,graph_min=20000`), written when the space is
+    // created. NULL for the spaces created before: they are indexed with the defaults.
+    r"
+ALTER TABLE embedding_spaces ADD COLUMN index_params text;
+",
 ];
 
 /// The PostgreSQL backend. Cheap to clone: every clone shares one pool.
@@ -1580,7 +1586,7 @@ async fn insert_bank(tx: &Transaction<'_>, new: NewBank, actor: Actor) -> Result
     };
     let id = BankId(row.try_get(0)?);
     insert_shares(tx, id, shares).await?;
-    insert_bank_spaces(tx, id, &new.embedding_spaces).await?;
+    let embedding_spaces = insert_bank_spaces(tx, id, &new.embedding_spaces).await?;
     append_change(tx, &ChangeKind::BankCreated(id), actor, "", created_ms).await?;
     Ok(Bank {
         id,
@@ -1590,36 +1596,41 @@ async fn insert_bank(tx: &Transaction<'_>, new: NewBank, actor: Actor) -> Result
         visibility: new.visibility,
         description: new.description,
         created_ms,
-        embedding_spaces: new.embedding_spaces,
+        embedding_spaces,
     })
 }
 
-/// Declares `spaces` for `bank`: each space is created on first use; one that exists must have
-/// the same dimension and metric ([`Error::SpaceConflict`]). Two banks declaring a new space at
+/// Declares `spaces` for `bank`: each space is created on first use, with its index settings;
+/// one that exists must have the same dimension and metric ([`Error::SpaceConflict`]) and keeps
+/// its settings. Returns the spaces as declared, each with the settings its index has. Two banks declaring a new space at
 /// once: the second insert waits for the first's commit and then does nothing, and the read
 /// after it (a new statement, so a new snapshot under READ COMMITTED) sees the winner's row.
 async fn insert_bank_spaces(
     tx: &Transaction<'_>,
     bank: BankId,
     spaces: &[EmbeddingSpace],
-) -> Result<(), Error> {
+) -> Result<Vec<EmbeddingSpace>, Error> {
     if spaces.is_empty() {
-        return Ok(());
+        return Ok(Vec::new());
     }
     let create = tx
         .prepare_cached(
-            "INSERT INTO embedding_spaces (name, dimension, metric) VALUES ($1, $2, $3)
+            "INSERT INTO embedding_spaces (name, dimension, metric, index_params)
+             VALUES ($1, $2, $3, $4)
              ON CONFLICT (name) DO NOTHING",
         )
         .await?;
     let read = tx
-        .prepare_cached("SELECT id, dimension, metric FROM embedding_spaces WHERE name = $1")
+        .prepare_cached(
+            "SELECT id, dimension, metric, index_params FROM embedding_spaces WHERE name = $1",
+        )
         .await?;
     let declare = tx
         .prepare_cached(
             "INSERT INTO bank_spaces (bank_id, space_id, threshold) VALUES ($1, $2, $3)",
         )
         .await?;
+    let mut declared = Vec::with_capacity(spaces.len());
     for space in spaces {
         tx.execute(
             &create,
@@ -1627,13 +1638,22 @@ async fn insert_bank_spaces(
                 &space.name,
                 &i64::from(space.dimension),
                 &space.metric.as_str(),
+                &space.index.map(|params| params.to_string()),
             ],
         )
         .await?;
         let row = tx.query_one(&read, &[&space.name]).await?;
         let space_id: i64 = row.try_get(0)?;
         let metric: String = row.try_get(2)?;
-        let stored = rows::space(bank.0, space.name.clone(), row.try_get(1)?, &metric, 1.0)?;
+        let index: Option<String> = row.try_get(3)?;
+        let stored = rows::space(
+            bank.0,
+            space.name.clone(),
+            row.try_get(1)?,
+            &metric,
+            space.threshold,
+            index.as_deref(),
+        )?;
         if stored.dimension != space.dimension || stored.metric != space.metric {
             return Err(Error::SpaceConflict {
                 space: space.name.clone(),
@@ -1645,8 +1665,9 @@ async fn insert_bank_spaces(
         }
         tx.execute(&declare, &[&bank.0, &space_id, &space.threshold])
             .await?;
+        declared.push(stored);
     }
-    Ok(())
+    Ok(declared)
 }
 
 /// Inserts a reference's vectors, up to [`VECTOR_BYTES_PER_INSERT`] per statement. They are
@@ -2003,7 +2024,7 @@ fn key_from_row(row: &Row) -> Result<ApiKey, Error> {
     })
 }
 
-/// A bank with its sorted shares and its embedding spaces (four parallel arrays, by name), in
+/// A bank with its sorted shares and its embedding spaces (five parallel arrays, by name), in
 /// one statement.
 const BANK_SELECT: &str = "SELECT b.id, b.name, b.category, b.owner_org, b.visibility,
         b.description, b.created_ms,
@@ -2018,6 +2039,9 @@ const BANK_SELECT: &str = "SELECT b.id, b.name, b.category, b.owner_org, b.visib
               WHERE p.bank_id = b.id ORDER BY e.name),
         ARRAY(SELECT p.threshold FROM bank_spaces AS p
               JOIN embedding_spaces AS e ON e.id = p.space_id
+              WHERE p.bank_id = b.id ORDER BY e.name),
+        ARRAY(SELECT e.index_params FROM bank_spaces AS p
+              JOIN embedding_spaces AS e ON e.id = p.space_id
               WHERE p.bank_id = b.id ORDER BY e.name)
     FROM banks AS b";
 
@@ -2028,9 +2052,11 @@ fn bank_from_row(row: &Row) -> Result<Bank, Error> {
     let dimensions: Vec<i64> = row.try_get(9)?;
     let metrics: Vec<String> = row.try_get(10)?;
     let thresholds: Vec<f32> = row.try_get(11)?;
+    let indexes: Vec<Option<String>> = row.try_get(12)?;
     if dimensions.len() != names.len()
         || metrics.len() != names.len()
         || thresholds.len() != names.len()
+        || indexes.len() != names.len()
     {
         return Err(Error::Corrupt {
             detail: format!("bank {id}: its embedding spaces changed while read"),
@@ -2040,8 +2066,9 @@ fn bank_from_row(row: &Row) -> Result<Bank, Error> {
         .into_iter()
         .zip(dimensions)
         .zip(metrics.iter().zip(thresholds))
-        .map(|((name, dimension), (metric, threshold))| {
-            rows::space(id, name, dimension, metric, threshold)
+        .zip(indexes)
+        .map(|(((name, dimension), (metric, threshold)), index)| {
+            rows::space(id, name, dimension, metric, threshold, index.as_deref())
         })
         .collect::<Result<Vec<_>, _>>()?;
     rows::bank(rows::BankColumns {
@@ -2377,6 +2404,89 @@ mod tests {
             assert_eq!(again.list_orgs().await?.len(), 1);
             assert_eq!(again.last_seq().await?, ChangeSeq(1));
         }
+        Ok(())
+    }
+
+    /// A schema-3 database (embedding spaces without stored index settings) opened by this
+    /// release: its spaces read back with no settings (the defaults), and new spaces store
+    /// theirs.
+    #[tokio::test]
+    async fn a_schema_3_database_gains_index_settings_in_place() -> TestResult {
+        let Some(db) = TestDatabase::create().await? else {
+            return Ok(());
+        };
+        {
+            let client = db.connect().await?;
+            client
+                .batch_execute(
+                    "CREATE TABLE schema_migrations (
+                         version    bigint      PRIMARY KEY,
+                         applied_at timestamptz NOT NULL DEFAULT now()
+                     );
+                     INSERT INTO schema_migrations (version) VALUES (1), (2), (3);",
+                )
+                .await?;
+            for step in &MIGRATIONS[..3] {
+                client.batch_execute(step).await?;
+            }
+            client
+                .batch_execute(
+                    "INSERT INTO organisations (name, created_ms) VALUES ('local', 10);
+                     INSERT INTO banks (name, category, owner_org, visibility, description,
+                                        created_ms)
+                         VALUES ('old', 'terrorism', 1, 'private', '', 13);
+                     INSERT INTO embedding_spaces (name, dimension, metric)
+                         VALUES ('sscd', 4, 'cosine');
+                     INSERT INTO bank_spaces (bank_id, space_id, threshold) VALUES (1, 1, 0.8);",
+                )
+                .await?;
+        }
+        let store = db.open().await?;
+        let versions: Vec<i64> = db
+            .connect()
+            .await?
+            .query("SELECT version FROM schema_migrations ORDER BY 1", &[])
+            .await?
+            .iter()
+            .map(|row| row.get(0))
+            .collect();
+        assert_eq!(versions, (1..=supported_version()).collect::<Vec<_>>());
+        let old = store.get_bank(BankId(1)).await?;
+        assert_eq!(old.embedding_spaces.len(), 1);
+        assert_eq!(old.embedding_spaces[0].index, None);
+
+        let tuned: crate::index::VectorParams = "m=24,ef_construction=200"
+            .parse()
+            .map_err(|e| format!("{e}"))?;
+        let space = |name: &str| crate::model::EmbeddingSpace {
+            name: name.to_string(),
+            dimension: 4,
+            metric: crate::model::Metric::Cosine,
+            threshold: 0.7,
+            index: Some(tuned),
+        };
+        let new = store
+            .create_bank(
+                NewBank {
+                    name: "new".to_string(),
+                    category: crate::model::Category::Terrorism,
+                    owner: OrgId(1),
+                    visibility: Visibility::Private,
+                    description: String::new(),
+                    embedding_spaces: vec![space("sscd"), space("fresh")],
+                },
+                Actor::system(OrgId(1)),
+            )
+            .await?;
+        let settings: Vec<(&str, Option<crate::index::VectorParams>)> = new
+            .embedding_spaces
+            .iter()
+            .map(|s| (s.name.as_str(), s.index))
+            .collect();
+        assert_eq!(settings, vec![("fresh", Some(tuned)), ("sscd", None)]);
+        drop(store);
+        let store = db.open().await?;
+        assert_eq!(store.get_bank(new.id).await?, new);
         Ok(())
     }
 

@@ -274,13 +274,15 @@ pub(super) fn bank(columns: BankColumns<'_>) -> Result<Bank, Error> {
 }
 
 /// One embedding space of `bank` from its columns: the dimension is 1 to
-/// [`super::MAX_DIMENSION`], the metric a known one, the threshold finite.
+/// [`super::MAX_DIMENSION`], the metric a known one, the threshold finite, the index settings
+/// (`embedding_spaces.index_params`, schema 4) NULL or their text form.
 pub(super) fn space(
     bank: i64,
     name: String,
     dimension: i64,
     metric: &str,
     threshold: f32,
+    index: Option<&str>,
 ) -> Result<EmbeddingSpace, Error> {
     let corrupt = |what: String| Error::Corrupt {
         detail: format!("bank {bank} embedding space {name:?}: {what}"),
@@ -295,11 +297,16 @@ pub(super) fn space(
     if !threshold.is_finite() {
         return Err(corrupt(format!("threshold {threshold}")));
     }
+    let index = index
+        .map(|text| text.parse::<crate::index::VectorParams>())
+        .transpose()
+        .map_err(|bad| corrupt(bad.to_string()))?;
     Ok(EmbeddingSpace {
         name,
         dimension,
         metric,
         threshold,
+        index,
     })
 }
 

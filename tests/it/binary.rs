@@ -168,7 +168,10 @@ async fn acked_reference_survives_kill() {
     let reference = served
         .banks()
         .await
-        .get_reference(pb::GetReferenceRequest { reference_id: id })
+        .get_reference(pb::GetReferenceRequest {
+            reference_id: id,
+            include_embeddings: false,
+        })
         .await
         .expect("reference survives")
         .into_inner();

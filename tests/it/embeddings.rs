@@ -29,8 +29,12 @@ fn space(name: &str, dimension: u32, threshold: f32) -> pb::EmbeddingSpace {
         dimension,
         metric: pb::EmbeddingMetric::Cosine as i32,
         threshold,
+        index: DEFAULT_INDEX.to_string(),
     }
 }
+
+/// The server's default vector index settings, as replies spell them.
+const DEFAULT_INDEX: &str = "m=16,ef_construction=128,ef_search=64,graph_min=20000";
 
 async fn create_bank_with(
     server: &TestServer,
@@ -455,7 +459,7 @@ async fn bank_create_takes_embedding_flags_and_bank_list_shows_them() {
     let (code, out, err) = run(&server.url(), &["bank", "list"]).await;
     assert_eq!(code, 0, "{err}");
     assert!(
-        out.contains("\tcli-bank\tother\tlocal\tprivate\t\tmine:0.5:64:dot,sscd:0.75:512:cosine\n"),
+        out.contains("\tcli-bank\tother\tlocal\tprivate\t\tmine:0.5:64:dot,sscd:0.75:512:cosine\tmine:m=16,ef_construction=128,ef_search=64,graph_min=20000 sscd:m=16,ef_construction=128,ef_search=64,graph_min=20000\n"),
         "{out:?}"
     );
     let (code, _, err) = run(
@@ -567,4 +571,198 @@ async fn a_replica_on_the_same_postgresql_matches_the_vectors_and_loads_them_at_
     b.stop().await;
     c.stop().await;
     database.drop_now().await;
+}
+
+fn unit(v: &[f32]) -> Vec<f32> {
+    let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+    v.iter().map(|x| x / norm).collect()
+}
+
+async fn bank_spaces(server: &TestServer, bank: &str) -> Vec<(String, String)> {
+    let banks = server
+        .banks()
+        .await
+        .list_banks(pb::ListBanksRequest {})
+        .await
+        .expect("list banks")
+        .into_inner()
+        .banks;
+    banks
+        .into_iter()
+        .find(|b| b.name == bank)
+        .unwrap_or_else(|| panic!("no bank {bank}"))
+        .embedding_spaces
+        .into_iter()
+        .map(|s| (s.name, s.index))
+        .collect()
+}
+
+/// Issue #11 item 2: a space's index settings are stored when it is created (from
+/// `--vector-index`, or from the request) and kept across a restart under another flag.
+#[tokio::test]
+async fn index_settings_are_stored_per_space_and_survive_a_restart() {
+    const TUNED: &str = "m=24,ef_construction=200,ef_search=64,graph_min=20000";
+    let server = TestServer::start_with(|config| {
+        config.vector_index = "m=24,ef_construction=200".parse().expect("settings");
+    })
+    .await;
+    let unset = |name: &str| pb::EmbeddingSpace {
+        index: String::new(),
+        ..space(name, DIM as u32, THRESHOLD)
+    };
+    let created = create_bank_with(
+        &server,
+        "tuned",
+        vec![
+            unset(SPACE),
+            pb::EmbeddingSpace {
+                index: "m=12, ef_search=300".into(),
+                ..unset("asked")
+            },
+        ],
+    )
+    .await
+    .expect("create bank");
+    let asked = "m=12,ef_construction=128,ef_search=300,graph_min=20000";
+    let expected = vec![
+        ("asked".to_string(), asked.to_string()),
+        (SPACE.to_string(), TUNED.to_string()),
+    ];
+    let reply: Vec<(String, String)> = created
+        .embedding_spaces
+        .iter()
+        .map(|s| (s.name.clone(), s.index.clone()))
+        .collect();
+    assert_eq!(reply, expected);
+    assert_eq!(bank_spaces(&server, "tuned").await, expected);
+
+    let bad = create_bank_with(
+        &server,
+        "bad",
+        vec![pb::EmbeddingSpace {
+            index: "m=1".into(),
+            ..unset("other")
+        }],
+    )
+    .await
+    .expect_err("bad settings");
+    assert_eq!(bad.code(), tonic::Code::InvalidArgument, "{bad:?}");
+    assert!(
+        bad.message().contains("m must be 2 to 256, not 1"),
+        "{bad:?}"
+    );
+
+    let dir = server.stop().await;
+    let server = TestServer::start_in(dir, |config| {
+        config.vector_index = "m=8".parse().expect("settings");
+    })
+    .await;
+    assert_eq!(
+        bank_spaces(&server, "tuned").await,
+        expected,
+        "stored ones kept"
+    );
+    // A new space takes the new flag; a bank declaring a stored space gets its stored settings
+    // whatever it asks.
+    let later = create_bank_with(
+        &server,
+        "later",
+        vec![
+            unset("fresh"),
+            pb::EmbeddingSpace {
+                index: "m=64".into(),
+                ..unset(SPACE)
+            },
+        ],
+    )
+    .await
+    .expect("create bank");
+    let reply: Vec<(String, String)> = later
+        .embedding_spaces
+        .into_iter()
+        .map(|s| (s.name, s.index))
+        .collect();
+    assert_eq!(
+        reply,
+        vec![
+            (
+                "fresh".to_string(),
+                "m=8,ef_construction=128,ef_search=64,graph_min=20000".to_string()
+            ),
+            (SPACE.to_string(), TUNED.to_string()),
+        ]
+    );
+    // Matching works on the space indexed with its stored settings.
+    support::add_reference(
+        &server,
+        "tuned",
+        vec![vector_frame(0, SPACE, descriptor(5))],
+    )
+    .await
+    .expect("add reference");
+    let matches = match_vector(&server, nudged(&descriptor(5)))
+        .await
+        .expect("match");
+    assert!(!matches.is_empty(), "no match after restart");
+    server.stop().await;
+}
+
+/// GetReference returns the stored vectors only when asked, as frames with named vectors (the
+/// stored f16 values of the L2-normalised vectors).
+#[tokio::test]
+async fn get_reference_returns_its_vectors_when_asked() {
+    let (server, id) = server_with_reference().await;
+    let get = |include_embeddings: bool| {
+        let server = &server;
+        async move {
+            server
+                .banks()
+                .await
+                .get_reference(pb::GetReferenceRequest {
+                    reference_id: id,
+                    include_embeddings,
+                })
+                .await
+                .expect("get reference")
+                .into_inner()
+        }
+    };
+    let plain = get(false).await;
+    assert!(plain.frames.is_empty(), "{plain:?}");
+    let full = get(true).await;
+    assert_eq!(
+        pb::Reference {
+            frames: Vec::new(),
+            ..full.clone()
+        },
+        plain
+    );
+    assert_eq!(full.frames.len(), 2, "{full:?}");
+    for (position, frame) in full.frames.iter().enumerate() {
+        assert_eq!(frame.frame_index, position as u32);
+        assert_eq!(frame.timestamp_ms, position as u64 * 1000);
+        assert!(frame.signal.is_none());
+        assert_eq!(frame.embeddings.len(), 1);
+        assert_eq!(frame.embeddings[0].space, SPACE);
+        let sent = unit(&descriptor(position as u32 + 1));
+        let got = &frame.embeddings[0].values;
+        assert_eq!(got.len(), sent.len());
+        for (i, (g, s)) in got.iter().zip(&sent).enumerate() {
+            assert!(
+                (g - s).abs() <= 5e-4,
+                "frame {position} value {i}: {g} vs {s}"
+            );
+        }
+    }
+    let missing = server
+        .banks()
+        .await
+        .get_reference(pb::GetReferenceRequest {
+            reference_id: id + 1000,
+            include_embeddings: true,
+        })
+        .await
+        .expect_err("unknown reference");
+    assert_eq!(missing.code(), tonic::Code::NotFound);
+    server.stop().await;
 }

@@ -262,6 +262,7 @@ impl World {
             .await
             .get_reference(pb::GetReferenceRequest {
                 reference_id: reference,
+                include_embeddings: false,
             })
             .await;
         answers.push(("Banks.GetReference", code(&get)));

@@ -493,6 +493,7 @@ async fn scan_matches_a_referenced_video_and_passes_an_unrelated_one() {
         .await
         .get_reference(framematch::pb::GetReferenceRequest {
             reference_id: id.parse().expect("id"),
+            include_embeddings: false,
         })
         .await
         .expect("get")
