@@ -598,6 +598,7 @@ async fn a_cropped_copy_is_caught_by_the_servers_embedding_where_pdq_misses_it()
                 dimension: 0,
                 metric: pb::EmbeddingMetric::Unspecified as i32,
                 threshold: 0.0,
+                index: String::new(),
             }],
             ..Default::default()
         })
@@ -611,6 +612,7 @@ async fn a_cropped_copy_is_caught_by_the_servers_embedding_where_pdq_misses_it()
             dimension: 512,
             metric: pb::EmbeddingMetric::Cosine as i32,
             threshold: DEFAULT_THRESHOLD,
+            index: framematch::index::VectorParams::default().to_string(),
         }]
     );
 
@@ -787,6 +789,7 @@ async fn a_bank_with_a_space_the_server_has_no_model_for_still_matches_by_pdq() 
                 dimension: 512,
                 metric: pb::EmbeddingMetric::Cosine as i32,
                 threshold: 0.8,
+                index: String::new(),
             }],
             ..Default::default()
         })
