@@ -612,15 +612,11 @@ impl Follower {
             .filter_map(|space| {
                 // The partner's index settings tune its machine: a mirrored space that is new
                 // here gets this server's --vector-index.
-                let space = pb::EmbeddingSpace {
+                let unset = pb::EmbeddingSpace {
                     index: String::new(),
                     ..space.clone()
                 };
-                match convert::embedding_space_from_pb(
-                    space.clone(),
-                    None,
-                    self.state.space_defaults,
-                ) {
+                match convert::embedding_space_from_pb(unset, None, self.state.space_defaults) {
                     Ok(space) => Some(space),
                     Err(error) => {
                         tracing::warn!(

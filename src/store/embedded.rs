@@ -1811,15 +1811,35 @@ mod tests {
         Ok(())
     }
 
+    /// A database file in `dir` as the release of schema `version` left it, before its data.
+    fn old_database(dir: &Path, version: usize) -> rusqlite::Result<Connection> {
+        let conn = Connection::open(dir.join(FILE_NAME))?;
+        for step in &MIGRATIONS[..version] {
+            conn.execute_batch(step)?;
+        }
+        conn.pragma_update(None, "user_version", version)?;
+        Ok(conn)
+    }
+
+    /// The schema version an embedded store's file records.
+    fn user_version(store: &Store) -> rusqlite::Result<i64> {
+        let Store::Embedded(embedded) = store else {
+            panic!("opened as embedded: {store:?}");
+        };
+        embedded
+            .inner
+            .writer
+            .lock()
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+    }
+
     /// A database written by the first release (schema 1, with data and a change log) opened
     /// by this one: migrated in place, its data and log kept, its sequence numbers never reused.
     #[tokio::test]
     async fn a_schema_1_database_is_upgraded_in_place() -> TestResult {
         let dir = tempfile::tempdir()?;
         {
-            let conn = Connection::open(dir.path().join(FILE_NAME))?;
-            conn.execute_batch(MIGRATIONS[0])?;
-            conn.pragma_update(None, "user_version", 1)?;
+            let conn = old_database(dir.path(), 1)?;
             conn.execute_batch(
                 "INSERT INTO organisations (id, name, created_ms) VALUES (1, 'local', 10),
                      (2, 'partner', 11);
@@ -1845,16 +1865,7 @@ mod tests {
             )?;
         }
         let store = Store::open_embedded(dir.path()).await?;
-        let Store::Embedded(embedded) = &store else {
-            panic!("opened as embedded: {store:?}");
-        };
-        let version: i64 =
-            embedded
-                .inner
-                .writer
-                .lock()
-                .pragma_query_value(None, "user_version", |r| r.get(0))?;
-        assert_eq!(version, supported_version());
+        assert_eq!(user_version(&store)?, supported_version());
 
         let local = store.default_org().await?;
         assert_eq!(local, OrgId(1));
@@ -1919,11 +1930,7 @@ mod tests {
     async fn a_schema_3_database_gains_index_settings_in_place() -> TestResult {
         let dir = tempfile::tempdir()?;
         {
-            let conn = Connection::open(dir.path().join(FILE_NAME))?;
-            for step in &MIGRATIONS[..3] {
-                conn.execute_batch(step)?;
-            }
-            conn.pragma_update(None, "user_version", 3)?;
+            let conn = old_database(dir.path(), 3)?;
             conn.execute_batch(
                 "INSERT INTO organisations (id, name, created_ms) VALUES (1, 'local', 10);
                  INSERT INTO banks (id, name, category, owner_org, visibility, description,
@@ -1935,54 +1942,8 @@ mod tests {
             )?;
         }
         let store = Store::open_embedded(dir.path()).await?;
-        let Store::Embedded(embedded) = &store else {
-            panic!("opened as embedded: {store:?}");
-        };
-        let version: i64 =
-            embedded
-                .inner
-                .writer
-                .lock()
-                .pragma_query_value(None, "user_version", |r| r.get(0))?;
-        assert_eq!(version, supported_version());
-        let old = store.get_bank(BankId(1)).await?;
-        assert_eq!(old.embedding_spaces.len(), 1);
-        assert_eq!(old.embedding_spaces[0].index, None);
-        assert_eq!(
-            old.embedding_spaces[0].index_params(),
-            crate::index::VectorParams::default()
-        );
-
-        let tuned: crate::index::VectorParams = "m=24,ef_construction=200"
-            .parse()
-            .map_err(|e| format!("{e}"))?;
-        let space = |name: &str| EmbeddingSpace {
-            name: name.to_string(),
-            dimension: 4,
-            metric: crate::model::Metric::Cosine,
-            threshold: 0.7,
-            index: Some(tuned),
-        };
-        let new = store
-            .create_bank(
-                NewBank {
-                    name: "new".to_string(),
-                    category: crate::model::Category::Terrorism,
-                    owner: OrgId(1),
-                    visibility: Visibility::Private,
-                    description: String::new(),
-                    embedding_spaces: vec![space("sscd"), space("fresh")],
-                },
-                Actor::system(OrgId(1)),
-            )
-            .await?;
-        let settings: Vec<(&str, Option<crate::index::VectorParams>)> = new
-            .embedding_spaces
-            .iter()
-            .map(|s| (s.name.as_str(), s.index))
-            .collect();
-        // The old space keeps its (default) settings; the new one stores the asked ones.
-        assert_eq!(settings, vec![("fresh", Some(tuned)), ("sscd", None)]);
+        assert_eq!(user_version(&store)?, supported_version());
+        let new = crate::store::tests::schema_3_spaces_gain_index_settings(&store).await?;
         drop(store);
         let store = Store::open_embedded(dir.path()).await?;
         assert_eq!(store.get_bank(new.id).await?, new);

@@ -2522,6 +2522,44 @@ mod tests {
         }
     }
 
+    /// What both drivers' schema-3 upgrade tests check once the store is open (each wrote bank
+    /// 1 of org 1 with the space "sscd", 4 values, cosine, in the schema-3 form): the old space
+    /// reads back without settings (the defaults), and a new bank declaring it and a new space
+    /// "fresh" with settings stores them for the new space only. Returns the new bank, to
+    /// compare after reopening.
+    pub(super) async fn schema_3_spaces_gain_index_settings(
+        store: &Store,
+    ) -> Result<Bank, Box<dyn std::error::Error>> {
+        let old = store.get_bank(BankId(1)).await?;
+        assert_eq!(old.embedding_spaces.len(), 1);
+        assert_eq!(old.embedding_spaces[0].index, None);
+        assert_eq!(
+            old.embedding_spaces[0].index_params(),
+            crate::index::VectorParams::default()
+        );
+        let tuned: crate::index::VectorParams = "m=24,ef_construction=200"
+            .parse()
+            .map_err(|e| format!("{e}"))?;
+        let asked = |name: &str| EmbeddingSpace {
+            index: Some(tuned),
+            ..space(name, 4, Metric::Cosine, 0.7)
+        };
+        let new = store
+            .create_bank(
+                bank_with_spaces("new", OrgId(1), vec![asked("sscd"), asked("fresh")]),
+                sys(OrgId(1)),
+            )
+            .await?;
+        let settings: Vec<(&str, Option<crate::index::VectorParams>)> = new
+            .embedding_spaces
+            .iter()
+            .map(|s| (s.name.as_str(), s.index))
+            .collect();
+        // The old space keeps its (default) settings; the new one stores the asked ones.
+        assert_eq!(settings, vec![("fresh", Some(tuned)), ("sscd", None)]);
+        Ok(new)
+    }
+
     /// A space's index settings are written when it is first created and kept: a second bank
     /// declaring it with other settings gets the stored ones, and so does every read.
     async fn space_index_settings_are_stored_once(store: Store) -> TestResult {

@@ -2407,6 +2407,32 @@ mod tests {
         Ok(())
     }
 
+    /// The test database as the release of schema `version` left it, before its data.
+    async fn old_database(
+        db: &TestDatabase,
+        version: usize,
+    ) -> Result<tokio_postgres::Client, Box<dyn std::error::Error>> {
+        let client = db.connect().await?;
+        client
+            .batch_execute(
+                "CREATE TABLE schema_migrations (
+                     version    bigint      PRIMARY KEY,
+                     applied_at timestamptz NOT NULL DEFAULT now()
+                 )",
+            )
+            .await?;
+        for (step, sql) in MIGRATIONS[..version].iter().enumerate() {
+            client.batch_execute(sql).await?;
+            client
+                .execute(
+                    "INSERT INTO schema_migrations (version) VALUES ($1)",
+                    &[&(step as i64 + 1)],
+                )
+                .await?;
+        }
+        Ok(client)
+    }
+
     /// A schema-3 database (embedding spaces without stored index settings) opened by this
     /// release: its spaces read back with no settings (the defaults), and new spaces store
     /// theirs.
@@ -2416,19 +2442,7 @@ mod tests {
             return Ok(());
         };
         {
-            let client = db.connect().await?;
-            client
-                .batch_execute(
-                    "CREATE TABLE schema_migrations (
-                         version    bigint      PRIMARY KEY,
-                         applied_at timestamptz NOT NULL DEFAULT now()
-                     );
-                     INSERT INTO schema_migrations (version) VALUES (1), (2), (3);",
-                )
-                .await?;
-            for step in &MIGRATIONS[..3] {
-                client.batch_execute(step).await?;
-            }
+            let client = old_database(&db, 3).await?;
             client
                 .batch_execute(
                     "INSERT INTO organisations (name, created_ms) VALUES ('local', 10);
@@ -2451,39 +2465,7 @@ mod tests {
             .map(|row| row.get(0))
             .collect();
         assert_eq!(versions, (1..=supported_version()).collect::<Vec<_>>());
-        let old = store.get_bank(BankId(1)).await?;
-        assert_eq!(old.embedding_spaces.len(), 1);
-        assert_eq!(old.embedding_spaces[0].index, None);
-
-        let tuned: crate::index::VectorParams = "m=24,ef_construction=200"
-            .parse()
-            .map_err(|e| format!("{e}"))?;
-        let space = |name: &str| crate::model::EmbeddingSpace {
-            name: name.to_string(),
-            dimension: 4,
-            metric: crate::model::Metric::Cosine,
-            threshold: 0.7,
-            index: Some(tuned),
-        };
-        let new = store
-            .create_bank(
-                NewBank {
-                    name: "new".to_string(),
-                    category: crate::model::Category::Terrorism,
-                    owner: OrgId(1),
-                    visibility: Visibility::Private,
-                    description: String::new(),
-                    embedding_spaces: vec![space("sscd"), space("fresh")],
-                },
-                Actor::system(OrgId(1)),
-            )
-            .await?;
-        let settings: Vec<(&str, Option<crate::index::VectorParams>)> = new
-            .embedding_spaces
-            .iter()
-            .map(|s| (s.name.as_str(), s.index))
-            .collect();
-        assert_eq!(settings, vec![("fresh", Some(tuned)), ("sscd", None)]);
+        let new = crate::store::tests::schema_3_spaces_gain_index_settings(&store).await?;
         drop(store);
         let store = db.open().await?;
         assert_eq!(store.get_bank(new.id).await?, new);
@@ -2498,17 +2480,7 @@ mod tests {
             return Ok(());
         };
         {
-            let client = db.connect().await?;
-            client
-                .batch_execute(
-                    "CREATE TABLE schema_migrations (
-                         version    bigint      PRIMARY KEY,
-                         applied_at timestamptz NOT NULL DEFAULT now()
-                     );
-                     INSERT INTO schema_migrations (version) VALUES (1);",
-                )
-                .await?;
-            client.batch_execute(MIGRATIONS[0]).await?;
+            let client = old_database(&db, 1).await?;
             client
                 .batch_execute(
                     "INSERT INTO organisations (name, created_ms) VALUES ('local', 10),

@@ -11,9 +11,9 @@ use crate::support;
 
 const BIN: &str = env!("CARGO_BIN_EXE_framematch");
 
-/// A `framematch serve` child process.
-struct Served {
-    child: Child,
+/// A `framematch serve` child process (also the real-model server of `embed_model`).
+pub(crate) struct Served {
+    pub(crate) child: Child,
     url: String,
 }
 
@@ -25,7 +25,7 @@ impl Served {
     }
 
     /// As [`Served::start`], with extra `serve` flags.
-    async fn start_with(data_dir: &Path, extra: &[&str]) -> Self {
+    pub(crate) async fn start_with(data_dir: &Path, extra: &[&str]) -> Self {
         let served = Self::spawn(data_dir, extra).await;
         support::wait_serving(&served.url).await;
         served
@@ -69,13 +69,13 @@ impl Served {
         Self { child, url }
     }
 
-    async fn banks(&self) -> pb::banks_client::BanksClient<support::Authed> {
+    pub(crate) async fn banks(&self) -> pb::banks_client::BanksClient<support::Authed> {
         pb::banks_client::BanksClient::new(
             support::connect_as(&self.url, Some(support::ADMIN_KEY)).await,
         )
     }
 
-    async fn matcher(&self) -> pb::matcher_client::MatcherClient<support::Authed> {
+    pub(crate) async fn matcher(&self) -> pb::matcher_client::MatcherClient<support::Authed> {
         pb::matcher_client::MatcherClient::new(
             support::connect_as(&self.url, Some(support::ADMIN_KEY)).await,
         )

@@ -17,11 +17,11 @@ use std::sync::{Arc, OnceLock};
 
 use framematch::api::embedding::SpaceModel;
 use framematch::embed::{DEFAULT_INPUT, DEFAULT_THRESHOLD, ModelConfig, OnnxModel};
-use framematch::hash::{PdqHash, pdq};
+use framematch::hash::{DEFAULT_MAX_DISTANCE, PdqHash, pdq};
 use framematch::pb;
 use image::RgbImage;
 
-use crate::support;
+use crate::{binary, support};
 
 const BIN: &str = env!("CARGO_BIN_EXE_framematch");
 
@@ -203,10 +203,7 @@ fn a_ten_percent_crop_scores_well_above_an_unrelated_photo() {
         return;
     };
     let original = photo(&dir, "bridge-1-original.jpg");
-    let (w, h) = original.dimensions();
-    // 10 % of each side cut away: 5 % from every edge.
-    let cropped =
-        image::imageops::crop_imm(&original, w / 20, h / 20, w - w / 10, h - h / 10).to_image();
+    let cropped = ten_percent_crop(&original);
     let unrelated = photo(&dir, "pen-and-coaster.png");
     for name in ["sscd", "sscd_distilled"] {
         let model = model(name).expect("opened above");
@@ -379,11 +376,10 @@ fn hash_embedding_without_a_model_says_how_to_get_one() {
     assert!(stderr.contains(".ci/fetch-models"), "{stderr}");
 }
 
-/// A `framematch serve` child started with the distilled SSCD model as space `sscd_distilled`,
-/// killed on drop.
+/// A `framematch serve` child ([`binary::Served`]) started with the distilled SSCD model as
+/// space `sscd_distilled`, killed on drop.
 struct ModelServer {
-    child: std::process::Child,
-    url: String,
+    served: binary::Served,
     _dir: tempfile::TempDir,
 }
 
@@ -393,66 +389,38 @@ const DISTILLED: &str = "sscd_distilled";
 impl ModelServer {
     /// Starts the binary with `--embedding-model sscd_distilled.onnx --onnxruntime LIB
     /// --embedding-space sscd_distilled` (threshold and input left at their defaults: 0.75,
-    /// 320x320), reads the bound address from its first line, and waits for SERVING.
+    /// 320x320) and waits for SERVING.
     async fn start(model: &Path, runtime: &Path) -> Self {
         let dir = tempfile::tempdir().expect("dir");
-        let mut child = Command::new(BIN)
-            .env("FRAMEMATCH_BOOTSTRAP_ADMIN_KEY", support::ADMIN_KEY)
-            .args([
-                "serve",
-                "--listen",
-                "127.0.0.1:0",
-                "--metrics-listen",
-                "127.0.0.1:0",
+        let utf8 = |path: &Path| path.to_str().expect("UTF-8 path").to_string();
+        let (model, runtime) = (utf8(model), utf8(runtime));
+        let served = binary::Served::start_with(
+            dir.path(),
+            &[
                 "--embedding-space",
                 DISTILLED,
-            ])
-            .arg("--data-dir")
-            .arg(dir.path())
-            .arg("--embedding-model")
-            .arg(model)
-            .arg("--onnxruntime")
-            .arg(runtime)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn framematch serve");
-        let stdout = child.stdout.take().expect("stdout");
-        let first_line = tokio::task::spawn_blocking(move || {
-            let mut line = String::new();
-            BufReader::new(stdout)
-                .read_line(&mut line)
-                .expect("read first line");
-            line
-        })
-        .await
-        .expect("reader");
-        let address = first_line
-            .trim()
-            .strip_prefix("listening on ")
-            .unwrap_or_else(|| panic!("first line names the address: {first_line:?}"))
-            .to_string();
-        let url = format!("http://{address}");
-        support::wait_serving(&url).await;
-        Self {
-            child,
-            url,
-            _dir: dir,
-        }
+                "--embedding-model",
+                &model,
+                "--onnxruntime",
+                &runtime,
+            ],
+        )
+        .await;
+        Self { served, _dir: dir }
     }
 
     async fn banks(&self) -> pb::banks_client::BanksClient<support::Authed> {
-        pb::banks_client::BanksClient::new(
-            support::connect_as(&self.url, Some(support::ADMIN_KEY)).await,
-        )
-        .max_encoding_message_size(64 * 1024 * 1024)
+        self.served
+            .banks()
+            .await
+            .max_encoding_message_size(64 * 1024 * 1024)
     }
 
     async fn matcher(&self) -> pb::matcher_client::MatcherClient<support::Authed> {
-        pb::matcher_client::MatcherClient::new(
-            support::connect_as(&self.url, Some(support::ADMIN_KEY)).await,
-        )
-        .max_encoding_message_size(64 * 1024 * 1024)
+        self.served
+            .matcher()
+            .await
+            .max_encoding_message_size(64 * 1024 * 1024)
     }
 
     async fn match_image(&self, bytes: Vec<u8>) -> pb::FrameResult {
@@ -472,46 +440,30 @@ impl ModelServer {
 
 impl Drop for ModelServer {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        let _ = self.served.child.kill();
+        let _ = self.served.child.wait();
     }
 }
 
-/// `picture` with 10 % of each side cut away (5 % from every edge), re-encoded as JPEG.
-fn ten_percent_crop_jpeg(picture: &RgbImage) -> Vec<u8> {
+/// `picture` with 10 % of each side cut away: 5 % from every edge.
+fn ten_percent_crop(picture: &RgbImage) -> RgbImage {
     let (w, h) = picture.dimensions();
-    let cropped =
-        image::imageops::crop_imm(picture, w / 20, h / 20, w - w / 10, h - h / 10).to_image();
+    image::imageops::crop_imm(picture, w / 20, h / 20, w - w / 10, h - h / 10).to_image()
+}
+
+/// [`ten_percent_crop`] re-encoded as JPEG.
+fn ten_percent_crop_jpeg(picture: &RgbImage) -> Vec<u8> {
     let mut jpeg = Vec::new();
     image::codecs::jpeg::JpegEncoder::new_with_quality(&mut jpeg, 90)
-        .encode_image(&cropped)
+        .encode_image(&ten_percent_crop(picture))
         .expect("JPEG encodes");
     jpeg
 }
-
-/// The PDQ distance the server matches within when the request sets none.
-const DEFAULT_MAX_DISTANCE: u32 = 31;
 
 fn pdq_of(bytes: &[u8]) -> PdqHash {
     pdq::hash_image_bytes(bytes, &pdq::DecodeLimits::default())
         .expect("hashes")
         .hash()
-}
-
-fn ffmpeg_available() -> bool {
-    if Command::new("ffmpeg")
-        .arg("-version")
-        .output()
-        .is_ok_and(|o| o.status.success())
-    {
-        return true;
-    }
-    assert!(
-        std::env::var_os("CI").is_none(),
-        "CI must have ffmpeg installed (apt-get install ffmpeg)"
-    );
-    eprintln!("skipping the video part: ffmpeg not found (apt-get install ffmpeg)");
-    false
 }
 
 /// A 3-second H.264 video of the still `jpeg` made by ffmpeg, decoded back by ffmpeg into one
@@ -695,7 +647,7 @@ async fn a_cropped_copy_is_caught_by_the_servers_embedding_where_pdq_misses_it()
     assert_eq!(result.total_matches, 0);
 
     // (3) The crop as a video: encoded and decoded by ffmpeg, one frame per second sent.
-    if !ffmpeg_available() {
+    if !support::ffmpeg_available() {
         return;
     }
     let work = tempfile::tempdir().expect("dir");

@@ -32,24 +32,6 @@ async fn run(server: &TestServer, args: &[&str]) -> (i32, String, String) {
     )
 }
 
-fn ffmpeg_available() -> bool {
-    let runs = |program: &str| {
-        std::process::Command::new(program)
-            .arg("-version")
-            .output()
-            .is_ok_and(|o| o.status.success())
-    };
-    if runs("ffmpeg") && runs("ffprobe") {
-        return true;
-    }
-    assert!(
-        std::env::var_os("CI").is_none(),
-        "CI must have ffmpeg and ffprobe installed (apt-get install ffmpeg)"
-    );
-    eprintln!("skipping: ffmpeg/ffprobe not found (apt-get install ffmpeg)");
-    false
-}
-
 /// Every reference of `bank` with its frames, by id.
 async fn export(
     server: &TestServer,
@@ -250,7 +232,7 @@ async fn export_then_import_gives_the_same_matches_in_every_format() {
     let Some(dir) = support::conformance_dir() else {
         return;
     };
-    if !ffmpeg_available() {
+    if !support::ffmpeg_available() {
         return;
     }
     let source = TestServer::start().await;

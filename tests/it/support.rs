@@ -498,3 +498,22 @@ impl Database {
             .expect("drop database");
     }
 }
+
+/// Whether ffmpeg and ffprobe can be run. Under CI (`CI` set) their absence is a failure.
+pub fn ffmpeg_available() -> bool {
+    let runs = |program: &str| {
+        std::process::Command::new(program)
+            .arg("-version")
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    if runs("ffmpeg") && runs("ffprobe") {
+        return true;
+    }
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "CI must have ffmpeg and ffprobe installed (apt-get install ffmpeg)"
+    );
+    eprintln!("skipping: ffmpeg/ffprobe not found (apt-get install ffmpeg)");
+    false
+}

@@ -16,29 +16,10 @@ use crate::support::{self, TestServer};
 
 const BIN: &str = env!("CARGO_BIN_EXE_framematch");
 
-/// Whether ffmpeg and ffprobe can be run. Under CI (`CI` set) their absence is a failure.
-fn ffmpeg_available() -> bool {
-    let runs = |program: &str| {
-        Command::new(program)
-            .arg("-version")
-            .output()
-            .is_ok_and(|o| o.status.success())
-    };
-    if runs("ffmpeg") && runs("ffprobe") {
-        return true;
-    }
-    assert!(
-        std::env::var_os("CI").is_none(),
-        "CI must have ffmpeg and ffprobe installed (apt-get install ffmpeg)"
-    );
-    eprintln!("skipping: ffmpeg/ffprobe not found (apt-get install ffmpeg)");
-    false
-}
-
 /// The conformance vpdq folder, when both it and ffmpeg are there.
 fn vpdq_dir_with_ffmpeg() -> Option<PathBuf> {
     let dir = support::conformance_dir()?.join("vpdq");
-    ffmpeg_available().then_some(dir)
+    support::ffmpeg_available().then_some(dir)
 }
 
 /// Runs the binary; returns (exit code, stdout, stderr).
@@ -305,7 +286,7 @@ fn vpdq_match_reproduces_every_row_of_the_expected_table() {
 
 #[test]
 fn files_that_are_not_videos_fail_clearly_with_exit_2() {
-    if !ffmpeg_available() {
+    if !support::ffmpeg_available() {
         return;
     }
     let dir = tempfile::tempdir().expect("temp dir");
@@ -420,7 +401,7 @@ fn a_truncated_video_hashes_the_frames_before_the_cut() {
 
 #[test]
 fn a_stream_that_changes_size_midway_keeps_whole_frames_and_frame_numbers() {
-    if !ffmpeg_available() {
+    if !support::ffmpeg_available() {
         return;
     }
     let tmp = tempfile::tempdir().expect("temp dir");
