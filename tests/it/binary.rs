@@ -664,13 +664,13 @@ async fn the_bootstrap_key_is_printed_once_and_the_cli_manages_orgs_keys_sharing
     assert_eq!(code, 0, "{err}");
     let (_, out, _) = cli(Some(contributor), &["bank", "list"]);
     assert!(
-        out.contains("\tattacks\tgraphic_violence\tlocal\tshared\tyoutube\t\n"),
+        out.contains("\tattacks\tgraphic_violence\tlocal\tshared\tyoutube\t\t\n"),
         "{out:?}"
     );
     // The partner sees the bank, not whom else it is shared with, and may not change it.
     let (_, out, _) = cli(Some(&youtube), &["bank", "list"]);
     assert!(
-        out.contains("\tattacks\tgraphic_violence\tlocal\tshared\t\t\n"),
+        out.contains("\tattacks\tgraphic_violence\tlocal\tshared\t\t\t\n"),
         "{out:?}"
     );
     let (code, _, err) = cli(
