@@ -17,7 +17,7 @@ OUT=$ROOT/target/robustness
 PY=${PY:-python3}
 MODEL_DIR=${MODEL_DIR:-$(dirname "${FRAMEMATCH_EMBEDDING_MODEL:?run eval \"\$(.ci/fetch-models)\" or set MODEL_DIR}")}
 MODELS=${MODELS:-"distilled full"}
-STEPS=${STEPS:-"sources media pdq embed score"}
+STEPS=${STEPS:-"sources media pdq embed server score"}
 HERE=$ROOT/bench/robustness
 mkdir -p "$OUT"
 step() { [[ " $STEPS " == *" $1 "* ]]; }
@@ -95,6 +95,52 @@ if step embed; then
     stamp "embed: $m"
     "$PY" "$HERE/embed.py" "$OUT" "$MODEL_DIR/$file" "$m"
   done
+fi
+
+# The server's own verdicts with its own embedding model (distilled): one bank per candidate
+# threshold plus a PDQ-only bank, each holding the 32 known originals; one scan of every video
+# searches them all, so each verdict line says which threshold it was made under.
+# SERVER_SCAN_ARGS adds scan options (e.g. "--query-threshold 34"), SERVER_TAG names that run's
+# files (server-scan$TAG.tsv), and SERVER_REUSE=1 scans the banks of an earlier run again.
+SERVER_THRESHOLDS=${SERVER_THRESHOLDS:-"0.30 0.35 0.39 0.45 0.50 0.55 0.60 0.75"}
+if step server; then
+  stamp "server: serve --embedding-model sscd_distilled, banks per threshold, scan everything"
+  [[ -n ${PDQ_NO_BUILD:-} ]] || cargo build --quiet --release --bin framematch
+  bin=$ROOT/target/release/framematch data=$OUT/server-data addr=""
+  [[ -n ${SERVER_REUSE:-} ]] || { rm -rf "$data" && mkdir -p "$data"; }
+  "$bin" serve --insecure-no-auth --listen 127.0.0.1:0 --metrics-listen 127.0.0.1:0 --data-dir "$data" \
+    --embedding-model "$MODEL_DIR/sscd_distilled.onnx" --embedding-space sscd_distilled \
+    ${ORT_DYLIB_PATH:+--onnxruntime "$ORT_DYLIB_PATH"} >"$OUT/server.log" 2>&1 &
+  server=$!
+  for _ in $(seq 300); do
+    addr=$(sed -n 's/^listening on //p' "$OUT/server.log" | head -1)
+    [[ -n $addr ]] && break
+    sleep 0.1
+  done
+  [[ -n $addr ]] || { echo "server did not start: $(cat "$OUT/server.log")" >&2; kill "$server"; exit 1; }
+  export FRAMEMATCH_SERVER=http://$addr
+  for _ in $(seq 600); do
+    "$bin" bank list >/dev/null 2>"$OUT/server-create.err" && break
+    sleep 0.2
+  done
+  if [[ -z ${SERVER_REUSE:-} ]]; then
+    "$bin" bank create pdq-only --category other >/dev/null
+    mapfile -t refs < <(awk -F'\t' '$2=="known" && $4=="original" {print "'"$OUT"'/" $5}' "$OUT/manifest.tsv")
+    "$bin" ref add pdq-only "${refs[@]}" | sed 's/^/pdq-only\t/' >"$OUT/server-refs.tsv"
+    for t in $SERVER_THRESHOLDS; do
+      "$bin" bank create "emb-$t" --category other --embedding "sscd_distilled:$t" >/dev/null
+      "$bin" ref add "emb-$t" "${refs[@]}" | sed "s/^/emb-$t\t/" >>"$OUT/server-refs.tsv"
+    done
+  fi
+  mapfile -t vids < <(awk -F'\t' 'NR>1 {print "'"$OUT"'/" $5}' "$OUT/manifest.tsv")
+  scan_out=$OUT/server-scan${SERVER_TAG:-}.tsv
+  : >"$scan_out"
+  for ((i = 0; i < ${#vids[@]}; i += 100)); do
+    # shellcheck disable=SC2086 # SERVER_SCAN_ARGS is a list of options
+    "$bin" scan ${SERVER_SCAN_ARGS:-} "${vids[@]:i:100}" >>"$scan_out" || [[ $? == 1 ]]
+  done
+  kill "$server"; wait "$server" 2>/dev/null || true
+  stamp "server: $(grep -c $'\tmatch$' "$scan_out") matching verdicts"
 fi
 
 if step score; then
