@@ -20,7 +20,7 @@
 //!   [`hash::vpdq`] reads and writes vPDQ files and compares two videos as vPDQ does.
 //! - [`formats`]: hash-list exchange formats (threatexchange `pdq` lines and CSV, vPDQ text and
 //!   JSON) read into references to import and written from a bank's export.
-//!   [`transfer`] is the client side: `framematch export` and `import`.
+//!   [`cli::transfer`] is the client side: `framematch export` and `import`.
 //! - [`loadgen`]: the `framematch bench` load generator (many MatchVideo streams; issue #6).
 //! - [`config`]: flags and environment, validated once; [`cli`]: the command line.
 //! - [`follow`]: `serve --follow`: mirrors the banks a partner server shares, from its change feed.
@@ -61,5 +61,4 @@ pub mod server;
 pub mod store;
 pub mod telemetry;
 pub mod tls;
-pub mod transfer;
 pub mod video;

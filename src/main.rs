@@ -37,8 +37,8 @@ fn main() -> ExitCode {
         Command::Audit { bank, after, limit } => {
             client(cli::audit(bank, after, limit, &cli.client))
         }
-        Command::Export(args) => client(framematch::transfer::export(args, &cli.client)),
-        Command::Import(args) => client(framematch::transfer::import(args, &cli.client)),
+        Command::Export(args) => client(cli::transfer::export(args, &cli.client)),
+        Command::Import(args) => client(cli::transfer::import(args, &cli.client)),
         Command::Bench(args) => client(cli::bench(args, &cli.client)),
         Command::Match {
             banks,

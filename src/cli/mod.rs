@@ -30,6 +30,8 @@ use crate::model::Category;
 use crate::pb;
 use crate::video::{self, FrameReader, HashOptions, SamplingOptions, Tools};
 
+pub mod transfer;
+
 /// Exit code for errors.
 pub const EXIT_ERROR: u8 = 2;
 /// Exit code for `match` when something matched.
@@ -127,10 +129,10 @@ pub enum Command {
     },
     /// Write a bank's references as a hash list (python-threatexchange CSV by default; see README
     /// "Import and export"); a summary and skipped references go to stderr.
-    Export(crate::transfer::ExportArgs),
+    Export(transfer::ExportArgs),
     /// Add every item of a hash-list file (threatexchange pdq lines or CSV, vPDQ text or JSON) to
     /// a bank as one reference each; prints `imported N references (M frames), skipped K`.
-    Import(crate::transfer::ImportArgs),
+    Import(transfer::ImportArgs),
     /// Load generator (issue #6): runs concurrent MatchVideo streams against the server and prints
     /// frames/s, per-frame p50/p99 latency, errors and the server's CPU time per frame.
     Bench(BenchArgs),
