@@ -41,7 +41,7 @@ use tonic::Code;
 
 use crate::api::{AppState, convert};
 use crate::client::{self, ClientOptions, Connector};
-use crate::config::FollowConfig;
+use crate::config::{self, FollowConfig, invalid};
 use crate::hash::{PDQ_BYTES, PdqHash};
 use crate::model::{
     Actor, BankId, Category, FrameSignal, NewReference, OrgId, ReferenceId, ReferenceState,
@@ -1044,6 +1044,75 @@ fn frame_from_pb(frame: &pb::StoredFrame) -> Result<FrameSignal, String> {
         hash: PdqHash::from_bytes(bytes),
         quality,
     })
+}
+
+/// `--follow`'s checks live here, with the follower that owns their limits.
+impl FollowConfig {
+    /// Validates `--follow`, `--follow-key` and `--follow-share-with`.
+    ///
+    /// # Errors
+    /// The flag and what is wrong with it.
+    pub fn parse(url: &str, key: &str, share_with: &[String]) -> Result<Self, config::Error> {
+        let url = url.trim().trim_end_matches('/');
+        if !url.starts_with("http://") && !url.starts_with("https://") {
+            return Err(invalid(
+                "follow",
+                format!("{url:?}: must be an http://host:port or https://host:port URL"),
+            ));
+        }
+        match url.parse::<tonic::transport::Uri>() {
+            Ok(uri) if uri.host().is_some_and(|h| !h.is_empty()) => {}
+            _ => {
+                return Err(invalid(
+                    "follow",
+                    format!("{url:?} is not a URL with a host (e.g. http://partner.example:50051)"),
+                ));
+            }
+        }
+        if url.len() > crate::store::MAX_SOURCE_BYTES {
+            return Err(invalid(
+                "follow",
+                format!(
+                    "is {} bytes long; at most {} are accepted",
+                    url.len(),
+                    crate::store::MAX_SOURCE_BYTES
+                ),
+            ));
+        }
+        if key.is_empty()
+            || key.len() > crate::auth::MAX_SECRET_CHARS
+            || !key.bytes().all(|b| b.is_ascii_graphic())
+        {
+            return Err(invalid(
+                "follow-key",
+                format!(
+                    "must be the partner's API key: 1 to {} printable ASCII characters without spaces",
+                    crate::auth::MAX_SECRET_CHARS
+                ),
+            ));
+        }
+        let mut orgs = Vec::new();
+        for name in share_with {
+            let name = name.trim();
+            if name.is_empty() {
+                return Err(invalid(
+                    "follow-share-with",
+                    "an empty organisation name (write names separated by commas)",
+                ));
+            }
+            if !orgs.iter().any(|o: &String| o == name) {
+                orgs.push(name.to_string());
+            }
+        }
+        Ok(Self {
+            url: url.to_string(),
+            key: key.to_string(),
+            share_with: orgs,
+            tls_ca: None,
+            tls_client_cert: None,
+            tls_client_key: None,
+        })
+    }
 }
 
 #[cfg(test)]

@@ -8,8 +8,9 @@ use std::io::Write;
 use std::process::ExitCode;
 
 use clap::Parser;
+use framematch::api::ServeConfig;
+use framematch::cli::serve::ServeArgs;
 use framematch::cli::{self, Cli, Command, EXIT_CONFIG, EXIT_ERROR, EXIT_MATCHED};
-use framematch::config::{ServeArgs, ServeConfig};
 use framematch::telemetry::{OtlpConfig, Tracing};
 
 fn main() -> ExitCode {

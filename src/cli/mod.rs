@@ -23,13 +23,14 @@ use image::ImageFormat;
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::client::{self, ClientOptions, Connection};
-use crate::config::{EmbeddingArgs, ServeArgs};
 use crate::hash::pdq::{self, DecodeLimits, Dihedral};
 use crate::hash::vpdq::{self, MatchConfig, Semantics, Vpdq};
 use crate::model::Category;
 use crate::pb;
 use crate::video::{self, FrameReader, HashOptions, SamplingOptions, Tools};
+use serve::{EmbeddingArgs, ServeArgs};
 
+pub mod serve;
 pub mod transfer;
 
 /// Exit code for errors.

@@ -209,6 +209,17 @@ pub struct DecodeLimits {
     pub max_pixels: u64,
 }
 
+/// The decoder's side of the server's request limits.
+impl crate::config::Limits {
+    /// The decoder's limits.
+    pub fn decode_limits(&self) -> DecodeLimits {
+        DecodeLimits {
+            max_bytes: self.max_image_bytes,
+            max_pixels: self.max_pixels,
+        }
+    }
+}
+
 impl Default for DecodeLimits {
     /// 32 MiB and 50,000,000 pixels.
     ///
