@@ -49,6 +49,7 @@ use crate::model::{
 };
 use crate::pb;
 use crate::store::{self, MAX_NAME_CHARS, MAX_TEXT_BYTES, NewBank};
+use crate::telemetry::FollowReport;
 
 /// How long one connection attempt may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -144,6 +145,25 @@ impl FollowProgress {
         if let Some(counter) = self.events.get(kind as usize) {
             counter.fetch_add(1, Ordering::Relaxed);
         }
+    }
+}
+
+/// The follower's progress as the metrics pipeline reads it.
+impl FollowReport for FollowProgress {
+    fn partner(&self) -> &str {
+        &self.partner
+    }
+
+    fn applied_seq(&self) -> u64 {
+        FollowProgress::applied_seq(self)
+    }
+
+    fn is_connected(&self) -> bool {
+        FollowProgress::is_connected(self)
+    }
+
+    fn event_counts(&self) -> impl Iterator<Item = (&'static str, u64)> + '_ {
+        FollowProgress::event_counts(self)
     }
 }
 
