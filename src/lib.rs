@@ -10,7 +10,7 @@
 //! - [`index`]: the in-memory frame index, one trait over two engines: `exact` (linear popcount
 //!   scan, the oracle) and `hnsw` (hnsw_rs with our own bit distance). Tombstones for withdrawals.
 //! - [`embed`]: the server's own embedding models (SSCD through ONNX Runtime, issue #11), behind
-//!   [`api::embedding::SpaceModel`].
+//!   [`embed::SpaceModel`] (the trait the API calls them through).
 //! - [`matching`]: one frame against the index, and a stream's frames into vPDQ-style verdicts.
 //! - [`store`]: the durable reference store (embedded SQLite by default) with its change log.
 //! - [`model`]: the domain types of the data model (DESIGN.md §2).
