@@ -22,7 +22,8 @@
 //!   JSON) read into references to import and written from a bank's export.
 //!   [`cli::transfer`] is the client side: `framematch export` and `import`.
 //! - [`loadgen`]: the `framematch bench` load generator (many MatchVideo streams; issue #6).
-//! - [`config`]: flags and environment, validated once; [`cli`]: the command line.
+//! - [`config`]: plain configuration values; [`cli`]: the command line by command group
+//!   ([`cli::serve`] validates the flags and environment once into an [`api::ServeConfig`]).
 //! - [`follow`]: `serve --follow`: mirrors the banks a partner server shares, from its change feed.
 //! - [`client`]: the one way client commands and the load generator connect (TLS, API key);
 //!   [`tls`]: PEM certificates and keys, checked when the configuration is read.
