@@ -41,7 +41,7 @@ use tonic::Code;
 
 use crate::api::{AppState, convert};
 use crate::client::{self, ClientOptions, Connector};
-use crate::config::FollowConfig;
+use crate::config::{self, FollowConfig, invalid};
 use crate::hash::{PDQ_BYTES, PdqHash};
 use crate::model::{
     Actor, BankId, Category, FrameSignal, NewReference, OrgId, ReferenceId, ReferenceState,
@@ -49,6 +49,7 @@ use crate::model::{
 };
 use crate::pb;
 use crate::store::{self, MAX_NAME_CHARS, MAX_TEXT_BYTES, NewBank};
+use crate::telemetry::FollowReport;
 
 /// How long one connection attempt may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -144,6 +145,25 @@ impl FollowProgress {
         if let Some(counter) = self.events.get(kind as usize) {
             counter.fetch_add(1, Ordering::Relaxed);
         }
+    }
+}
+
+/// The follower's progress as the metrics pipeline reads it.
+impl FollowReport for FollowProgress {
+    fn partner(&self) -> &str {
+        &self.partner
+    }
+
+    fn applied_seq(&self) -> u64 {
+        FollowProgress::applied_seq(self)
+    }
+
+    fn is_connected(&self) -> bool {
+        FollowProgress::is_connected(self)
+    }
+
+    fn event_counts(&self) -> impl Iterator<Item = (&'static str, u64)> + '_ {
+        FollowProgress::event_counts(self)
     }
 }
 
@@ -1046,163 +1066,74 @@ fn frame_from_pb(frame: &pb::StoredFrame) -> Result<FrameSignal, String> {
     })
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_seq_is_complete_when_a_higher_one_arrives() {
-        let mut cursor = Cursor::new(10);
-        assert_eq!(cursor.resume_from(), 10);
-        assert_eq!(cursor.unsaved(), None);
-        // A bank made visible at 12 comes with its references, all at 12.
-        for _ in 0..3 {
-            cursor.begin(12).expect("in order");
-            assert_eq!(cursor.unsaved(), None, "12 is not complete yet");
-            assert_eq!(cursor.resume_from(), 10);
+/// `--follow`'s checks live here, with the follower that owns their limits.
+impl FollowConfig {
+    /// Validates `--follow`, `--follow-key` and `--follow-share-with`.
+    ///
+    /// # Errors
+    /// The flag and what is wrong with it.
+    pub fn parse(url: &str, key: &str, share_with: &[String]) -> Result<Self, config::Error> {
+        let url = url.trim().trim_end_matches('/');
+        if !url.starts_with("http://") && !url.starts_with("https://") {
+            return Err(invalid(
+                "follow",
+                format!("{url:?}: must be an http://host:port or https://host:port URL"),
+            ));
         }
-        cursor.begin(15).expect("in order");
-        assert_eq!(cursor.unsaved(), Some(12));
-        assert_eq!(cursor.resume_from(), 12);
-        cursor.saved(12);
-        assert_eq!(cursor.unsaved(), None);
-        cursor.begin(16).expect("in order");
-        assert_eq!(cursor.unsaved(), Some(15));
-        // Recorded less often than seqs complete: still the latest complete one.
-        cursor.begin(20).expect("in order");
-        assert_eq!(cursor.unsaved(), Some(16));
-        cursor.saved(16);
-        assert_eq!(cursor.persisted, 16);
-        // saved never moves the record backwards.
-        cursor.saved(3);
-        assert_eq!(cursor.persisted, 16);
-    }
-
-    #[test]
-    fn a_reconnect_replays_the_pending_group() {
-        let mut cursor = Cursor::new(0);
-        cursor.begin(4).expect("in order");
-        cursor.begin(7).expect("in order");
-        cursor.begin(7).expect("in order");
-        // The stream breaks in the middle of group 7: resume after 4, and 7 comes again.
-        cursor.reconnecting();
-        assert_eq!(cursor.resume_from(), 4);
-        cursor.begin(7).expect("in order");
-        cursor.begin(7).expect("in order");
-        cursor.begin(9).expect("in order");
-        assert_eq!(cursor.unsaved(), Some(7));
-    }
-
-    #[test]
-    fn a_feed_going_backwards_is_refused() {
-        let mut cursor = Cursor::new(5);
-        let err = cursor.begin(5).expect_err("not after 5");
-        assert!(err.contains("seq 5 after 5"), "{err}");
-        assert!(cursor.begin(3).is_err());
-        cursor.begin(8).expect("in order");
-        assert!(cursor.begin(6).is_err());
-        assert_eq!(cursor.pending, Some(8), "a refused seq changes nothing");
-        assert_eq!(cursor.resume_from(), 5);
-    }
-
-    #[test]
-    fn bank_names_keep_to_the_alphabet() {
-        assert_eq!(
-            bank_name("platform-a", "attacks_2024.v1"),
-            "platform-a.attacks_2024.v1"
-        );
-        assert_eq!(bank_name("Platform A", "ü bank/1"), "Platform_A.__bank_1");
-        assert_eq!(
-            bank_name("local@127.0.0.1:5000", "shared"),
-            "local_127.0.0.1_5000.shared"
-        );
-        let long = bank_name(&"o".repeat(100), &"n".repeat(100));
-        assert_eq!(long.chars().count(), MAX_NAME_CHARS);
-        assert!(long.starts_with(&"o".repeat(100)));
-        // What the store accepts: 1 to 128 characters of the alphabet.
-        for name in [long, bank_name("", "")] {
-            assert!(!name.is_empty());
-            assert!(
-                name.chars()
-                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
-            );
+        match url.parse::<tonic::transport::Uri>() {
+            Ok(uri) if uri.host().is_some_and(|h| !h.is_empty()) => {}
+            _ => {
+                return Err(invalid(
+                    "follow",
+                    format!("{url:?} is not a URL with a host (e.g. http://partner.example:50051)"),
+                ));
+            }
         }
-        let fallback = fallback_bank_name(&"x".repeat(128), 4567);
-        assert_eq!(fallback.len(), MAX_NAME_CHARS);
-        assert!(fallback.ends_with("x-4567"));
-        assert_eq!(fallback_bank_name("a.b", 3), "a.b-3");
-    }
-
-    #[test]
-    fn owners_named_like_our_default_organisation_are_renamed() {
-        assert_eq!(
-            mirror_org_name("platform-a", "local", "a.example:50051"),
-            "platform-a"
-        );
-        assert_eq!(
-            mirror_org_name("local", "local", "a.example:50051"),
-            "local@a.example:50051"
-        );
-        let long = mirror_org_name("local", "local", &"h".repeat(200));
-        assert_eq!(long.chars().count(), MAX_NAME_CHARS);
-        assert_eq!(
-            mirror_org_name(&"é".repeat(200), "local", "x")
-                .chars()
-                .count(),
-            MAX_NAME_CHARS
-        );
-    }
-
-    #[test]
-    fn partner_frames_are_checked() {
-        let hash = PdqHash::from_bit_fn(|k| k % 3 == 0);
-        let good = pb::StoredFrame {
-            embeddings: Vec::new(),
-            frame_index: 4,
-            timestamp_ms: 4000,
-            pdq: hash.as_bytes().to_vec(),
-            quality: 90,
-        };
-        let frame = frame_from_pb(&good).expect("a good frame");
-        assert_eq!(
-            (frame.frame_index, frame.timestamp_ms, frame.quality),
-            (4, 4000, 90)
-        );
-        assert_eq!(frame.hash, hash);
-        let short = pb::StoredFrame {
-            pdq: vec![0; 31],
-            ..good.clone()
-        };
-        assert!(
-            frame_from_pb(&short)
-                .expect_err("31 bytes")
-                .contains("31 bytes")
-        );
-        let bad_quality = pb::StoredFrame {
-            quality: 101,
-            ..good
-        };
-        assert!(
-            frame_from_pb(&bad_quality)
-                .expect_err("quality 101")
-                .contains("quality 101")
-        );
-    }
-
-    #[test]
-    fn reasons_and_descriptions_fit_the_store() {
-        assert_eq!(withdrawal_reason(""), "withdrawn by the partner");
-        assert_eq!(
-            withdrawal_reason("false positive"),
-            "withdrawn by the partner: false positive"
-        );
-        let long = withdrawal_reason(&"é".repeat(3000));
-        assert!(long.len() <= MAX_TEXT_BYTES);
-        assert!(long.is_char_boundary(long.len()));
-        assert_eq!(
-            category(pb::Category::Terrorism as i32),
-            Category::Terrorism
-        );
-        assert_eq!(category(99), Category::Other);
+        if url.len() > crate::store::MAX_SOURCE_BYTES {
+            return Err(invalid(
+                "follow",
+                format!(
+                    "is {} bytes long; at most {} are accepted",
+                    url.len(),
+                    crate::store::MAX_SOURCE_BYTES
+                ),
+            ));
+        }
+        if key.is_empty()
+            || key.len() > crate::auth::MAX_SECRET_CHARS
+            || !key.bytes().all(|b| b.is_ascii_graphic())
+        {
+            return Err(invalid(
+                "follow-key",
+                format!(
+                    "must be the partner's API key: 1 to {} printable ASCII characters without spaces",
+                    crate::auth::MAX_SECRET_CHARS
+                ),
+            ));
+        }
+        let mut orgs = Vec::new();
+        for name in share_with {
+            let name = name.trim();
+            if name.is_empty() {
+                return Err(invalid(
+                    "follow-share-with",
+                    "an empty organisation name (write names separated by commas)",
+                ));
+            }
+            if !orgs.iter().any(|o: &String| o == name) {
+                orgs.push(name.to_string());
+            }
+        }
+        Ok(Self {
+            url: url.to_string(),
+            key: key.to_string(),
+            share_with: orgs,
+            tls_ca: None,
+            tls_client_cert: None,
+            tls_client_key: None,
+        })
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -10,7 +10,7 @@
 //! - [`index`]: the in-memory frame index, one trait over two engines: `exact` (linear popcount
 //!   scan, the oracle) and `hnsw` (hnsw_rs with our own bit distance). Tombstones for withdrawals.
 //! - [`embed`]: the server's own embedding models (SSCD through ONNX Runtime, issue #11), behind
-//!   [`api::embedding::SpaceModel`].
+//!   [`embed::SpaceModel`] (the trait the API calls them through).
 //! - [`matching`]: one frame against the index, and a stream's frames into vPDQ-style verdicts.
 //! - [`store`]: the durable reference store (embedded SQLite by default) with its change log.
 //! - [`model`]: the domain types of the data model (DESIGN.md §2).
@@ -20,9 +20,10 @@
 //!   [`hash::vpdq`] reads and writes vPDQ files and compares two videos as vPDQ does.
 //! - [`formats`]: hash-list exchange formats (threatexchange `pdq` lines and CSV, vPDQ text and
 //!   JSON) read into references to import and written from a bank's export.
-//!   [`transfer`] is the client side: `framematch export` and `import`.
+//!   [`cli::transfer`] is the client side: `framematch export` and `import`.
 //! - [`loadgen`]: the `framematch bench` load generator (many MatchVideo streams; issue #6).
-//! - [`config`]: flags and environment, validated once; [`cli`]: the command line.
+//! - [`config`]: plain configuration values; [`cli`]: the command line by command group
+//!   ([`cli::serve`] validates the flags and environment once into an [`api::ServeConfig`]).
 //! - [`follow`]: `serve --follow`: mirrors the banks a partner server shares, from its change feed.
 //! - [`client`]: the one way client commands and the load generator connect (TLS, API key);
 //!   [`tls`]: PEM certificates and keys, checked when the configuration is read.
@@ -61,5 +62,4 @@ pub mod server;
 pub mod store;
 pub mod telemetry;
 pub mod tls;
-pub mod transfer;
 pub mod video;

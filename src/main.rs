@@ -8,8 +8,9 @@ use std::io::Write;
 use std::process::ExitCode;
 
 use clap::Parser;
+use framematch::api::ServeConfig;
+use framematch::cli::serve::ServeArgs;
 use framematch::cli::{self, Cli, Command, EXIT_CONFIG, EXIT_ERROR, EXIT_MATCHED};
-use framematch::config::{ServeArgs, ServeConfig};
 use framematch::telemetry::{OtlpConfig, Tracing};
 
 fn main() -> ExitCode {
@@ -37,8 +38,8 @@ fn main() -> ExitCode {
         Command::Audit { bank, after, limit } => {
             client(cli::audit(bank, after, limit, &cli.client))
         }
-        Command::Export(args) => client(framematch::transfer::export(args, &cli.client)),
-        Command::Import(args) => client(framematch::transfer::import(args, &cli.client)),
+        Command::Export(args) => client(cli::transfer::export(args, &cli.client)),
+        Command::Import(args) => client(cli::transfer::import(args, &cli.client)),
         Command::Bench(args) => client(cli::bench(args, &cli.client)),
         Command::Match {
             banks,

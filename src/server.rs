@@ -23,13 +23,13 @@ use tonic_health::server::HealthReporter;
 
 use tonic::service::interceptor::InterceptedService;
 
+use crate::api::ServeConfig;
 use crate::api::admin::AdminService;
 use crate::api::banks::BanksService;
 use crate::api::exchange::ExchangeService;
 use crate::api::matcher::MatcherService;
 use crate::api::{AppState, Catalog};
 use crate::auth::{self, Authenticator, KeyRing};
-use crate::config::ServeConfig;
 use crate::follow::Follower;
 use crate::index::{FrameIndex, SignalIndex};
 use crate::model::{Actor, ChangeKind, ChangeSeq, NewApiKey, Role};

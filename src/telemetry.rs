@@ -396,8 +396,8 @@ impl MetricsPipeline {
     /// URL: `framematch.follow.seq` (the partner's change-log position mirrored so far),
     /// `framematch.follow.connected` (1 while the change stream is open) and
     /// `framematch.follow.events` (events applied, by kind; `rejected` counts malformed ones).
-    pub fn observe_follow(&self, progress: Arc<crate::follow::FollowProgress>) {
-        let partner = KeyValue::new("partner", progress.partner.clone());
+    pub fn observe_follow<P: FollowReport>(&self, progress: Arc<P>) {
+        let partner = KeyValue::new("partner", progress.partner().to_string());
         let (seq_progress, seq_partner) = (Arc::clone(&progress), partner.clone());
         let seq = self
             .meter
@@ -923,6 +923,19 @@ pub fn code_name(code: tonic::Code) -> &'static str {
         tonic::Code::DataLoss => "DATA_LOSS",
         tonic::Code::Unauthenticated => "UNAUTHENTICATED",
     }
+}
+
+/// What a partner follower (`--follow`) reports to [`MetricsPipeline::observe_follow`]: implemented by
+/// the follower's own progress, so telemetry needs to know nothing of the follower.
+pub trait FollowReport: Send + Sync + 'static {
+    /// The partner's URL (the `partner` label).
+    fn partner(&self) -> &str;
+    /// The partner's change-log position mirrored so far.
+    fn applied_seq(&self) -> u64;
+    /// Whether the change stream is open now.
+    fn is_connected(&self) -> bool;
+    /// Events applied so far, by kind.
+    fn event_counts(&self) -> impl Iterator<Item = (&'static str, u64)> + '_;
 }
 
 #[cfg(test)]

@@ -13,22 +13,7 @@ use crate::hash::border;
 use crate::matching::{QueryEmbedding, SpaceScope};
 use crate::model::Metric;
 
-/// A model that turns a picture into a vector of one embedding space: the plug-in point through
-/// which the server computes descriptors (SSCD through ONNX Runtime today; a platform's own model
-/// tomorrow).
-pub trait SpaceModel: Send + Sync {
-    /// The space's name.
-    fn name(&self) -> &str;
-    /// The vector length.
-    fn dimension(&self) -> u32;
-    /// How the vectors compare.
-    fn metric(&self) -> Metric;
-    /// The picture's vector (L2-normalised for cosine spaces).
-    ///
-    /// # Errors
-    /// A description of what failed, for the log and the client.
-    fn embed(&self, picture: &RgbImage) -> Result<Vec<f32>, String>;
-}
+pub use crate::embed::SpaceModel;
 
 /// Whether `model` computes the vectors of the space `name` as declared: same name, dimension
 /// and metric (a partner's bank may declare a space of the same name differently).

@@ -13,6 +13,7 @@
 
 pub mod admin;
 pub mod banks;
+pub mod config;
 pub mod convert;
 pub mod embedding;
 pub mod exchange;
@@ -32,7 +33,7 @@ use tonic::Status;
 use tracing::Instrument as _;
 
 use crate::auth::{AuthMode, Caller, KeyRing};
-use crate::config::{Limits, ServeConfig};
+use crate::config::Limits;
 use crate::hash::border;
 use crate::hash::pdq::{self, DecodeLimits};
 use crate::index::{SharedIndex, SignalIndex};
@@ -42,6 +43,7 @@ use crate::store::Store;
 use crate::telemetry::{Metrics, Outcome, Rpc, RpcCall};
 use convert::{Content, FrameInput};
 
+pub use config::ServeConfig;
 pub use status::Error;
 
 /// The cosine threshold a bank's space gets when CreateBank leaves it at 0: SSCD's descriptors

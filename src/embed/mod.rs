@@ -19,6 +19,8 @@ use std::sync::OnceLock;
 
 pub use onnx::{OnnxModel, resize};
 
+use crate::model::Metric;
+
 /// The space name `--embedding-space` defaults to.
 pub const DEFAULT_SPACE: &str = "sscd";
 
@@ -219,6 +221,23 @@ pub fn l2_normalise(vector: &mut [f32]) -> Result<(), String> {
         *v = (f64::from(*v) / norm) as f32;
     }
     Ok(())
+}
+
+/// A model that turns a picture into a vector of one embedding space: the plug-in point through
+/// which the server computes descriptors (SSCD through ONNX Runtime today; a platform's own model
+/// tomorrow).
+pub trait SpaceModel: Send + Sync {
+    /// The space's name.
+    fn name(&self) -> &str;
+    /// The vector length.
+    fn dimension(&self) -> u32;
+    /// How the vectors compare.
+    fn metric(&self) -> Metric;
+    /// The picture's vector (L2-normalised for cosine spaces).
+    ///
+    /// # Errors
+    /// A description of what failed, for the log and the client.
+    fn embed(&self, picture: &image::RgbImage) -> Result<Vec<f32>, String>;
 }
 
 #[cfg(test)]

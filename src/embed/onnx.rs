@@ -19,8 +19,7 @@ use ort::session::Session;
 use ort::value::{TensorElementType, TensorRef};
 use parking_lot::{Condvar, Mutex};
 
-use super::{Error, InputSize, ModelConfig, l2_normalise};
-use crate::api::embedding::SpaceModel;
+use super::{Error, InputSize, ModelConfig, SpaceModel, l2_normalise};
 use crate::model::Metric;
 
 /// The input name the SSCD graphs use.

@@ -27,7 +27,7 @@ pub fn conformance_dir() -> Option<PathBuf> {
 
 use std::net::SocketAddr;
 
-use framematch::config::ServeConfig;
+use framematch::api::ServeConfig;
 use framematch::pb;
 use framematch::tls::ServerTls;
 use tokio::sync::oneshot;
