@@ -306,16 +306,96 @@ pub struct EmbeddingSpace {
     pub threshold: f32,
     /// The settings of the space's vector index, server-wide like the dimension: fixed when the
     /// space is first created (issue #11 item 2). `None` means the defaults
-    /// ([`crate::index::VectorParams::default`]): a space created before they were stored
+    /// ([`VectorParams::default`]): a space created before they were stored
     /// (schema 3) reads back as `None`. The API always sends the request's settings or the
     /// server's `--vector-index`. A bank declaring a space that exists gets the stored settings.
-    pub index: Option<crate::index::VectorParams>,
+    pub index: Option<VectorParams>,
 }
 
 impl EmbeddingSpace {
     /// The settings its vector index is built with.
-    pub fn index_params(&self) -> crate::index::VectorParams {
+    pub fn index_params(&self) -> VectorParams {
         self.index.unwrap_or_default()
+    }
+}
+
+/// Tuning of a space's index. Text form: `m=16,ef_construction=128,ef_search=64,graph_min=20000`
+/// (any subset, in any order; missing keys keep their defaults).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct VectorParams {
+    /// Links per node and layer (HNSW's `M`; layer 0 keeps up to twice as many), 2..=256.
+    pub max_connections: usize,
+    /// Beam width while building.
+    pub ef_construction: usize,
+    /// Beam width while searching (raised to the `k` asked for when smaller).
+    pub ef_search: usize,
+    /// Spaces with fewer entries are served by the exact scan alone, without a graph.
+    pub graph_min: usize,
+}
+
+impl Default for VectorParams {
+    fn default() -> Self {
+        Self {
+            max_connections: 16,
+            ef_construction: 128,
+            ef_search: 64,
+            graph_min: 20_000,
+        }
+    }
+}
+
+impl fmt::Display for VectorParams {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "m={},ef_construction={},ef_search={},graph_min={}",
+            self.max_connections, self.ef_construction, self.ef_search, self.graph_min
+        )
+    }
+}
+
+/// A [`VectorParams`] text that does not parse.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "bad vector index settings {text:?}: {reason}; expected e.g. m=16,ef_construction=128,ef_search=64,graph_min=20000"
+)]
+pub struct BadVectorParams {
+    /// The text given.
+    pub text: String,
+    /// What is wrong with it.
+    pub reason: String,
+}
+
+impl FromStr for VectorParams {
+    type Err = BadVectorParams;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        let bad = |reason: String| BadVectorParams {
+            text: text.to_string(),
+            reason,
+        };
+        let mut params = VectorParams::default();
+        for item in text.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+            let (key, value) = item
+                .split_once('=')
+                .ok_or_else(|| bad(format!("{item:?} is not key=value")))?;
+            let value: usize = value
+                .trim()
+                .parse()
+                .map_err(|_| bad(format!("{key} must be a whole number, not {value:?}")))?;
+            match key.trim() {
+                "m" if (2..=256).contains(&value) => params.max_connections = value,
+                "m" => return Err(bad(format!("m must be 2 to 256, not {value}"))),
+                "ef_construction" if value >= 1 => params.ef_construction = value,
+                "ef_search" if value >= 1 => params.ef_search = value,
+                "ef_construction" | "ef_search" => {
+                    return Err(bad(format!("{key} must be at least 1")));
+                }
+                "graph_min" => params.graph_min = value,
+                other => return Err(bad(format!("unknown key {other:?}"))),
+            }
+        }
+        Ok(params)
     }
 }
 

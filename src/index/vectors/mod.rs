@@ -22,7 +22,6 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::mem::size_of;
-use std::str::FromStr;
 use std::sync::Arc;
 
 use super::{
@@ -41,85 +40,7 @@ pub const TAIL_SHARE: usize = 16;
 /// The tail may always hold this many entries (a 4 MB scan at 512 dimensions).
 pub const TAIL_MIN: usize = 8192;
 
-/// Tuning of a space's index. Text form: `m=16,ef_construction=128,ef_search=64,graph_min=20000`
-/// (any subset, in any order; missing keys keep their defaults).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct VectorParams {
-    /// Links per node and layer (HNSW's `M`; layer 0 keeps up to twice as many), 2..=256.
-    pub max_connections: usize,
-    /// Beam width while building.
-    pub ef_construction: usize,
-    /// Beam width while searching (raised to the `k` asked for when smaller).
-    pub ef_search: usize,
-    /// Spaces with fewer entries are served by the exact scan alone, without a graph.
-    pub graph_min: usize,
-}
-
-impl Default for VectorParams {
-    fn default() -> Self {
-        Self {
-            max_connections: 16,
-            ef_construction: 128,
-            ef_search: 64,
-            graph_min: 20_000,
-        }
-    }
-}
-
-impl fmt::Display for VectorParams {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "m={},ef_construction={},ef_search={},graph_min={}",
-            self.max_connections, self.ef_construction, self.ef_search, self.graph_min
-        )
-    }
-}
-
-/// A [`VectorParams`] text that does not parse.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error(
-    "bad vector index settings {text:?}: {reason}; expected e.g. m=16,ef_construction=128,ef_search=64,graph_min=20000"
-)]
-pub struct BadVectorParams {
-    /// The text given.
-    pub text: String,
-    /// What is wrong with it.
-    pub reason: String,
-}
-
-impl FromStr for VectorParams {
-    type Err = BadVectorParams;
-
-    fn from_str(text: &str) -> Result<Self, Self::Err> {
-        let bad = |reason: String| BadVectorParams {
-            text: text.to_string(),
-            reason,
-        };
-        let mut params = VectorParams::default();
-        for item in text.split(',').map(str::trim).filter(|s| !s.is_empty()) {
-            let (key, value) = item
-                .split_once('=')
-                .ok_or_else(|| bad(format!("{item:?} is not key=value")))?;
-            let value: usize = value
-                .trim()
-                .parse()
-                .map_err(|_| bad(format!("{key} must be a whole number, not {value:?}")))?;
-            match key.trim() {
-                "m" if (2..=256).contains(&value) => params.max_connections = value,
-                "m" => return Err(bad(format!("m must be 2 to 256, not {value}"))),
-                "ef_construction" if value >= 1 => params.ef_construction = value,
-                "ef_search" if value >= 1 => params.ef_search = value,
-                "ef_construction" | "ef_search" => {
-                    return Err(bad(format!("{key} must be at least 1")));
-                }
-                "graph_min" => params.graph_min = value,
-                other => return Err(bad(format!("unknown key {other:?}"))),
-            }
-        }
-        Ok(params)
-    }
-}
+pub use crate::model::{BadVectorParams, VectorParams};
 
 /// One result: a reference frame scoring at least the minimum.
 #[derive(Clone, Copy, Debug, PartialEq)]
