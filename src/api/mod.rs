@@ -46,9 +46,9 @@ use convert::{Content, FrameInput};
 pub use config::ServeConfig;
 pub use status::Error;
 
-/// The cosine threshold a bank's space gets when CreateBank leaves it at 0: SSCD's descriptors
-/// of copies score about 0.75 and above (issue #11).
-pub const DEFAULT_EMBEDDING_THRESHOLD: f32 = 0.75;
+/// The cosine threshold a bank's space gets when CreateBank leaves it at 0 and the server has no
+/// model of that name: the model default, [`crate::embed::DEFAULT_THRESHOLD`].
+pub const DEFAULT_EMBEDDING_THRESHOLD: f32 = crate::embed::DEFAULT_THRESHOLD;
 /// The dimension a bank's space gets when CreateBank leaves it at 0 and the server has no model
 /// of that name: SSCD's.
 pub const DEFAULT_EMBEDDING_DIMENSION: u32 = 512;

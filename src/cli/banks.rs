@@ -26,7 +26,7 @@ pub enum BankCommand {
         owner: Option<String>,
         /// An embedding space the bank holds beside PDQ (repeatable):
         /// `SPACE[:THRESHOLD[:DIM[:METRIC]]]`, e.g. `sscd`, `sscd:0.8`, `mine:0.9:256:dot`.
-        /// Unset parts take the server's model of that name, else threshold 0.75, dimension 512
+        /// Unset parts take the server's model of that name, else threshold 0.39, dimension 512
         /// and metric cosine.
         #[arg(long = "embedding", value_name = "SPACE[:THRESHOLD[:DIM[:METRIC]]]")]
         embeddings: Vec<EmbeddingArg>,

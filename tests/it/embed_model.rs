@@ -388,7 +388,7 @@ const DISTILLED: &str = "sscd_distilled";
 
 impl ModelServer {
     /// Starts the binary with `--embedding-model sscd_distilled.onnx --onnxruntime LIB
-    /// --embedding-space sscd_distilled` (threshold and input left at their defaults: 0.75,
+    /// --embedding-space sscd_distilled` (threshold and input left at their defaults: 0.39,
     /// 320x320) and waits for SERVING.
     async fn start(model: &Path, runtime: &Path) -> Self {
         let dir = tempfile::tempdir().expect("dir");

@@ -286,7 +286,7 @@ async fn bad_vectors_and_spaces_are_refused_with_the_numbers() {
         Code::InvalidArgument,
         "use a-z, 0-9",
     );
-    // Unset parts take the server's defaults: dimension 512, cosine, threshold 0.75.
+    // Unset parts take the server's defaults: dimension 512, cosine, threshold 0.39.
     let defaulted = create_bank_with(
         &server,
         "defaults",
@@ -297,7 +297,7 @@ async fn bad_vectors_and_spaces_are_refused_with_the_numbers() {
     )
     .await
     .expect("defaults");
-    assert_eq!(defaulted.embedding_spaces, vec![space("fresh", 512, 0.75)]);
+    assert_eq!(defaulted.embedding_spaces, vec![space("fresh", 512, 0.39)]);
     server.stop().await;
 }
 
@@ -459,7 +459,7 @@ async fn bank_create_takes_embedding_flags_and_bank_list_shows_them() {
     let (code, out, err) = run(&server.url(), &["bank", "list"]).await;
     assert_eq!(code, 0, "{err}");
     assert!(
-        out.contains("\tcli-bank\tother\tlocal\tprivate\t\tmine:0.5:64:dot,sscd:0.75:512:cosine\tmine:m=16,ef_construction=128,ef_search=64,graph_min=20000 sscd:m=16,ef_construction=128,ef_search=64,graph_min=20000\n"),
+        out.contains("\tcli-bank\tother\tlocal\tprivate\t\tmine:0.5:64:dot,sscd:0.39:512:cosine\tmine:m=16,ef_construction=128,ef_search=64,graph_min=20000 sscd:m=16,ef_construction=128,ef_search=64,graph_min=20000\n"),
         "{out:?}"
     );
     let (code, _, err) = run(
