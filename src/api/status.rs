@@ -150,6 +150,7 @@ fn pdq_code(error: &pdq::Error) -> Code {
         pdq::Error::Empty
         | pdq::Error::UnknownFormat
         | pdq::Error::Decode { .. }
+        | pdq::Error::Truncated { .. }
         | pdq::Error::RgbLength { .. }
         | pdq::Error::LumaLength { .. }
         | pdq::Error::ZeroSize { .. } => Code::InvalidArgument,

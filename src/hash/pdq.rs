@@ -273,6 +273,15 @@ pub enum Error {
         #[source]
         source: ImageError,
     },
+    /// The picture's data stops before its format's end (a JPEG without its end-of-image marker,
+    /// say): refused rather than hashed with the decoder's grey filler for the missing part.
+    #[error("image is truncated or corrupt: {format} data ends before its {missing}")]
+    Truncated {
+        /// The format, e.g. `jpeg`.
+        format: &'static str,
+        /// What is missing, e.g. `end-of-image marker (FFD9)`.
+        missing: &'static str,
+    },
     /// A packed RGB buffer whose length is not width × height × 3.
     #[error("rgb buffer for {width}x{height} pixels must be {expected} bytes, got {actual}")]
     RgbLength {
@@ -324,7 +333,8 @@ impl From<ImageError> for Error {
 /// # Errors
 /// [`Error::Empty`], [`Error::TooManyBytes`], [`Error::UnknownFormat`], then from the header,
 /// before any pixel is decoded, [`Error::TooManyPixels`] or [`Error::ZeroSize`]; and
-/// [`Error::Decode`] for anything the decoder rejects. Sides of 1 to 4 give the all-zero hash with
+/// [`Error::Truncated`] for a JPEG cut before its end-of-image marker, and [`Error::Decode`] for
+/// anything the decoder rejects (the other decoders fail on truncation themselves). Sides of 1 to 4 give the all-zero hash with
 /// quality 0.
 pub fn hash_image_bytes(bytes: &[u8], limits: &DecodeLimits) -> Result<PdqOutput, Error> {
     decode_image(bytes, limits).map(hash_decoded)
@@ -350,13 +360,17 @@ pub fn decode_image(bytes: &[u8], limits: &DecodeLimits) -> Result<DynamicImage,
         .with_guessed_format()
         .map_err(ImageError::IoError)?;
     match reader.format() {
-        Some(
-            ImageFormat::Jpeg
-            | ImageFormat::Png
-            | ImageFormat::WebP
-            | ImageFormat::Gif
-            | ImageFormat::Bmp,
-        ) => {}
+        // The jpeg decoder (zune-jpeg, in the image crate's lenient mode) fills whatever a
+        // truncated file lacks with grey and reports success: check the structure first.
+        Some(ImageFormat::Jpeg) => {
+            if !jpeg_is_complete(bytes) {
+                return Err(Error::Truncated {
+                    format: "jpeg",
+                    missing: "end-of-image marker (FFD9)",
+                });
+            }
+        }
+        Some(ImageFormat::Png | ImageFormat::WebP | ImageFormat::Gif | ImageFormat::Bmp) => {}
         _ => return Err(Error::UnknownFormat),
     }
     // Second guard, after our own pixel check below: the decoders' allocation limit.
@@ -385,6 +399,60 @@ pub fn decode_image(bytes: &[u8], limits: &DecodeLimits) -> Result<DynamicImage,
     decoder_limits.reserve(decoder.total_bytes())?;
     decoder.set_limits(decoder_limits)?;
     Ok(DynamicImage::from_decoder(decoder)?)
+}
+
+/// Whether a JPEG's marker structure runs from its start-of-image marker to its end-of-image
+/// marker (FFD9) within `bytes`: header segments are skipped by their stated length (so a
+/// thumbnail's own FFD9 inside EXIF does not count), entropy-coded data up to the next marker
+/// that is neither a stuffed `FF00` nor a restart marker. Bytes after the end marker are allowed.
+/// Stray bytes between segments are skipped, as the lenient decoder does.
+fn jpeg_is_complete(bytes: &[u8]) -> bool {
+    if !bytes.starts_with(&[0xFF, 0xD8]) {
+        return false;
+    }
+    let mut at = 2;
+    loop {
+        // The next marker: its 0xFF (and any fill bytes), then its code.
+        let Some(offset) = bytes[at..].iter().position(|&b| b == 0xFF) else {
+            return false;
+        };
+        at += offset;
+        while bytes.get(at) == Some(&0xFF) {
+            at += 1;
+        }
+        let Some(&code) = bytes.get(at) else {
+            return false;
+        };
+        at += 1;
+        match code {
+            0xD9 => return true,
+            // Standalone markers (and a stray zero after fill bytes).
+            0x00 | 0x01 | 0xD0..=0xD8 => continue,
+            _ => {}
+        }
+        let Some(length) = bytes.get(at..at + 2) else {
+            return false;
+        };
+        let length = usize::from(u16::from_be_bytes([length[0], length[1]]));
+        if length < 2 || at + length > bytes.len() {
+            return false;
+        }
+        at += length;
+        if code == 0xDA {
+            // Entropy-coded data after start-of-scan: up to a real marker.
+            loop {
+                let Some(offset) = bytes[at..].iter().position(|&b| b == 0xFF) else {
+                    return false;
+                };
+                at += offset;
+                match bytes.get(at + 1) {
+                    None => return false,
+                    Some(0x00 | 0xD0..=0xD7) => at += 2,
+                    Some(_) => break,
+                }
+            }
+        }
+    }
 }
 
 /// Hashes packed 8-bit RGB (`rgb[3·(y·width + x)..][..3]` = R, G, B), e.g. an RGB24 video frame.

@@ -512,8 +512,127 @@ fn byte_limit_empty_and_garbage_inputs_are_errors() {
     jpeg_head.extend_from_slice(&[0x55; 64]);
     assert!(matches!(
         hash_image_bytes(&jpeg_head, &DecodeLimits::default()),
-        Err(Error::Decode { .. })
+        Err(Error::Truncated { format: "jpeg", .. })
     ));
+}
+
+/// The bridge photograph from ../shared/conformance/pdq, shrunk so debug-build tests stay quick.
+fn real_photo() -> DynamicImage {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../shared/conformance/pdq/bridge-1-original.jpg");
+    let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    image::load_from_memory(&bytes).expect("decodes").resize(
+        320,
+        320,
+        image::imageops::FilterType::Triangle,
+    )
+}
+
+/// Every supported format, re-encoded from a real photograph, decodes whole and is refused when
+/// cut to its first third, its first two thirds, or all but its last 8 bytes (a JPEG also when
+/// the cut is padded back to full length with zeros).
+fn assert_truncation_refused(format: ImageFormat, photo: &DynamicImage) {
+    let whole = encode(photo, format);
+    let full = hash_image_bytes(&whole, &DecodeLimits::default())
+        .unwrap_or_else(|e| panic!("{format:?} whole: {e}"));
+    assert!(
+        full.quality() > 50,
+        "{format:?} whole: quality {}",
+        full.quality()
+    );
+    for cut in [whole.len() / 3, whole.len() * 2 / 3, whole.len() - 8] {
+        let result = hash_image_bytes(&whole[..cut], &DecodeLimits::default());
+        assert!(
+            matches!(result, Err(Error::Truncated { .. } | Error::Decode { .. })),
+            "{format:?} cut to {cut} of {} bytes: {:?}",
+            whole.len(),
+            result.map(|out| out.quality())
+        );
+        // Cut and padded with zeros, as a preallocated partial download would be: only a JPEG
+        // can tell (BMP and lossless WebP zeros are valid pixels, PNG's IDAT is already whole).
+        if format != ImageFormat::Jpeg {
+            continue;
+        }
+        let mut padded = whole[..cut].to_vec();
+        padded.resize(whole.len(), 0);
+        let result = hash_image_bytes(&padded, &DecodeLimits::default());
+        assert!(
+            matches!(result, Err(Error::Truncated { .. } | Error::Decode { .. })),
+            "{format:?} cut to {cut} of {} bytes and zero-padded: {:?}",
+            whole.len(),
+            result.map(|out| out.quality())
+        );
+    }
+}
+
+#[test]
+fn truncated_jpeg_is_refused() {
+    let photo = real_photo();
+    assert_truncation_refused(ImageFormat::Jpeg, &photo);
+    // The original file itself, cut to its first third: the case issue #13 reports.
+    let original = std::fs::read(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../shared/conformance/pdq/bridge-1-original.jpg"),
+    )
+    .expect("reads");
+    let result = hash_image_bytes(&original[..original.len() / 3], &DecodeLimits::default());
+    assert!(
+        matches!(result, Err(Error::Truncated { format: "jpeg", .. })),
+        "{:?}",
+        result.map(|out| out.quality())
+    );
+}
+
+#[test]
+fn truncated_png_is_refused() {
+    assert_truncation_refused(ImageFormat::Png, &real_photo());
+}
+
+#[test]
+fn truncated_gif_is_refused() {
+    assert_truncation_refused(ImageFormat::Gif, &real_photo());
+}
+
+#[test]
+fn truncated_webp_is_refused() {
+    assert_truncation_refused(ImageFormat::WebP, &real_photo());
+}
+
+#[test]
+fn truncated_bmp_is_refused() {
+    assert_truncation_refused(ImageFormat::Bmp, &real_photo());
+}
+
+#[test]
+fn complete_jpegs_pass_the_structure_check() {
+    // Bytes after the end marker (some cameras append data) are allowed.
+    let mut whole = encode(&real_photo(), ImageFormat::Jpeg);
+    whole.extend_from_slice(b"trailing vendor data \xFF\xD8");
+    assert!(hash_image_bytes(&whole, &DecodeLimits::default()).is_ok());
+    // Every JPEG in the conformance folder is complete.
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/conformance");
+    let mut checked = 0;
+    for sub in ["pdq", "vpdq"] {
+        let Ok(entries) = std::fs::read_dir(dir.join(sub)) else {
+            continue;
+        };
+        for entry in entries {
+            let path = entry.expect("entry").path();
+            if !path.is_file() {
+                continue;
+            }
+            let bytes = std::fs::read(&path).expect("reads");
+            if image::guess_format(&bytes).ok() == Some(ImageFormat::Jpeg) {
+                assert!(jpeg_is_complete(&bytes), "{}", path.display());
+                checked += 1;
+            }
+        }
+    }
+    assert!(
+        checked > 0,
+        "no conformance JPEG found in {}",
+        dir.display()
+    );
 }
 
 /// Rough timing for a 720p RGB frame: `cargo test --release --lib -- --ignored --nocapture`.
