@@ -380,3 +380,61 @@ async fn add_reference_checks_its_protocol() {
     assert_eq!((dup.frames_received, dup.frames_stored), (2, 1));
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn truncated_images_are_invalid_argument_and_never_stored() {
+    let Some(conformance) = support::conformance_dir() else {
+        return;
+    };
+    let original =
+        std::fs::read(conformance.join("pdq/bridge-1-original.jpg")).expect("read bridge photo");
+    let server = TestServer::start().await;
+    support::create_bank(&server, "b").await;
+    // The first third of a real JPEG, and the same cut padded back to full length with zeros.
+    let third = original[..original.len() / 3].to_vec();
+    let mut padded = third.clone();
+    padded.resize(original.len(), 0);
+    // A PNG re-encoded from it, cut in half.
+    let mut png = std::io::Cursor::new(Vec::new());
+    image::load_from_memory(&original)
+        .expect("decodes")
+        .thumbnail(200, 200)
+        .write_to(&mut png, image::ImageFormat::Png)
+        .expect("encodes");
+    let mut png = png.into_inner();
+    png.truncate(png.len() / 2);
+    for (name, bytes, needle) in [
+        ("jpeg third", third, "truncated"),
+        ("zero-padded jpeg", padded, "truncated"),
+        ("half png", png, "decoded"),
+    ] {
+        let status = support::match_image(&server, support::image_frame(bytes.clone()), None)
+            .await
+            .expect_err(name);
+        assert_eq!(status.code(), Code::InvalidArgument, "{name}: {status:?}");
+        assert!(
+            status.message().contains(needle),
+            "{name}: message {:?} should mention {needle:?}",
+            status.message()
+        );
+        let status = support::add_reference(&server, "b", vec![support::image_frame(bytes)])
+            .await
+            .expect_err(name);
+        assert_eq!(status.code(), Code::InvalidArgument, "{name}: {status:?}");
+        assert!(status.message().contains(needle), "{name}: {status:?}");
+        assert_still_serving(&server).await;
+    }
+    let stats = server
+        .banks()
+        .await
+        .stats(pb::StatsRequest {})
+        .await
+        .expect("stats")
+        .into_inner();
+    assert_eq!((stats.active_references, stats.stored_frames), (0, 0));
+    // The whole file is still accepted.
+    support::add_reference(&server, "b", vec![support::image_frame(original)])
+        .await
+        .expect("the complete photo is stored");
+    server.stop().await;
+}
