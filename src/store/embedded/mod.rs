@@ -107,17 +107,26 @@ impl EmbeddedStore {
     }
 
     fn open_blocking(data_dir: &Path) -> Result<Self, Error> {
-        std::fs::create_dir_all(data_dir).map_err(|source| Error::Io {
-            path: data_dir.to_path_buf(),
-            source,
-        })?;
+        create_private_dir(data_dir)?;
         let path = data_dir.join(FILE_NAME);
+        // SQLite creates the `-wal` and `-shm` files with the main file's mode, so the main file
+        // is made 0600 before SQLite opens it.
+        make_private_file(&path)?;
 
         let mut writer = Connection::open(&path)?;
         configure(&writer)?;
         migrate(&mut writer)?;
         let default_org = ensure_default_org(&mut writer)?;
         sync_dir(data_dir)?;
+        // Files left by an older version, which created them 0644.
+        for suffix in ["-wal", "-shm"] {
+            let mut side = path.clone().into_os_string();
+            side.push(suffix);
+            let side = PathBuf::from(side);
+            if side.exists() {
+                make_private_file(&side)?;
+            }
+        }
 
         // Opened after the writer has made the file WAL and migrated it.
         let reader = Connection::open_with_flags(
@@ -233,6 +242,63 @@ impl EmbeddedStore {
 }
 
 // === connection set-up ===
+
+/// Creates the data directory (and missing parents) with mode 0700. An existing directory keeps
+/// its mode, which the operator chose (a volume mount, say), with a warning when others can read
+/// it.
+fn create_private_dir(dir: &Path) -> Result<(), Error> {
+    let io = |source| Error::Io {
+        path: dir.to_path_buf(),
+        source,
+    };
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+        if dir.is_dir() {
+            let mode = std::fs::metadata(dir).map_err(io)?.permissions().mode() & 0o777;
+            if mode & 0o007 != 0 {
+                tracing::warn!(
+                    path = %dir.display(),
+                    mode = format!("{mode:o}"),
+                    "the data directory is open to other users; chmod 700 it"
+                );
+            }
+            return Ok(());
+        }
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(io)
+    }
+    #[cfg(not(unix))]
+    std::fs::create_dir_all(dir).map_err(io)
+}
+
+/// Creates `path` empty with mode 0600 when it does not exist, and sets an existing one to 0600.
+fn make_private_file(path: &Path) -> Result<(), Error> {
+    let io = |source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(path)
+            .map_err(io)?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(io)
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = (path, io);
+        Ok(())
+    }
+}
 
 /// Makes the database file's directory entry durable. SQLite syncs the directory for the `-wal`
 /// file it creates, not for the main file.

@@ -427,3 +427,50 @@ async fn concurrent_writes_get_distinct_ordered_sequence_numbers() -> TestResult
     assert_eq!(seqs, (1..=17).collect::<Vec<_>>());
     Ok(())
 }
+
+#[cfg(unix)]
+fn mode_of(path: &Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .permissions()
+        .mode()
+        & 0o777
+}
+
+#[cfg(unix)]
+#[tokio::test]
+async fn the_data_directory_is_0700_and_its_files_0600() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let data = dir.path().join("new/data");
+    let store = Store::open_embedded(&data).await?;
+    add_one_reference(&store).await?;
+    assert_eq!(mode_of(&data), 0o700);
+    for name in [
+        "framematch.sqlite3",
+        "framematch.sqlite3-wal",
+        "framematch.sqlite3-shm",
+    ] {
+        assert_eq!(mode_of(&data.join(name)), 0o600, "{name}");
+    }
+    drop(store);
+
+    // Files an older version left world-readable are tightened at the next open; the
+    // directory the operator made keeps its mode.
+    use std::os::unix::fs::PermissionsExt;
+    for name in ["framematch.sqlite3", "framematch.sqlite3-wal"] {
+        let path = data.join(name);
+        if path.exists() {
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644))?;
+        }
+    }
+    std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o750))?;
+    let store = Store::open_embedded(&data).await?;
+    assert_eq!(mode_of(&data), 0o750);
+    assert_eq!(mode_of(&data.join("framematch.sqlite3")), 0o600);
+    if data.join("framematch.sqlite3-wal").exists() {
+        assert_eq!(mode_of(&data.join("framematch.sqlite3-wal")), 0o600);
+    }
+    drop(store);
+    Ok(())
+}
