@@ -56,7 +56,7 @@ pub async fn org(command: OrgCommand, server: &ClientOptions) -> Result<(), Erro
                 .await
                 .map_err(|s| rpc_error(format!("creating organisation {name}"), s))?
                 .into_inner();
-            println!("{}\t{}", org.id, org.name);
+            crate::outln!("{}\t{}", org.id, org.name);
         }
         OrgCommand::List => {
             let orgs = client
@@ -66,7 +66,7 @@ pub async fn org(command: OrgCommand, server: &ClientOptions) -> Result<(), Erro
                 .into_inner()
                 .organisations;
             for org in orgs {
-                println!("{}\t{}", org.id, org.name);
+                crate::outln!("{}\t{}", org.id, org.name);
             }
         }
     }
@@ -91,7 +91,7 @@ pub async fn key(command: KeyCommand, server: &ClientOptions) -> Result<(), Erro
                 .map_err(|s| rpc_error(format!("creating a {role} key for {org}"), s))?
                 .into_inner();
             let id = created.key.map_or(0, |k| k.id);
-            println!("{id}\t{}", created.secret);
+            crate::outln!("{id}\t{}", created.secret);
         }
         KeyCommand::Revoke { id } => {
             client
@@ -111,7 +111,7 @@ pub async fn key(command: KeyCommand, server: &ClientOptions) -> Result<(), Erro
             for key in keys {
                 let role = crate::api::admin::role_from_pb(key.role)
                     .map_or("unspecified", crate::model::Role::as_str);
-                println!(
+                crate::outln!(
                     "{}\t{}\t{}\t{}\t{}\t{}",
                     key.id,
                     key.organisation,
@@ -197,15 +197,15 @@ pub async fn stats(server: &ClientOptions) -> Result<(), Error> {
         .await
         .map_err(|s| rpc_error("reading stats", s))?
         .into_inner();
-    println!("banks\t{}", s.banks);
-    println!("active_references\t{}", s.active_references);
-    println!("withdrawn_references\t{}", s.withdrawn_references);
-    println!("stored_frames\t{}", s.stored_frames);
-    println!("indexed_frames\t{}", s.indexed_frames);
-    println!("index_tombstones\t{}", s.index_tombstones);
-    println!("index_engine\t{}", s.index_engine);
-    println!("index_memory_bytes\t{}", s.index_memory_bytes);
-    println!("last_change_seq\t{}", s.last_change_seq);
-    println!("open_streams\t{}", s.open_streams);
+    crate::outln!("banks\t{}", s.banks);
+    crate::outln!("active_references\t{}", s.active_references);
+    crate::outln!("withdrawn_references\t{}", s.withdrawn_references);
+    crate::outln!("stored_frames\t{}", s.stored_frames);
+    crate::outln!("indexed_frames\t{}", s.indexed_frames);
+    crate::outln!("index_tombstones\t{}", s.index_tombstones);
+    crate::outln!("index_engine\t{}", s.index_engine);
+    crate::outln!("index_memory_bytes\t{}", s.index_memory_bytes);
+    crate::outln!("last_change_seq\t{}", s.last_change_seq);
+    crate::outln!("open_streams\t{}", s.open_streams);
     Ok(())
 }

@@ -208,7 +208,7 @@ pub async fn bank(command: BankCommand, server: &ClientOptions) -> Result<(), Er
                 .await
                 .map_err(|s| rpc_error(format!("creating bank {name}"), s))?
                 .into_inner();
-            println!("{}\t{}", bank.id, bank.name);
+            crate::outln!("{}\t{}", bank.id, bank.name);
         }
         BankCommand::Share {
             name,
@@ -224,7 +224,7 @@ pub async fn bank(command: BankCommand, server: &ClientOptions) -> Result<(), Er
                 .await
                 .map_err(|s| rpc_error(format!("changing who may see bank {name}"), s))?
                 .into_inner();
-            println!("{}", bank_line(&bank));
+            crate::outln!("{}", bank_line(&bank));
         }
         BankCommand::List => {
             let banks = client
@@ -234,7 +234,7 @@ pub async fn bank(command: BankCommand, server: &ClientOptions) -> Result<(), Er
                 .into_inner()
                 .banks;
             for bank in banks {
-                println!("{}", bank_line(&bank));
+                crate::outln!("{}", bank_line(&bank));
             }
         }
     }
@@ -332,7 +332,7 @@ pub async fn reference(command: RefCommand, server: &ClientOptions) -> Result<()
                         .into_inner()
                 };
                 let id = added.reference.map_or(0, |r| r.id);
-                println!("{id}\t{}", path.display());
+                crate::outln!("{id}\t{}", path.display());
             }
         }
         RefCommand::Withdraw { id, reason } => {
@@ -344,9 +344,10 @@ pub async fn reference(command: RefCommand, server: &ClientOptions) -> Result<()
                 .await
                 .map_err(|s| rpc_error(format!("withdrawing reference {id}"), s))?
                 .into_inner();
-            println!(
+            crate::outln!(
                 "{}\twithdrawn\t{}",
-                reference.id, reference.withdrawn_reason
+                reference.id,
+                reference.withdrawn_reason
             );
         }
         RefCommand::Get { id } => {
@@ -363,17 +364,17 @@ pub async fn reference(command: RefCommand, server: &ClientOptions) -> Result<()
                 Ok(pb::ReferenceState::Active) => "active",
                 Ok(pb::ReferenceState::Unspecified) | Err(_) => "unknown",
             };
-            println!("id\t{}", r.id);
-            println!("bank\t{}", r.bank);
-            println!("state\t{state}");
-            println!("frames\t{}", r.frame_count);
-            println!("external_id\t{}", r.external_id);
-            println!("note\t{}", r.note);
-            println!("added_by\t{}", r.added_by);
-            println!("added_ms\t{}", r.added_ms);
+            crate::outln!("id\t{}", r.id);
+            crate::outln!("bank\t{}", r.bank);
+            crate::outln!("state\t{state}");
+            crate::outln!("frames\t{}", r.frame_count);
+            crate::outln!("external_id\t{}", r.external_id);
+            crate::outln!("note\t{}", r.note);
+            crate::outln!("added_by\t{}", r.added_by);
+            crate::outln!("added_ms\t{}", r.added_ms);
             if !r.withdrawn_reason.is_empty() {
-                println!("withdrawn_reason\t{}", r.withdrawn_reason);
-                println!("withdrawn_ms\t{}", r.withdrawn_ms);
+                crate::outln!("withdrawn_reason\t{}", r.withdrawn_reason);
+                crate::outln!("withdrawn_ms\t{}", r.withdrawn_ms);
             }
         }
     }

@@ -145,6 +145,10 @@ pub fn hash_files(args: &HashArgs) -> ExitCode {
                     .write_all(text.as_bytes())
                     .and_then(|()| stdout.flush())
                 {
+                    // A closed pipe (`| head`): the reader has what it wanted.
+                    if error.kind() == std::io::ErrorKind::BrokenPipe {
+                        return ExitCode::SUCCESS;
+                    }
                     eprintln!("framematch: writing the output: {error}");
                     return ExitCode::from(EXIT_ERROR);
                 }
@@ -367,9 +371,10 @@ pub fn vpdq_match(args: &VpdqMatchArgs) -> Result<bool, Error> {
     };
     let result = vpdq::match_brute(&query.features, &compared.features, &config);
     let is_match = result.is_match(args.query_threshold, args.compared_threshold);
-    println!(
+    crate::outln!(
         "{:.2}\t{:.2}\t{is_match}",
-        result.query_match_pct, result.compared_match_pct
+        result.query_match_pct,
+        result.compared_match_pct
     );
     Ok(is_match)
 }

@@ -29,6 +29,34 @@ use crate::pb;
 use crate::video::{self, FrameReader, HashOptions, SamplingOptions, Tools};
 use serve::{EmbeddingArgs, ServeArgs};
 
+/// `println!` for command output: a closed stdout (the reader of `framematch stats | head -1`
+/// has gone) ends the process quietly with exit 0 instead of panicking, as `println!` does on
+/// EPIPE. Any other write error is reported on stderr and exits 2.
+#[macro_export]
+#[doc(hidden)]
+macro_rules! outln {
+    ($($arg:tt)*) => {
+        $crate::cli::print_line(::std::format_args!($($arg)*))
+    };
+}
+
+/// Writes one line of command output to stdout; see [`outln!`](crate::outln).
+#[doc(hidden)]
+pub fn print_line(line: std::fmt::Arguments<'_>) {
+    let mut stdout = std::io::stdout().lock();
+    let written = stdout
+        .write_fmt(line)
+        .and_then(|()| stdout.write_all(b"\n"));
+    match written {
+        Ok(()) => {}
+        Err(error) if error.kind() == std::io::ErrorKind::BrokenPipe => std::process::exit(0),
+        Err(error) => {
+            eprintln!("framematch: cannot write to stdout: {error}");
+            std::process::exit(i32::from(EXIT_ERROR));
+        }
+    }
+}
+
 mod admin;
 mod banks;
 mod hashing;

@@ -124,7 +124,7 @@ pub async fn match_files(
             } else {
                 m.distance.to_string()
             };
-            println!(
+            crate::outln!(
                 "{}\t{}\t{}\t{closeness}",
                 path.display(),
                 source.reference_id,
@@ -201,7 +201,7 @@ pub async fn scan(args: &ScanArgs, server: &ClientOptions) -> ExitCode {
                 for verdict in verdicts {
                     matched |= verdict.is_match;
                     let source = verdict.source.unwrap_or_default();
-                    println!(
+                    crate::outln!(
                         "{}\t{}\t{}\t{:.2}\t{:.2}\t{}",
                         path.display(),
                         source.reference_id,
@@ -392,12 +392,12 @@ pub async fn bench(args: BenchArgs, server: &ClientOptions) -> Result<(), Error>
     };
     let report = loadgen::run(&config).await?;
     if args.json {
-        println!(
+        crate::outln!(
             "{}",
             serde_json::to_string_pretty(&report).map_err(|e| Error::Task(e.to_string()))?
         );
     } else {
-        println!("{}", report.to_markdown());
+        crate::outln!("{}", report.to_markdown());
     }
     Ok(())
 }

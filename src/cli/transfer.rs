@@ -348,7 +348,7 @@ pub async fn import(args: ImportArgs, server: &ClientOptions) -> Result<(), Erro
         imported += 1;
         frames += u64::from(added.frames_stored);
     }
-    println!(
+    crate::outln!(
         "imported {imported} references ({frames} frames), skipped {}",
         parsed.skipped.len()
     );
