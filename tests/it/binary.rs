@@ -732,3 +732,74 @@ async fn the_bootstrap_key_is_printed_once_and_the_cli_manages_orgs_keys_sharing
     );
     served.terminate();
 }
+
+/// Runs the binary with its stdout a pipe whose reading end is already closed, as
+/// `framematch ... | head -1` leaves it once `head` has exited.
+fn run_with_closed_stdout(args: &[&str]) -> (Option<i32>, String) {
+    let mut child = Command::new(BIN)
+        .env("FRAMEMATCH_API_KEY", support::ADMIN_KEY)
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run framematch");
+    drop(child.stdout.take());
+    let output = child.wait_with_output().expect("wait");
+    (
+        output.status.code(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+#[cfg(unix)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clean_data_private_files_and_quiet_broken_pipes() {
+    use std::os::unix::fs::PermissionsExt;
+    let Some(conformance) = support::conformance_dir() else {
+        return;
+    };
+    let dir = tempfile::tempdir().expect("temp dir");
+    let data = dir.path().join("data");
+    let served = Served::start(&data).await;
+    let server = ["--server", served.url.as_str()];
+    let mode = |path: &Path| std::fs::metadata(path).expect("stat").permissions().mode() & 0o777;
+    assert_eq!(mode(&data), 0o700);
+    for name in [
+        "framematch.sqlite3",
+        "framematch.sqlite3-wal",
+        "framematch.sqlite3-shm",
+    ] {
+        assert_eq!(mode(&data.join(name)), 0o600, "{name}");
+    }
+
+    // `ref add` of a JPEG cut to its first third: a clear error, nothing stored.
+    let (code, _, err) = run(&[
+        &["bank", "create", "b", "--category", "other"][..],
+        &server[..],
+    ]
+    .concat());
+    assert_eq!(code, 0, "{err}");
+    let original = std::fs::read(conformance.join("pdq/bridge-1-original.jpg")).expect("read");
+    let cut = dir.path().join("cut.jpg");
+    std::fs::write(&cut, &original[..original.len() / 3]).expect("write");
+    let cut = cut.display().to_string();
+    let (code, out, err) = run(&[&["ref", "add", "b", cut.as_str()][..], &server[..]].concat());
+    assert_eq!((code, out.as_str()), (2, ""), "{err}");
+    assert!(
+        err.contains("InvalidArgument") && err.contains("truncated") && err.contains(&cut),
+        "{err}"
+    );
+    let (code, _, err) = run(&["hash", cut.as_str()]);
+    assert_eq!(code, 2);
+    assert!(err.contains("truncated"), "{err}");
+
+    // A reader that has gone: quiet exit 0, no panic.
+    let (code, err) = run_with_closed_stdout(&[&["stats"][..], &server[..]].concat());
+    assert_eq!((code, err.as_str()), (Some(0), ""), "stats");
+    let (code, err) = run_with_closed_stdout(&[&["bank", "list"][..], &server[..]].concat());
+    assert_eq!((code, err.as_str()), (Some(0), ""), "bank list");
+    let whole = conformance.join("pdq/bridge-1-original.jpg");
+    let (code, err) = run_with_closed_stdout(&["hash", whole.to_str().expect("utf-8")]);
+    assert_eq!((code, err.as_str()), (Some(0), ""), "hash");
+    served.terminate();
+}
