@@ -157,7 +157,7 @@ pub async fn serve_with_metrics(
 /// with its space so operators see which spaces this server computes.
 async fn load_models(
     config: &ServeConfig,
-) -> Result<Vec<Arc<dyn crate::api::embedding::SpaceModel>>, Error> {
+) -> Result<Vec<Arc<dyn crate::embed::SpaceModel>>, Error> {
     let Some(model) = config.embedding.clone() else {
         tracing::info!("no embedding model: only vectors sent by clients are matched");
         return Ok(Vec::new());
@@ -179,7 +179,7 @@ async fn load_models(
         model = %model_config.model.display(),
         runtime = %model_config.runtime.display(),
         input = %model_config.input,
-        dimension = crate::api::embedding::SpaceModel::dimension(&opened),
+        dimension = crate::embed::SpaceModel::dimension(&opened),
         threshold = model_config.threshold,
         interval_ms = config.embedding_interval_ms,
         took_ms = started.elapsed().as_millis() as u64,

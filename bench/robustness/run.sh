@@ -40,25 +40,35 @@ if step media; then
   "$PY" "$HERE/make_media.py" "$OUT" "$OUT/sources"
 fi
 
-# pdq_run BIN TAG: a fresh server on loopback, a bank of the known originals, every video scanned;
-# verdicts to $OUT/pdq-scan$TAG.tsv (path, reference id, bank, query %, reference %, match).
-pdq_run() {
-  local bin=$1 tag=$2 data=$OUT/pdq-data$2 addr="" server
-  rm -rf "$data" && mkdir -p "$data"
-  "$bin" serve --insecure-no-auth --listen 127.0.0.1:0 --metrics-listen 127.0.0.1:0 --data-dir "$data" >"$OUT/pdq-server$tag.log" 2>&1 &
-  server=$!
+# start_server BIN LOG SERVE_ARGS...: `BIN serve` on loopback in the background, logging to LOG;
+# sets SERVER (its pid) and exports FRAMEMATCH_SERVER once it answers requests (it listens before
+# its index has loaded, UNAVAILABLE until then).
+start_server() {
+  local bin=$1 log=$2 addr=""
+  shift 2
+  "$bin" serve --insecure-no-auth --listen 127.0.0.1:0 --metrics-listen 127.0.0.1:0 "$@" >"$log" 2>&1 &
+  SERVER=$!
   for _ in $(seq 300); do
-    addr=$(sed -n 's/^listening on //p' "$OUT/pdq-server$tag.log" | head -1)
+    addr=$(sed -n 's/^listening on //p' "$log" | head -1)
     [[ -n $addr ]] && break
     sleep 0.1
   done
-  [[ -n $addr ]] || { echo "server did not start: $(cat "$OUT/pdq-server$tag.log")" >&2; kill "$server"; return 1; }
+  [[ -n $addr ]] || { echo "server did not start: $(cat "$log")" >&2; kill "$SERVER"; return 1; }
   export FRAMEMATCH_SERVER=http://$addr
-  # The server listens before its index has loaded (UNAVAILABLE until then).
   for _ in $(seq 600); do
-    "$bin" bank create known --category other >/dev/null 2>"$OUT/pdq-create$tag.err" && break
+    "$bin" bank list >/dev/null 2>&1 && return 0
     sleep 0.2
   done
+  echo "server never became ready: $(cat "$log")" >&2; kill "$SERVER"; return 1
+}
+
+# pdq_run BIN TAG: a fresh server on loopback, a bank of the known originals, every video scanned;
+# verdicts to $OUT/pdq-scan$TAG.tsv (path, reference id, bank, query %, reference %, match).
+pdq_run() {
+  local bin=$1 tag=$2 data=$OUT/pdq-data$2
+  rm -rf "$data" && mkdir -p "$data"
+  start_server "$bin" "$OUT/pdq-server$tag.log" --data-dir "$data"
+  "$bin" bank create known --category other >/dev/null
   mapfile -t refs < <(awk -F'\t' '$2=="known" && $4=="original" {print "'"$OUT"'/" $5}' "$OUT/manifest.tsv")
   "$bin" ref add known "${refs[@]}" >"$OUT/pdq-refs$tag.tsv"
   # PDQ_TRANSFORMS="bars916 blur916" scans only those versions (a quick look at one change).
@@ -71,7 +81,7 @@ pdq_run() {
     # Exit 1 means "something matched"; 2 is an error.
     "$bin" scan --bank known "${vids[@]:i:100}" >>"$OUT/pdq-scan$tag.tsv" || [[ $? == 1 ]]
   done
-  kill "$server"; wait "$server" 2>/dev/null || true
+  kill "$SERVER"; wait "$SERVER" 2>/dev/null || true
   stamp "pdq$tag: $(grep -c $'\tmatch$' "$OUT/pdq-scan$tag.tsv") matching verdicts"
 }
 
@@ -106,23 +116,11 @@ SERVER_THRESHOLDS=${SERVER_THRESHOLDS:-"0.30 0.35 0.39 0.45 0.50 0.55 0.60 0.75"
 if step server; then
   stamp "server: serve --embedding-model sscd_distilled, banks per threshold, scan everything"
   [[ -n ${PDQ_NO_BUILD:-} ]] || cargo build --quiet --release --bin framematch
-  bin=$ROOT/target/release/framematch data=$OUT/server-data addr=""
+  bin=$ROOT/target/release/framematch data=$OUT/server-data
   [[ -n ${SERVER_REUSE:-} ]] || { rm -rf "$data" && mkdir -p "$data"; }
-  "$bin" serve --insecure-no-auth --listen 127.0.0.1:0 --metrics-listen 127.0.0.1:0 --data-dir "$data" \
+  start_server "$bin" "$OUT/server.log" --data-dir "$data" \
     --embedding-model "$MODEL_DIR/sscd_distilled.onnx" --embedding-space sscd_distilled \
-    ${ORT_DYLIB_PATH:+--onnxruntime "$ORT_DYLIB_PATH"} >"$OUT/server.log" 2>&1 &
-  server=$!
-  for _ in $(seq 300); do
-    addr=$(sed -n 's/^listening on //p' "$OUT/server.log" | head -1)
-    [[ -n $addr ]] && break
-    sleep 0.1
-  done
-  [[ -n $addr ]] || { echo "server did not start: $(cat "$OUT/server.log")" >&2; kill "$server"; exit 1; }
-  export FRAMEMATCH_SERVER=http://$addr
-  for _ in $(seq 600); do
-    "$bin" bank list >/dev/null 2>"$OUT/server-create.err" && break
-    sleep 0.2
-  done
+    ${ORT_DYLIB_PATH:+--onnxruntime "$ORT_DYLIB_PATH"}
   if [[ -z ${SERVER_REUSE:-} ]]; then
     "$bin" bank create pdq-only --category other >/dev/null
     mapfile -t refs < <(awk -F'\t' '$2=="known" && $4=="original" {print "'"$OUT"'/" $5}' "$OUT/manifest.tsv")
@@ -139,7 +137,7 @@ if step server; then
     # shellcheck disable=SC2086 # SERVER_SCAN_ARGS is a list of options
     "$bin" scan ${SERVER_SCAN_ARGS:-} "${vids[@]:i:100}" >>"$scan_out" || [[ $? == 1 ]]
   done
-  kill "$server"; wait "$server" 2>/dev/null || true
+  kill "$SERVER"; wait "$SERVER" 2>/dev/null || true
   stamp "server: $(grep -c $'\tmatch$' "$scan_out") matching verdicts"
 fi
 

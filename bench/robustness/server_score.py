@@ -14,12 +14,12 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
+from score import load_manifest
+
 
 def main():
     out = Path(sys.argv[1]).resolve()
-    rows = [line.rstrip("\n").split("\t") for line in open(out / "manifest.tsv")][1:]
-    rows = [dict(zip(("video", "side", "source", "transform", "path"), r)) for r in rows]
-    by_path = {str(out / r["path"]): r for r in rows}
+    rows = load_manifest(out)
     ref = {}  # (bank, reference id) -> known video name
     banks = []
     for line in open(out / "server-refs.tsv"):

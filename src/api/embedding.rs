@@ -13,7 +13,7 @@ use crate::hash::border;
 use crate::matching::{QueryEmbedding, SpaceScope};
 use crate::model::Metric;
 
-pub use crate::embed::SpaceModel;
+use crate::embed::SpaceModel;
 
 /// Whether `model` computes the vectors of the space `name` as declared: same name, dimension
 /// and metric (a partner's bank may declare a space of the same name differently).

@@ -46,9 +46,6 @@ use convert::{Content, FrameInput};
 pub use config::ServeConfig;
 pub use status::Error;
 
-/// The cosine threshold a bank's space gets when CreateBank leaves it at 0 and the server has no
-/// model of that name: the model default, [`crate::embed::DEFAULT_THRESHOLD`].
-pub const DEFAULT_EMBEDDING_THRESHOLD: f32 = crate::embed::DEFAULT_THRESHOLD;
 /// The dimension a bank's space gets when CreateBank leaves it at 0 and the server has no model
 /// of that name: SSCD's.
 pub const DEFAULT_EMBEDDING_DIMENSION: u32 = 512;
@@ -180,7 +177,7 @@ pub struct AppState {
     pub metrics: Metrics,
     /// The server's own embedding models, one per space it computes vectors for (empty: the
     /// server computes none, and matches only the vectors clients send).
-    pub models: Arc<Vec<Arc<dyn embedding::SpaceModel>>>,
+    pub models: Arc<Vec<Arc<dyn crate::embed::SpaceModel>>>,
     /// Upload frames of one stream are embedded at most once per this many milliseconds.
     pub embed_interval_ms: u64,
     /// What CreateBank gives a space whose threshold, dimension or metric is left unset and
@@ -230,7 +227,7 @@ impl AppState {
             models: Arc::new(Vec::new()),
             embed_interval_ms: 1000,
             space_defaults: convert::SpaceDefaults {
-                threshold: DEFAULT_EMBEDDING_THRESHOLD,
+                threshold: crate::embed::DEFAULT_THRESHOLD,
                 dimension: DEFAULT_EMBEDDING_DIMENSION,
                 metric: crate::model::Metric::Cosine,
                 index: vector_params,
@@ -250,7 +247,7 @@ impl AppState {
     /// `interval_ms` of a stream.
     pub fn with_models(
         mut self,
-        models: Vec<Arc<dyn embedding::SpaceModel>>,
+        models: Vec<Arc<dyn crate::embed::SpaceModel>>,
         interval_ms: u64,
     ) -> Self {
         self.models = Arc::new(models);
@@ -298,7 +295,7 @@ impl AppState {
     pub fn models_for(
         &self,
         spaces: &[crate::model::EmbeddingSpace],
-    ) -> Vec<Arc<dyn embedding::SpaceModel>> {
+    ) -> Vec<Arc<dyn crate::embed::SpaceModel>> {
         self.models
             .iter()
             .filter(|m| {
@@ -491,7 +488,7 @@ impl AppState {
         &self,
         input: FrameInput,
         dihedral: bool,
-        models: Vec<Arc<dyn embedding::SpaceModel>>,
+        models: Vec<Arc<dyn crate::embed::SpaceModel>>,
     ) -> Result<QueryFrame, Error> {
         if !input.content.has_pixels() {
             return query_frame(
@@ -615,7 +612,7 @@ type Hashed = (&'static str, Duration);
 #[derive(Clone, Copy)]
 struct Embed<'a> {
     /// The models (none: no vectors are computed).
-    models: &'a [Arc<dyn embedding::SpaceModel>],
+    models: &'a [Arc<dyn crate::embed::SpaceModel>],
     /// A frame no signal would search at this quality is not embedded.
     min_quality: u8,
     /// Also embed the content area inside uniform borders (uploads), not only the whole picture
@@ -761,7 +758,7 @@ mod tests {
     /// A small real model: the picture's colour histogram (4 bins per channel), L2-normalised.
     struct Histogram;
 
-    impl embedding::SpaceModel for Histogram {
+    impl crate::embed::SpaceModel for Histogram {
         fn name(&self) -> &str {
             "histogram"
         }
@@ -863,7 +860,7 @@ mod tests {
         let vector = &query.embeddings[0];
         assert!(!vector.content_area);
         assert_eq!(&*vector.space, "histogram");
-        let expected = embedding::SpaceModel::embed(&Histogram, &{
+        let expected = crate::embed::SpaceModel::embed(&Histogram, &{
             let Content::Rgb { data, .. } = picture(true).content else {
                 unreachable!("an rgb frame")
             };

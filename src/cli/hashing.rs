@@ -139,20 +139,7 @@ pub fn hash_files(args: &HashArgs) -> ExitCode {
             }
         });
         match result {
-            Ok(text) => {
-                let mut stdout = std::io::stdout().lock();
-                if let Err(error) = stdout
-                    .write_all(text.as_bytes())
-                    .and_then(|()| stdout.flush())
-                {
-                    // A closed pipe (`| head`): the reader has what it wanted.
-                    if error.kind() == std::io::ErrorKind::BrokenPipe {
-                        return ExitCode::SUCCESS;
-                    }
-                    eprintln!("framematch: writing the output: {error}");
-                    return ExitCode::from(EXIT_ERROR);
-                }
-            }
+            Ok(text) => super::print_text(&text),
             Err(error) => {
                 eprintln!("framematch: {error}");
                 failed = true;
@@ -202,7 +189,7 @@ pub(super) fn embed_files(args: &HashArgs) -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    let model: std::sync::Arc<dyn crate::api::embedding::SpaceModel> =
+    let model: std::sync::Arc<dyn crate::embed::SpaceModel> =
         match crate::embed::OnnxModel::open(&config) {
             Ok(model) => std::sync::Arc::new(model),
             Err(error) => {
@@ -269,7 +256,7 @@ pub(super) fn embed_files(args: &HashArgs) -> ExitCode {
 /// The lines of one picture: its vector, and its content area's when it has borders.
 pub(super) fn embedding_lines(
     path: &Path,
-    model: &std::sync::Arc<dyn crate::api::embedding::SpaceModel>,
+    model: &std::sync::Arc<dyn crate::embed::SpaceModel>,
     frame_index: u64,
     timestamp_ms: u64,
     picture: &image::RgbImage,

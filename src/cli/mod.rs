@@ -47,6 +47,21 @@ pub fn print_line(line: std::fmt::Arguments<'_>) {
     let written = stdout
         .write_fmt(line)
         .and_then(|()| stdout.write_all(b"\n"));
+    exit_unless_written(written);
+}
+
+/// Writes `text` (whole lines) to stdout and flushes it, as [`print_line`] does for one line.
+pub(crate) fn print_text(text: &str) {
+    let mut stdout = std::io::stdout().lock();
+    let written = stdout
+        .write_all(text.as_bytes())
+        .and_then(|()| stdout.flush());
+    exit_unless_written(written);
+}
+
+/// Exits quietly (0) when stdout's reader has gone (`| head`), with an error (2) on any other
+/// write failure.
+fn exit_unless_written(written: std::io::Result<()>) {
     match written {
         Ok(()) => {}
         Err(error) if error.kind() == std::io::ErrorKind::BrokenPipe => std::process::exit(0),

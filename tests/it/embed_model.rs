@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::{Arc, OnceLock};
 
-use framematch::api::embedding::SpaceModel;
+use framematch::embed::SpaceModel;
 use framematch::embed::{DEFAULT_INPUT, DEFAULT_THRESHOLD, ModelConfig, OnnxModel};
 use framematch::hash::{DEFAULT_MAX_DISTANCE, PdqHash, pdq};
 use framematch::pb;
