@@ -173,9 +173,7 @@ async fn answer_frame(
     let changed = {
         let index = state.index.read();
         session.record(query, hits, &|reference| {
-            index
-                .pdq()
-                .reference_frame_count(reference, params.min_quality)
+            index.reference_frame_count(reference, params.min_quality)
         })
     };
     let mut responses = Vec::with_capacity(1 + changed.len());
@@ -282,7 +280,6 @@ async fn run_stream(
         let index = state.index.read();
         session.finish(&|reference| {
             index
-                .pdq()
                 .reference_frame_count(reference, session.params().min_quality)
                 .is_some()
         })

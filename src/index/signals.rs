@@ -152,6 +152,14 @@ impl SignalIndex {
             .map(|(name, index)| (name.as_str(), index))
     }
 
+    /// Distinct live frames of `reference` with quality >= `min_quality`, whichever signal
+    /// matches them: the denominator of its percentage in a video verdict; `None` once it is
+    /// unknown or withdrawn. PDQ's table knows every reference (one of vectors alone is recorded
+    /// there without frames), so it answers for all signals.
+    pub fn reference_frame_count(&self, reference: ReferenceId, min_quality: u8) -> Option<u32> {
+        self.pdq.reference_frame_count(reference, min_quality)
+    }
+
     /// The settings new spaces get (the server's `--vector-index`).
     pub fn vector_params(&self) -> VectorParams {
         self.vector_params
