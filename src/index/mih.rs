@@ -32,6 +32,10 @@
 //!   tail outgrow an eighth of the main tables, everything is rebuilt. Each entry is thus rebuilt
 //!   a bounded number of times on average (amortised O(m) per insert), and the linear tail stays
 //!   below `max(MIN_TAIL, n / 64)` entries.
+//!   Inside a `FrameIndex` ([`MihEngine::with_owner_rebuilds`]) the full rebuild is not run by
+//!   the insert that makes it due (it would hold the index's write lock for seconds at 10M):
+//!   [`Engine::rebuild_due`] reports it and the index is rebuilt in the background, while the
+//!   delta keeps absorbing the tail.
 //!
 //! A candidate can match in several tables. It is reported only from the first table in which
 //! it is within that table's radius, so results carry no duplicates and need no scratch state
@@ -470,6 +474,10 @@ pub struct MihEngine {
     main: Level,
     /// Tables over `codes[main.len..delta.end()]`.
     delta: Level,
+    /// Leave rebuilds of the main tables (after the first build) to the owner, which rebuilds a
+    /// fresh engine in the background once [`Engine::rebuild_due`] says so; until then the delta
+    /// grows past its share. See [`MihEngine::with_owner_rebuilds`].
+    owner_rebuilds: bool,
 }
 
 impl Default for MihEngine {
@@ -486,7 +494,25 @@ impl MihEngine {
             tables: None,
             main: Level::empty(0),
             delta: Level::empty(0),
+            owner_rebuilds: false,
         }
+    }
+
+    /// This engine, leaving the rebuilds of its main tables to its owner: inserts never build the
+    /// main tables again once they exist (that is a full build, 4.3 s at 10M frames, which the
+    /// caller would run under its write lock); [`Engine::rebuild_due`] turns true when they would
+    /// have, and the owner builds a fresh engine off the lock (`FrameIndex` through
+    /// `SharedIndex`'s background rebuild). Meanwhile the tail is still folded into the delta.
+    pub fn with_owner_rebuilds(self) -> Self {
+        Self {
+            owner_rebuilds: true,
+            ..self
+        }
+    }
+
+    /// Whether delta and tail outgrew the main tables' share (a full build is due).
+    fn main_outgrown(&self) -> bool {
+        self.codes.len() - self.main.len > MIN_TAIL.max(self.main.len / DELTA_SHARE)
     }
 
     /// An empty engine with a fixed number of tables (clamped to
@@ -514,7 +540,8 @@ impl MihEngine {
         if tail <= MIN_TAIL.max(self.delta.len / TAIL_SHARE) {
             return;
         }
-        if n - self.main.len > MIN_TAIL.max(self.main.len / DELTA_SHARE) {
+        let own_build = !self.owner_rebuilds || self.main.len == 0;
+        if own_build && self.main_outgrown() {
             self.main = Level::build(&self.codes, 0, self.tables(n));
             self.delta = Level::empty(n);
         } else {
@@ -575,6 +602,10 @@ impl Engine for MihEngine {
         self.codes.capacity() * size_of::<Code>()
             + self.main.memory_bytes()
             + self.delta.memory_bytes()
+    }
+
+    fn rebuild_due(&self) -> bool {
+        self.owner_rebuilds && self.main.len > 0 && self.main_outgrown()
     }
 }
 
@@ -776,6 +807,41 @@ mod tests {
         for radius in [0, 15, 31, 40, 63] {
             assert_same(&mih, &exact, &hashes, radius);
         }
+    }
+
+    #[test]
+    fn owner_rebuilds_leave_the_main_tables_to_the_owner() {
+        let mut rng = StdRng::seed_from_u64(10);
+        let hashes = dataset(50_000, &mut rng);
+        let mut mih = MihEngine::new().with_owner_rebuilds();
+        let mut exact = ExactEngine::new();
+        // The first build is the engine's own (nothing to hand over yet).
+        mih.add_batch(0, &hashes[..30_000]);
+        exact.add_batch(0, &hashes[..30_000]);
+        assert_eq!(mih.main.len, 30_000);
+        assert!(!mih.rebuild_due());
+        let mut due_at = None;
+        for (id, hash) in (30_000u32..).zip(&hashes[30_000..]) {
+            mih.add(id, hash);
+            exact.add(id, hash);
+            assert_eq!(mih.main.len, 30_000, "inserts never rebuild the main tables");
+            assert!(mih.tail_len() <= MIN_TAIL.max(mih.delta.len / TAIL_SHARE));
+            if mih.rebuild_due() && due_at.is_none() {
+                due_at = Some(id);
+            }
+        }
+        // Due exactly where the engine would have rebuilt by itself.
+        assert_eq!(due_at, Some(30_000 + MIN_TAIL as u32));
+        assert!(mih.delta.len > 30_000 / DELTA_SHARE, "the delta took the excess");
+        for radius in [0, 15, 31, 40, 63] {
+            assert_same(&mih, &exact, &hashes, radius);
+        }
+        // What the owner does: a fresh engine given every entry builds its main tables at once.
+        let mut fresh = MihEngine::new().with_owner_rebuilds();
+        fresh.add_batch(0, &hashes);
+        assert_eq!(fresh.main.len, hashes.len());
+        assert!(!fresh.rebuild_due());
+        assert_same(&fresh, &exact, &hashes, 31);
     }
 
     #[test]

@@ -15,8 +15,11 @@
 //!   That makes [`FrameIndex::withdraw`] O(frames of that reference) with no per-reference list.
 //! - Withdrawal is a tombstone: the entry stays in the engine and is filtered at search time,
 //!   since hnsw_rs cannot delete (DESIGN.md §8). When tombstones reach [`REBUILD_FRACTION`] of
-//!   the entries and at least [`REBUILD_MIN_TOMBSTONES`], `withdraw` rebuilds the engine from the
-//!   live entries and entry ids are remapped. [`FrameIndex`]'s API never exposes entry ids.
+//!   the entries and at least [`REBUILD_MIN_TOMBSTONES`], or the engine asks for a build from
+//!   scratch ([`Engine::rebuild_due`]: `mih` once inserts outgrow its main tables), a rebuild is
+//!   due: the owner ([`SharedIndex`], in the background) rebuilds the engine from the live entries
+//!   and entry ids are remapped. Neither `withdraw` nor `insert_reference` rebuilds.
+//!   [`FrameIndex`]'s API never exposes entry ids.
 //! - A withdrawn reference id stays known, so re-inserting it is refused: withdrawn content is
 //!   never returned again, even if a replayed change adds it back.
 //! - Methods are infallible; [`FrameIndex`] holds no lock (the caller wraps it in one).
@@ -185,6 +188,13 @@ pub trait Engine: Send + Sync {
     /// Heap use in bytes: the capacity of every allocation the engine owns (an estimate for
     /// hnsw, whose allocations hnsw_rs owns).
     fn memory_bytes(&self) -> usize;
+
+    /// Whether the engine asks its owner for a build from scratch (a fresh engine given every
+    /// entry), which it leaves to the owner rather than running it inside an insert: `mih` once
+    /// its delta outgrows the main tables ([`mih::MihEngine::with_owner_rebuilds`]).
+    fn rebuild_due(&self) -> bool {
+        false
+    }
 }
 
 /// Makes room in `vec` for `additional` more items, growing by at least an eighth of its length
@@ -200,7 +210,8 @@ pub(crate) fn reserve<T>(vec: &mut Vec<T>, additional: usize) {
 fn new_engine(kind: EngineKind, params: HnswParams, capacity: usize) -> Box<dyn Engine> {
     match kind {
         EngineKind::Exact => Box::new(exact::ExactEngine::with_capacity(capacity)),
-        EngineKind::Mih => Box::new(mih::MihEngine::new()),
+        // The index rebuilds the engine in the background (`SharedIndex`), never inside an insert.
+        EngineKind::Mih => Box::new(mih::MihEngine::new().with_owner_rebuilds()),
         EngineKind::Hnsw => Box::new(hnsw::HnswEngine::new(params, capacity)),
     }
 }
@@ -639,9 +650,9 @@ pub(crate) fn rebuild_in_place<I: Rebuild>(index: &mut I) {
 
 impl Rebuild for FrameIndex {
     fn rebuild_due(&self) -> bool {
-        self.journal.is_none()
-            && self.tombstones >= self.rebuild_min_tombstones
-            && self.tombstones as f64 >= REBUILD_FRACTION * self.entries.len() as f64
+        let tombstoned = self.tombstones >= self.rebuild_min_tombstones
+            && self.tombstones as f64 >= REBUILD_FRACTION * self.entries.len() as f64;
+        self.journal.is_none() && (tombstoned || self.engine.rebuild_due())
     }
 
     fn begin_rebuild(&mut self) -> Option<Self> {

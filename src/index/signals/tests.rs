@@ -343,3 +343,55 @@ fn writes_start_the_background_rebuild() {
     let live: usize = refs[30..].iter().map(|r| r.2.len()).sum();
     assert_eq!(index.pdq().live_frames(), live);
 }
+
+#[test]
+fn inserts_that_outgrow_mih_start_a_background_rebuild() {
+    // mih's full build (4.3 s at 10M) is not run inside the insert that makes it due: the insert
+    // starts the background rebuild, which builds a fresh engine off the lock.
+    let mut rng = StdRng::seed_from_u64(59);
+    let shared = SharedIndex::new(SignalIndex::new(
+        FrameIndex::new(EngineKind::Mih, HnswParams::default()),
+        VectorParams::default(),
+    ));
+    let loaded: Vec<IndexedFrame> = (0..20_000)
+        .map(|i| IndexedFrame {
+            reference: ReferenceId(i / 100 + 1),
+            bank: BankId(0),
+            frame: FrameSignal {
+                frame_index: (i % 100) as u32,
+                timestamp_ms: 0,
+                hash: random_hash(&mut rng),
+                quality: 90,
+            },
+        })
+        .collect();
+    shared.load(loaded, Vec::new());
+    assert!(shared.read().rebuilds_due().is_empty());
+    let mut inserted = Vec::new();
+    for id in 1_000..1_120 {
+        let frames: Vec<FrameSignal> = (0..50)
+            .map(|i| FrameSignal {
+                frame_index: i,
+                timestamp_ms: 0,
+                hash: random_hash(&mut rng),
+                quality: 90,
+            })
+            .collect();
+        assert!(shared.insert_reference(ReferenceId(id), BankId(0), &frames, &[]));
+        inserted.push((id, frames));
+    }
+    shared.wait_for_rebuilds();
+    let reports = shared.rebuild_reports();
+    assert_eq!(reports.len(), 1, "{reports:?}");
+    assert_eq!(reports[0].signal, Signal::Pdq);
+    assert_eq!(reports[0].tombstones_dropped, 0);
+    let index = shared.read();
+    assert!(index.rebuilds_due().is_empty());
+    assert_eq!(index.pdq().live_frames(), 20_000 + 120 * 50);
+    for (id, frames) in inserted.iter().step_by(7) {
+        for frame in frames.iter().step_by(11) {
+            let hits = pdq_ids(&index, &frame.hash);
+            assert!(hits.contains(&(*id, frame.frame_index, 0)), "{id} {hits:?}");
+        }
+    }
+}
