@@ -110,7 +110,8 @@ fn options() -> Options {
         write_every: Duration::from_millis(5),
     };
     let mut args = std::env::args().skip(1);
-    let secs = |v: Option<String>| Duration::from_secs_f64(v.and_then(|s| s.parse().ok()).unwrap_or(1.0));
+    let secs =
+        |v: Option<String>| Duration::from_secs_f64(v.and_then(|s| s.parse().ok()).unwrap_or(1.0));
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--sizes" => o.sizes = sizes(&args.next().unwrap_or_default()),
@@ -192,15 +193,30 @@ fn near(hash: &PdqHash, rng: &mut StdRng) -> PdqHash {
 }
 
 fn unit_vector(rng: &mut StdRng, dimension: usize) -> Vec<f32> {
-    let mut v: Vec<f32> = (0..dimension).map(|_| rng.random_range(-1.0f32..1.0)).collect();
-    let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt().max(f32::MIN_POSITIVE);
+    let mut v: Vec<f32> = (0..dimension)
+        .map(|_| rng.random_range(-1.0f32..1.0))
+        .collect();
+    let norm = v
+        .iter()
+        .map(|x| x * x)
+        .sum::<f32>()
+        .sqrt()
+        .max(f32::MIN_POSITIVE);
     v.iter_mut().for_each(|x| *x /= norm);
     v
 }
 
 fn noisy(v: &[f32], rng: &mut StdRng) -> Vec<f32> {
-    let mut q: Vec<f32> = v.iter().map(|x| x + rng.random_range(-0.02f32..0.02)).collect();
-    let norm = q.iter().map(|x| x * x).sum::<f32>().sqrt().max(f32::MIN_POSITIVE);
+    let mut q: Vec<f32> = v
+        .iter()
+        .map(|x| x + rng.random_range(-0.02f32..0.02))
+        .collect();
+    let norm = q
+        .iter()
+        .map(|x| x * x)
+        .sum::<f32>()
+        .sqrt()
+        .max(f32::MIN_POSITIVE);
     q.iter_mut().for_each(|x| *x /= norm);
     q
 }
@@ -230,7 +246,12 @@ enum Queries {
 }
 
 /// A loaded index, its reference count and its queries.
-fn build(kind: Kind, n: usize, dimension: usize, seed: u64) -> (SharedIndex, i64, Queries, Duration) {
+fn build(
+    kind: Kind,
+    n: usize,
+    dimension: usize,
+    seed: u64,
+) -> (SharedIndex, i64, Queries, Duration) {
     let mut rng = StdRng::seed_from_u64(seed);
     let shared = SharedIndex::new(SignalIndex::new(
         FrameIndex::new(EngineKind::Mih, HnswParams::default()),
@@ -272,7 +293,10 @@ fn build(kind: Kind, n: usize, dimension: usize, seed: u64) -> (SharedIndex, i64
                 .map(|i| IndexedEmbedding {
                     reference: ReferenceId((i / VECTORS_PER_REFERENCE) as i64 + 1),
                     bank: BankId(1),
-                    embedding: embedding(i % VECTORS_PER_REFERENCE, unit_vector(&mut rng, dimension)),
+                    embedding: embedding(
+                        i % VECTORS_PER_REFERENCE,
+                        unit_vector(&mut rng, dimension),
+                    ),
                 })
                 .collect();
             let queries = (0..QUERIES.min(1024))
@@ -499,9 +523,7 @@ fn run_once(o: &Options, kind: Kind, n: usize, mode: Mode, seed: u64) -> Run {
     let writes = {
         let (shared, stop) = (shared.clone(), Arc::clone(&stop));
         let (dimension, every) = (o.dimension, o.write_every);
-        thread::spawn(move || {
-            writer(shared, kind, dimension, 1 << 40, every, epoch, stop)
-        })
+        thread::spawn(move || writer(shared, kind, dimension, 1 << 40, every, epoch, stop))
     };
     thread::sleep(WARM_UP + o.before);
     let triggered = epoch.elapsed();
@@ -528,8 +550,9 @@ fn run_once(o: &Options, kind: Kind, n: usize, mode: Mode, seed: u64) -> Run {
             };
             let short = (n / 8 + 1).saturating_sub(entries - n) + 2_000;
             let mut rng = StdRng::seed_from_u64(seed ^ 0x7e57);
-            let frames: Vec<FrameSignal> =
-                (0..short).map(|i| frame(i, random_hash(&mut rng))).collect();
+            let frames: Vec<FrameSignal> = (0..short)
+                .map(|i| frame(i, random_hash(&mut rng)))
+                .collect();
             let started = Instant::now();
             assert!(shared.insert_reference(ReferenceId(bulk_id), BankId(1), &frames, &[]));
             eprintln!(

@@ -824,7 +824,10 @@ mod tests {
         for (id, hash) in (30_000u32..).zip(&hashes[30_000..]) {
             mih.add(id, hash);
             exact.add(id, hash);
-            assert_eq!(mih.main.len, 30_000, "inserts never rebuild the main tables");
+            assert_eq!(
+                mih.main.len, 30_000,
+                "inserts never rebuild the main tables"
+            );
             assert!(mih.tail_len() <= MIN_TAIL.max(mih.delta.len / TAIL_SHARE));
             if mih.rebuild_due() && due_at.is_none() {
                 due_at = Some(id);
@@ -832,7 +835,10 @@ mod tests {
         }
         // Due exactly where the engine would have rebuilt by itself.
         assert_eq!(due_at, Some(30_000 + MIN_TAIL as u32));
-        assert!(mih.delta.len > 30_000 / DELTA_SHARE, "the delta took the excess");
+        assert!(
+            mih.delta.len > 30_000 / DELTA_SHARE,
+            "the delta took the excess"
+        );
         for radius in [0, 15, 31, 40, 63] {
             assert_same(&mih, &exact, &hashes, radius);
         }
