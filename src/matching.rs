@@ -27,6 +27,7 @@ use std::collections::hash_map::Entry;
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 
+use crate::hash::border::Rect;
 use crate::hash::pdq::Dihedral;
 use crate::hash::{DEFAULT_MAX_DISTANCE, DEFAULT_MIN_QUALITY, PdqHash};
 use crate::index::{FrameIndex, Match, SignalIndex, VectorMatch};
@@ -222,6 +223,8 @@ pub struct QueryEmbedding {
     pub vector: Vec<f32>,
     /// The vector is of the frame's content area inside uniform borders, not the whole picture.
     pub content_area: bool,
+    /// The vector is of this window of the picture (`--embedding-windows`), not the whole of it.
+    pub window: Option<Rect>,
 }
 
 impl QueryFrame {
@@ -285,6 +288,8 @@ pub struct FrameHit {
     pub dihedral: Dihedral,
     /// The upload frame's content-area hash (or vector) made the match.
     pub content_area: bool,
+    /// The vector of this window of the upload picture made the match.
+    pub window: Option<Rect>,
     /// The signal that matched: for embeddings `distance` is 0 and `dihedral` the original.
     pub signal: HitSignal,
 }
@@ -347,6 +352,7 @@ fn search_pdq(
                     distance: m.distance,
                     dihedral,
                     content_area,
+                    window: None,
                     signal: HitSignal::Pdq,
                 };
                 match best.entry((m.reference, m.frame.frame_index)) {
@@ -422,6 +428,7 @@ fn search_vectors(
                 distance: 0,
                 dihedral: Dihedral::Original,
                 content_area: embedding.content_area,
+                window: embedding.window,
                 signal: HitSignal::Embedding {
                     space: Arc::clone(&embedding.space),
                     score: v.score,

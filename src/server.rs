@@ -182,6 +182,7 @@ async fn load_models(
         dimension = crate::embed::SpaceModel::dimension(&opened),
         threshold = model_config.threshold,
         interval_ms = config.embedding_interval_ms,
+        windows = %config.embedding_windows,
         took_ms = started.elapsed().as_millis() as u64,
         "embedding model loaded"
     );
@@ -216,7 +217,8 @@ async fn serve_grpc(
         &config,
         pipeline.metrics(),
     )
-    .with_models(models, config.embedding_interval_ms);
+    .with_models(models, config.embedding_interval_ms)
+    .with_windows(config.embedding_windows.clone());
     load_keys(&state, config.bootstrap_admin_key.as_deref()).await?;
     let follower = match &config.follow {
         Some(follow) => Some(Follower::prepare(&state, follow)?),

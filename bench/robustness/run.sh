@@ -110,17 +110,19 @@ fi
 # The server's own verdicts with its own embedding model (distilled): one bank per candidate
 # threshold plus a PDQ-only bank, each holding the 32 known originals; one scan of every video
 # searches them all, so each verdict line says which threshold it was made under.
-# SERVER_SCAN_ARGS adds scan options (e.g. "--query-threshold 34"), SERVER_TAG names that run's
-# files (server-scan$TAG.tsv), and SERVER_REUSE=1 scans the banks of an earlier run again.
+# SERVER_SCAN_ARGS adds scan options (e.g. "--query-threshold 34"), SERVER_SERVE_ARGS serve options
+# (e.g. "--embedding-windows 2x2@0.6"), SERVER_TAG names that run's files (server-scan$TAG.tsv),
+# and SERVER_REUSE=1 scans the banks of an earlier run again.
 SERVER_THRESHOLDS=${SERVER_THRESHOLDS:-"0.30 0.35 0.39 0.45 0.50 0.55 0.60 0.75"}
 if step server; then
   stamp "server: serve --embedding-model sscd_distilled, banks per threshold, scan everything"
   [[ -n ${PDQ_NO_BUILD:-} ]] || cargo build --quiet --release --bin framematch
   bin=$ROOT/target/release/framematch data=$OUT/server-data
   [[ -n ${SERVER_REUSE:-} ]] || { rm -rf "$data" && mkdir -p "$data"; }
+  # shellcheck disable=SC2086 # SERVER_SERVE_ARGS is a list of options
   start_server "$bin" "$OUT/server.log" --data-dir "$data" \
     --embedding-model "$MODEL_DIR/sscd_distilled.onnx" --embedding-space sscd_distilled \
-    ${ORT_DYLIB_PATH:+--onnxruntime "$ORT_DYLIB_PATH"}
+    ${ORT_DYLIB_PATH:+--onnxruntime "$ORT_DYLIB_PATH"} ${SERVER_SERVE_ARGS:-}
   if [[ -z ${SERVER_REUSE:-} ]]; then
     "$bin" bank create pdq-only --category other >/dev/null
     mapfile -t refs < <(awk -F'\t' '$2=="known" && $4=="original" {print "'"$OUT"'/" $5}' "$OUT/manifest.tsv")

@@ -52,6 +52,9 @@ pub struct ServeConfig {
     pub embedding: Option<ModelConfig>,
     /// Upload frames of one stream are embedded at most once per this many milliseconds.
     pub embedding_interval_ms: u64,
+    /// Windows of each embedded upload picture embedded beside its whole
+    /// (`--embedding-windows`; none by default).
+    pub embedding_windows: crate::embed::Windows,
     /// Where metrics are exported over OTLP (spans are the process-wide subscriber's business,
     /// see [`crate::telemetry::Tracing`]). Not read from the environment here: `main` fills it
     /// from the `OTEL_*` variables, tests set it directly.
@@ -82,6 +85,7 @@ impl ServeConfig {
             tls: None,
             embedding: None,
             embedding_interval_ms: 1000,
+            embedding_windows: crate::embed::Windows::none(),
             otlp: OtlpConfig::default(),
         }
     }

@@ -308,6 +308,7 @@ pub fn query_embeddings(
                 space: Arc::clone(&scope.space),
                 vector,
                 content_area: false,
+                window: None,
             })
         })
         .collect()
@@ -763,6 +764,12 @@ pub fn frame_result_to_pb(
                 HitSignal::Pdq => 0.0,
                 HitSignal::Embedding { score, .. } => score,
             },
+            window: hit.window.map(|r| pb::Region {
+                x: r.x,
+                y: r.y,
+                width: r.width,
+                height: r.height,
+            }),
         })
         .collect();
     pb::FrameResult {

@@ -13,7 +13,7 @@ use crate::hash::border;
 use crate::matching::{QueryEmbedding, SpaceScope};
 use crate::model::Metric;
 
-use crate::embed::SpaceModel;
+use crate::embed::{SpaceModel, Windows};
 
 /// Whether `model` computes the vectors of the space `name` as declared: same name, dimension
 /// and metric (a partner's bank may declare a space of the same name differently).
@@ -40,7 +40,8 @@ pub fn models_in_scope(
 /// The vectors of a decoded picture in each of `models`' spaces: of the whole picture and, given
 /// its `content_area` inside borders (letterbox, pillarbox, 16:9 inside 9:16: what
 /// [`border::content_area`] found while hashing), of that area too, so a re-upload that added or
-/// removed bars still meets the reference's vector. Returns them with the time the models took.
+/// removed bars still meets the reference's vector; then of each of `windows` (uploads only: a
+/// reference shown small inside another picture). Returns them with the time the models took.
 ///
 /// # Errors
 /// [`Error::Embedding`] when a model fails.
@@ -48,6 +49,7 @@ pub fn embed_picture(
     models: &[Arc<dyn SpaceModel>],
     picture: &RgbImage,
     content_area: Option<border::Rect>,
+    windows: &Windows,
 ) -> Result<(Vec<QueryEmbedding>, Duration), Error> {
     let started = Instant::now();
     let mut out = Vec::new();
@@ -55,13 +57,19 @@ pub fn embed_picture(
         return Ok((out, started.elapsed()));
     }
     let width = picture.width();
-    let content = content_area.and_then(|area| {
+    let cut = |area: border::Rect| {
         RgbImage::from_raw(
             area.width,
             area.height,
             border::crop_rgb(width, picture.as_raw(), area),
         )
-    });
+    };
+    let content = content_area.and_then(cut);
+    let parts: Vec<(border::Rect, RgbImage)> = windows
+        .rects(width, picture.height())
+        .into_iter()
+        .filter_map(|rect| cut(rect).map(|part| (rect, part)))
+        .collect();
     for model in models {
         let embed = |p: &RgbImage| {
             model.embed(p).map_err(|reason| Error::Embedding {
@@ -69,16 +77,27 @@ pub fn embed_picture(
                 reason,
             })
         };
+        let space: Arc<str> = Arc::from(model.name());
         out.push(QueryEmbedding {
-            space: Arc::from(model.name()),
+            space: Arc::clone(&space),
             vector: embed(picture)?,
             content_area: false,
+            window: None,
         });
         if let Some(area) = &content {
             out.push(QueryEmbedding {
-                space: Arc::from(model.name()),
+                space: Arc::clone(&space),
                 vector: embed(area)?,
                 content_area: true,
+                window: None,
+            });
+        }
+        for (rect, part) in &parts {
+            out.push(QueryEmbedding {
+                space: Arc::clone(&space),
+                vector: embed(part)?,
+                content_area: false,
+                window: Some(*rect),
             });
         }
     }

@@ -180,6 +180,8 @@ pub struct AppState {
     pub models: Arc<Vec<Arc<dyn crate::embed::SpaceModel>>>,
     /// Upload frames of one stream are embedded at most once per this many milliseconds.
     pub embed_interval_ms: u64,
+    /// The windows of an upload picture embedded beside its whole (`--embedding-windows`).
+    pub embed_windows: Arc<crate::embed::Windows>,
     /// What CreateBank gives a space whose threshold, dimension or metric is left unset and
     /// that no model of the server serves.
     pub space_defaults: convert::SpaceDefaults,
@@ -226,6 +228,7 @@ impl AppState {
             metrics,
             models: Arc::new(Vec::new()),
             embed_interval_ms: 1000,
+            embed_windows: Arc::new(crate::embed::Windows::none()),
             space_defaults: convert::SpaceDefaults {
                 threshold: crate::embed::DEFAULT_THRESHOLD,
                 dimension: DEFAULT_EMBEDDING_DIMENSION,
@@ -252,6 +255,12 @@ impl AppState {
     ) -> Self {
         self.models = Arc::new(models);
         self.embed_interval_ms = interval_ms;
+        self
+    }
+
+    /// The state embedding `windows` of each upload picture beside its whole (none by default).
+    pub fn with_windows(mut self, windows: crate::embed::Windows) -> Self {
+        self.embed_windows = Arc::new(windows);
         self
     }
 
@@ -508,6 +517,7 @@ impl AppState {
                     models: &models,
                     min_quality: 0,
                     content_area: false,
+                    windows: &NO_WINDOWS,
                 };
                 query_frame(input, dihedral, &limits, embed, &metrics)
             })
@@ -554,11 +564,13 @@ impl AppState {
         let limits = self.limits.decode_limits();
         let min_quality = params.min_quality;
         let metrics = self.metrics.clone();
+        let windows = Arc::clone(&self.embed_windows);
         let job = move || -> Result<_, Error> {
             let embed = Embed {
                 models: &models,
                 min_quality,
                 content_area: true,
+                windows: &windows,
             };
             let (mut query, hashed) =
                 query_frame(input, params.dihedral, &limits, embed, &metrics)?;
@@ -618,7 +630,12 @@ struct Embed<'a> {
     /// Also embed the content area inside uniform borders (uploads), not only the whole picture
     /// (what a reference stores).
     content_area: bool,
+    /// Also embed these windows of the picture (uploads; none for references).
+    windows: &'a crate::embed::Windows,
 }
+
+/// The windows of pictures that are not uploads (references): none.
+static NO_WINDOWS: crate::embed::Windows = crate::embed::Windows::none();
 
 impl Embed<'static> {
     /// No model: PDQ only.
@@ -627,6 +644,7 @@ impl Embed<'static> {
             models: &[],
             min_quality: 0,
             content_area: false,
+            windows: &NO_WINDOWS,
         }
     }
 }
@@ -733,7 +751,7 @@ fn query_frame(
         && query.searchable(embed.min_quality)
     {
         let area = hashes.area.filter(|_| embed.content_area);
-        let (vectors, took) = embedding::embed_picture(models, &picture, area)?;
+        let (vectors, took) = embedding::embed_picture(models, &picture, area, embed.windows)?;
         metrics.hashed("embedding", took);
         query.embeddings = vectors;
     }

@@ -153,6 +153,18 @@ pub struct ServeArgs {
         default_value_t = 1000
     )]
     pub embedding_interval_ms: u64,
+    /// Also embed these windows of each embedded upload frame, so a reference shown small inside
+    /// another picture (picture-in-picture) still matches: grids `COLUMNSxROWS@SHARE`
+    /// separated by commas, e.g. `2x2@0.6` (four windows of 60 % of the sides, one per corner),
+    /// at most 16 windows; each is one more model run per embedded frame. `none` embeds the
+    /// whole picture (and its content area inside borders) only.
+    #[arg(
+        long,
+        env = "FRAMEMATCH_EMBEDDING_WINDOWS",
+        value_name = "GRIDS",
+        default_value = "none"
+    )]
+    pub embedding_windows: crate::embed::Windows,
 }
 
 /// The embedding model flags shared by `serve` and `hash --embedding`.
@@ -355,6 +367,7 @@ impl TryFrom<&ServeArgs> for ServeConfig {
         Ok(Self {
             embedding: embedding_model(args, hash_workers)?,
             embedding_interval_ms: args.embedding_interval_ms,
+            embedding_windows: args.embedding_windows.clone(),
             data_dir: args.data_dir.clone(),
             postgres_url,
             tail_interval: Duration::from_millis(args.tail_interval_ms),
@@ -399,6 +412,15 @@ const MAX_SPACE_NAME: usize = 64;
 /// and the fix.
 fn embedding_model(args: &ServeArgs, sessions: usize) -> Result<Option<ModelConfig>, Error> {
     let threshold = args.embedding_threshold;
+    if args.embedding.model.is_none() && !args.embedding_windows.is_empty() {
+        return Err(invalid(
+            "embedding-windows",
+            format!(
+                "{}: needs --embedding-model; windows are embedded by the server's own model",
+                args.embedding_windows
+            ),
+        ));
+    }
     if args.embedding.model.is_some()
         && !(threshold.is_finite() && threshold > 0.0 && threshold <= 1.0)
     {

@@ -11,6 +11,7 @@
 //! checking that the file exists.
 
 mod onnx;
+mod windows;
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -18,6 +19,7 @@ use std::str::FromStr;
 use std::sync::OnceLock;
 
 pub use onnx::{OnnxModel, resize};
+pub use windows::{Grid, MAX_WINDOWS, Windows};
 
 use crate::model::Metric;
 

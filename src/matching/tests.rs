@@ -21,6 +21,7 @@ fn hit(reference: i64, reference_frame: u32, distance: u32) -> FrameHit {
         distance,
         dihedral: Dihedral::Original,
         content_area: false,
+        window: None,
         signal: HitSignal::Pdq,
     }
 }
@@ -224,6 +225,7 @@ fn an_in_order_run_is_a_match_even_when_the_shares_are_small() {
             distance: 5,
             dihedral: Dihedral::Original,
             content_area: false,
+            window: None,
             signal: HitSignal::Pdq,
         };
         early.extend(next(&mut session, (30 + k) * 1000, &[h]));
@@ -264,6 +266,7 @@ fn scattered_hits_do_not_make_a_run() {
             distance: 5,
             dihedral: Dihedral::Original,
             content_area: false,
+            window: None,
             signal: HitSignal::Pdq,
         };
         let signal = frame(k as u32, hash_with_bits(&[k as usize]), 100);
@@ -393,6 +396,7 @@ fn with_vector(signal: FrameSignal, angle: f32) -> QueryFrame {
             space: Arc::from("sscd"),
             vector: unit(angle),
             content_area: false,
+            window: None,
         }],
         ..QueryFrame::pdq(signal)
     }

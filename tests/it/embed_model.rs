@@ -391,6 +391,11 @@ impl ModelServer {
     /// --embedding-space sscd_distilled` (threshold and input left at their defaults: 0.39,
     /// 320x320) and waits for SERVING.
     async fn start(model: &Path, runtime: &Path) -> Self {
+        Self::start_with(model, runtime, &[]).await
+    }
+
+    /// [`ModelServer::start`] with more `serve` flags.
+    async fn start_with(model: &Path, runtime: &Path, extra: &[&str]) -> Self {
         let dir = tempfile::tempdir().expect("dir");
         let utf8 = |path: &Path| path.to_str().expect("UTF-8 path").to_string();
         let (model, runtime) = (utf8(model), utf8(runtime));
@@ -403,7 +408,10 @@ impl ModelServer {
                 &model,
                 "--onnxruntime",
                 &runtime,
-            ],
+            ]
+            .into_iter()
+            .chain(extra.iter().copied())
+            .collect::<Vec<_>>(),
         )
         .await;
         Self { served, _dir: dir }
@@ -779,4 +787,180 @@ async fn a_bank_with_a_space_the_server_has_no_model_for_still_matches_by_pdq() 
     assert_eq!(hit.signal, pb::Signal::Pdq as i32, "{hit:?}");
     assert!(hit.distance <= DEFAULT_MAX_DISTANCE, "{hit:?}");
     server.stop().await;
+}
+
+/// `inset` scaled to `share` of `background`'s sides and pasted with its top-left corner at
+/// (`fx`, `fy`) of them: a picture-in-picture, as JPEG.
+fn picture_in_picture(
+    background: &RgbImage,
+    inset: &RgbImage,
+    share: f32,
+    (fx, fy): (f32, f32),
+) -> (Vec<u8>, (u32, u32, u32, u32)) {
+    let (w, h) = background.dimensions();
+    let (iw, ih) = ((w as f32 * share) as u32, (h as f32 * share) as u32);
+    let (x, y) = ((w as f32 * fx) as u32, (h as f32 * fy) as u32);
+    let small = image::imageops::resize(inset, iw, ih, image::imageops::FilterType::Triangle);
+    let mut out = background.clone();
+    image::imageops::replace(&mut out, &small, i64::from(x), i64::from(y));
+    let mut jpeg = Vec::new();
+    image::codecs::jpeg::JpegEncoder::new_with_quality(&mut jpeg, 90)
+        .encode_image(&out)
+        .expect("JPEG encodes");
+    (jpeg, (x, y, iw, ih))
+}
+
+/// A bank `name` declaring the model server's space with the server's defaults, holding the
+/// photo `reference` as one frame; returns the reference's id.
+async fn bank_with_photo(server: &ModelServer, name: &str, reference: Vec<u8>) -> i64 {
+    server
+        .banks()
+        .await
+        .create_bank(pb::CreateBankRequest {
+            name: name.into(),
+            category: pb::Category::GraphicViolence as i32,
+            embedding_spaces: vec![pb::EmbeddingSpace {
+                name: DISTILLED.into(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        })
+        .await
+        .expect("CreateBank");
+    let requests = vec![
+        pb::AddReferenceRequest {
+            item: Some(pb::add_reference_request::Item::Header(
+                pb::ReferenceHeader {
+                    bank: name.into(),
+                    external_id: "inset".into(),
+                    note: String::new(),
+                },
+            )),
+        },
+        pb::AddReferenceRequest {
+            item: Some(pb::add_reference_request::Item::Frame(
+                support::image_frame(reference),
+            )),
+        },
+    ];
+    let added = server
+        .banks()
+        .await
+        .add_reference(tokio_stream::iter(requests))
+        .await
+        .expect("AddReference")
+        .into_inner();
+    assert_eq!((added.frames_received, added.frames_stored), (1, 1));
+    added.reference.expect("reference").id
+}
+
+/// A reference shown small inside another picture (picture-in-picture, 45 % of the sides in the
+/// lower right): the vector of the whole upload is dominated by the background and misses; with
+/// `--embedding-windows 2x2@0.6` the lower-right window frames the inset and matches, and the
+/// match says which window.
+#[tokio::test]
+async fn a_picture_in_picture_is_caught_by_a_window_and_missed_without_one() {
+    let (Some((sscd, runtime)), Some(dir)) = (model_files(), support::conformance_dir()) else {
+        return;
+    };
+    let distilled = sscd.with_file_name("sscd_distilled.onnx");
+    let original = std::fs::read(dir.join("pdq/bridge-1-original.jpg")).expect("photo");
+    let background = photo(&dir, "pen-and-coaster.png");
+    let background = image::imageops::resize(
+        &background,
+        640,
+        360,
+        image::imageops::FilterType::Triangle,
+    );
+    let inset = image::load_from_memory(&original)
+        .expect("decodes")
+        .to_rgb8();
+    let (upload, (x, y, w, h)) = picture_in_picture(&background, &inset, 0.45, (0.5, 0.45));
+
+    let score_of = |result: &pb::FrameResult, reference: i64| {
+        result
+            .matches
+            .iter()
+            .find(|m| m.source.as_ref().map(|s| s.reference_id) == Some(reference))
+            .cloned()
+    };
+
+    // Without windows: the whole picture's vector misses, and so does PDQ.
+    let plain = ModelServer::start(&distilled, &runtime).await;
+    let reference = bank_with_photo(&plain, "attacks", original.clone()).await;
+    let result = plain.match_image(upload.clone()).await;
+    assert!(
+        score_of(&result, reference).is_none(),
+        "the whole picture matched already, the test shows nothing: {result:?}"
+    );
+    drop(plain);
+
+    // With windows: one of them frames the inset.
+    let windowed =
+        ModelServer::start_with(&distilled, &runtime, &["--embedding-windows", "2x2@0.6"]).await;
+    let reference = bank_with_photo(&windowed, "attacks", original.clone()).await;
+    let result = windowed.match_image(upload.clone()).await;
+    let hit = score_of(&result, reference)
+        .unwrap_or_else(|| panic!("no window matched the inset: {result:?}"));
+    assert_eq!(hit.signal, pb::Signal::Embedding as i32, "{hit:?}");
+    assert!(hit.score >= DEFAULT_THRESHOLD, "{hit:?}");
+    let window = hit.window.expect("the match names its window");
+    // The lower-right window of four 384x216 windows over 640x360, which holds the inset's
+    // larger part.
+    assert_eq!(
+        (window.x, window.y, window.width, window.height),
+        (256, 144, 384, 216),
+        "inset at ({x}, {y}) {w}x{h}"
+    );
+    eprintln!(
+        "picture-in-picture: inset at ({x}, {y}) {w}x{h}, window {window:?} score {:.3}",
+        hit.score
+    );
+
+    // The background alone still matches nothing, windows or not.
+    let mut jpeg = Vec::new();
+    image::codecs::jpeg::JpegEncoder::new_with_quality(&mut jpeg, 90)
+        .encode_image(&background)
+        .expect("JPEG encodes");
+    let result = windowed.match_image(jpeg).await;
+    assert!(result.matches.is_empty(), "{:?}", result.matches);
+}
+
+#[test]
+fn serve_refuses_windows_without_a_model_and_bad_window_grids() {
+    let dir = tempfile::tempdir().expect("dir");
+    let serve = |extra: &[&str]| {
+        let output = Command::new(BIN)
+            .env_remove("FRAMEMATCH_EMBEDDING_MODEL")
+            .env_remove("FRAMEMATCH_EMBEDDING_WINDOWS")
+            .args([
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--metrics-listen",
+                "127.0.0.1:0",
+            ])
+            .arg("--data-dir")
+            .arg(dir.path())
+            .args(extra)
+            .output()
+            .expect("runs");
+        (
+            output.status.code(),
+            String::from_utf8_lossy(&output.stderr).trim().to_string(),
+        )
+    };
+    let (code, stderr) = serve(&["--embedding-windows", "2x2@0.6"]);
+    assert_eq!(code, Some(64), "{stderr}");
+    assert_eq!(
+        stderr,
+        "framematch: invalid --embedding-windows: 2x2@0.6: needs --embedding-model; windows are \
+         embedded by the server's own model"
+    );
+    let (code, stderr) = serve(&["--embedding-windows", "2x2@1.5"]);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(
+        stderr.contains("\"2x2@1.5\": the share must be a number from 0.1 to 0.9"),
+        "{stderr}"
+    );
 }
