@@ -263,19 +263,16 @@ pub(super) fn embedding_lines(
 ) -> Result<String, Error> {
     let area =
         crate::hash::border::content_area(picture.width(), picture.height(), picture.as_raw());
-    let (vectors, _) =
-        crate::api::embedding::embed_picture(
-            std::slice::from_ref(model),
-            picture,
-            area,
-            &crate::embed::Windows::none(),
-        )
-        .map_err(
-            |e| Error::Embed {
-                path: path.to_path_buf(),
-                reason: e.to_string(),
-            },
-        )?;
+    let (vectors, _) = crate::api::embedding::embed_picture(
+        std::slice::from_ref(model),
+        picture,
+        area,
+        &crate::embed::Windows::none(),
+    )
+    .map_err(|e| Error::Embed {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    })?;
     let mut out = String::new();
     for vector in vectors {
         let line = EmbeddingLine {

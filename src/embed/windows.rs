@@ -198,8 +198,16 @@ mod tests {
         assert_eq!(w.to_string().parse::<Windows>().expect("round trip"), w);
         assert_eq!(Windows::none().to_string(), "none");
         for bad in [
-            "2x2", "2x2@", "2@0.6", "0x2@0.6", "5x1@0.5", "2x2@1.0", "2x2@0.05", "2x2@nan",
-            "axb@0.5", "4x4@0.5,1x1@0.5",
+            "2x2",
+            "2x2@",
+            "2@0.6",
+            "0x2@0.6",
+            "5x1@0.5",
+            "2x2@1.0",
+            "2x2@0.05",
+            "2x2@nan",
+            "axb@0.5",
+            "4x4@0.5,1x1@0.5",
         ] {
             let error = bad.parse::<Windows>().expect_err(bad);
             assert!(error.contains(bad.split(',').next().unwrap_or(bad)) || error.contains(bad));

@@ -866,12 +866,8 @@ async fn a_picture_in_picture_is_caught_by_a_window_and_missed_without_one() {
     let distilled = sscd.with_file_name("sscd_distilled.onnx");
     let original = std::fs::read(dir.join("pdq/bridge-1-original.jpg")).expect("photo");
     let background = photo(&dir, "pen-and-coaster.png");
-    let background = image::imageops::resize(
-        &background,
-        640,
-        360,
-        image::imageops::FilterType::Triangle,
-    );
+    let background =
+        image::imageops::resize(&background, 640, 360, image::imageops::FilterType::Triangle);
     let inset = image::load_from_memory(&original)
         .expect("decodes")
         .to_rgb8();
