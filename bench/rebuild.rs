@@ -532,7 +532,7 @@ fn run_once(o: &Options, kind: Kind, n: usize, mode: Mode, seed: u64) -> Run {
             let before = shared.rebuild_reports().len();
             // The server's path: the withdrawal that makes the rebuild due starts it.
             let mut id = to_withdraw;
-            while !quarter_gone(&*shared.read()) {
+            while !quarter_gone(&shared.read()) {
                 shared.withdraw(ReferenceId(id));
                 id += 1;
             }
@@ -567,7 +567,7 @@ fn run_once(o: &Options, kind: Kind, n: usize, mode: Mode, seed: u64) -> Run {
         Mode::Locked => {
             let mut index = shared.write();
             let mut id = to_withdraw;
-            while !quarter_gone(&*index) {
+            while !quarter_gone(&index) {
                 index.withdraw(ReferenceId(id));
                 id += 1;
             }
