@@ -47,7 +47,9 @@ pub fn decode_cost(decoded_bytes: u64, pixels: u64, embeds: bool) -> u64 {
 /// The most one picture within `limits` can cost: what `--decode-memory` must hold at least, so
 /// that every picture the limits accept can run.
 pub fn worst_decode_cost(limits: &Limits, embeds: bool) -> u64 {
-    let decoded = limits.max_decode_bytes.min(limits.max_pixels.saturating_mul(8));
+    let decoded = limits
+        .max_decode_bytes
+        .min(limits.max_pixels.saturating_mul(8));
     decode_cost(decoded, limits.max_pixels, embeds)
 }
 
@@ -175,7 +177,10 @@ mod tests {
         tokio::task::yield_now().await;
         assert!(!waiting.is_finished());
         drop(first);
-        waiting.await.expect("task").expect("fits once room is free");
+        waiting
+            .await
+            .expect("task")
+            .expect("fits once room is free");
         let over = budget.reserve(11 * UNIT, 7071, 7071).await;
         assert!(
             matches!(over, Err(Error::DecodeBudget { needed, budget: 10240, .. }) if needed == 11 * UNIT)

@@ -210,9 +210,18 @@ mod tests {
     #[test]
     fn refusals_have_a_reason_and_answers_none() {
         let cases = [
-            (Status::unauthenticated(auth::MISSING_KEY), Some("missing_key")),
-            (Status::unauthenticated(auth::UNKNOWN_KEY), Some("unknown_key")),
-            (Status::unauthenticated("invalid API key"), Some("malformed_key")),
+            (
+                Status::unauthenticated(auth::MISSING_KEY),
+                Some("missing_key"),
+            ),
+            (
+                Status::unauthenticated(auth::UNKNOWN_KEY),
+                Some("unknown_key"),
+            ),
+            (
+                Status::unauthenticated("invalid API key"),
+                Some("malformed_key"),
+            ),
             (
                 Status::invalid_argument(format!("{}: x", codec::MALFORMED)),
                 Some("malformed_message"),
@@ -221,9 +230,15 @@ mod tests {
                 Status::invalid_argument(format!("{}: x", codec::INVALID_UTF8)),
                 Some("invalid_utf8"),
             ),
-            (Status::invalid_argument("missing frame"), Some("invalid_argument")),
+            (
+                Status::invalid_argument("missing frame"),
+                Some("invalid_argument"),
+            ),
             (Status::out_of_range("too large"), Some("message_too_large")),
-            (Status::resource_exhausted("full"), Some("resource_exhausted")),
+            (
+                Status::resource_exhausted("full"),
+                Some("resource_exhausted"),
+            ),
             (Status::not_found("bank"), None),
             (Status::internal("bug"), None),
             (Status::ok(""), None),

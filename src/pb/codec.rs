@@ -98,7 +98,7 @@ pub fn rejected(error: &prost::DecodeError) -> Status {
         MALFORMED
     };
     Status::invalid_argument(format!(
-        "{kind}: {detail}; send the framematch.v1 message the method expects"
+        "{kind}: {detail}; the bytes are not the framematch.v1 message this method takes"
     ))
 }
 
