@@ -260,7 +260,7 @@ mod tests {
                     width: 7071,
                     height: 7071,
                     color: "16-bit RGBA",
-                    bytes: 399_988_328,
+                    bytes: 399_992_328,
                     limit: 268_435_456,
                 }),
                 Code::ResourceExhausted,
