@@ -31,6 +31,8 @@ fn main() -> anyhow::Result<()> {
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)
+        // prost's codec, with decoding errors as INVALID_ARGUMENT (src/pb/codec.rs).
+        .codec_path("crate::pb::codec::WireCodec")
         .compile_fds(descriptors)
         .context("generating Rust code from the descriptors")?;
     Ok(())

@@ -33,6 +33,11 @@ pub const MIN_SECRET_CHARS: usize = 24;
 /// Longest secret accepted anywhere.
 pub const MAX_SECRET_CHARS: usize = 256;
 
+/// The UNAUTHENTICATED message for a request without the `authorization` metadata.
+pub const MISSING_KEY: &str = "missing API key: send the metadata `authorization: Bearer <key>`";
+/// The UNAUTHENTICATED message for a well-formed key that is not a working key.
+pub const UNKNOWN_KEY: &str = "invalid or revoked API key";
+
 /// The identity a request acts with.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Caller {
@@ -294,11 +299,9 @@ impl Authenticator {
             }
             AuthMode::Keys(ring) => ring,
         };
-        let header = metadata.get("authorization").ok_or_else(|| {
-            Status::unauthenticated(
-                "missing API key: send the metadata `authorization: Bearer <key>`",
-            )
-        })?;
+        let header = metadata
+            .get("authorization")
+            .ok_or_else(|| Status::unauthenticated(MISSING_KEY))?;
         let text = header.to_str().map_err(|_| {
             Status::unauthenticated("the authorization metadata is not printable ASCII")
         })?;
@@ -314,7 +317,7 @@ impl Authenticator {
         }
         ring.read()
             .authenticate(secret)
-            .ok_or_else(|| Status::unauthenticated("invalid or revoked API key"))
+            .ok_or_else(|| Status::unauthenticated(UNKNOWN_KEY))
     }
 }
 

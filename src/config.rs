@@ -17,6 +17,12 @@ pub struct Limits {
     pub max_concurrent_streams: usize,
     /// Most hashing jobs waiting for a worker before new ones are refused.
     pub max_queued_hashes: usize,
+    /// Largest decoded picture, in bytes: width x height x bytes per pixel of the decoded form
+    /// (16-bit samples and alpha included), checked from the header before decoding.
+    pub max_decode_bytes: u64,
+    /// Memory all decodes in flight may hold together, in bytes: each picture reserves its
+    /// working set (see `api::decode_cost`) before it is decoded and returns it when hashed.
+    pub decode_memory: u64,
 }
 
 impl Limits {
@@ -38,6 +44,11 @@ impl Default for Limits {
             max_frames_per_stream: 200_000,
             max_concurrent_streams: 1024,
             max_queued_hashes: 4096,
+            // 50 MP of 8-bit RGB is 150 MB; 7071x7071 of 16-bit RGBA (400 MB) is refused.
+            max_decode_bytes: 256 * 1024 * 1024,
+            // One picture at both limits needs at most 256 MiB + 13 B x 50 MP (~0.91 GiB); the
+            // chart's 2Gi memory limit keeps the rest for the index and requests in flight.
+            decode_memory: 1024 * 1024 * 1024,
         }
     }
 }

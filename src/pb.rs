@@ -5,6 +5,8 @@
 
 #![allow(missing_docs, unreachable_pub, clippy::all, clippy::pedantic)]
 
+pub mod codec;
+
 tonic::include_proto!("framematch.v1");
 
 /// The encoded `FileDescriptorSet` of every framematch proto, for gRPC server reflection.

@@ -286,6 +286,10 @@ async fn serve_grpc(
         tracing::info!(mode = tls.mode(), "gRPC over TLS");
     }
     let server = builder
+        // Counts and logs every refused request, wherever it is refused.
+        .layer(crate::api::rejections::RejectionLayer::new(
+            state.metrics.clone(),
+        ))
         .add_service(health)
         .add_service(reflection)
         .add_service(matcher)

@@ -548,6 +548,7 @@ pub struct Metrics {
     store_write_duration: Histogram<f64>,
     rpc_requests: Counter<u64>,
     rpc_duration: Histogram<f64>,
+    rejections: Counter<u64>,
 }
 
 impl Metrics {
@@ -602,6 +603,13 @@ impl Metrics {
                 "Time from an RPC's start to its status, by method (a stream's whole life)",
                 &RPC_BUCKETS_S,
             ),
+            rejections: meter
+                .u64_counter("framematch.rpc.rejected")
+                .with_unit("{request}")
+                .with_description(
+                    "Requests refused for the caller's fault (key, message, limits), by method and reason",
+                )
+                .build(),
         }
     }
 
@@ -644,6 +652,18 @@ impl Metrics {
             counter: self.streams_open.clone(),
             labels,
         }
+    }
+
+    /// One request refused; `method` is an [`Rpc::method`] or `unknown`, `reason` a fixed word
+    /// (`unknown_key`, `malformed_message`, ...).
+    pub fn rejected(&self, method: &'static str, reason: &'static str) {
+        self.rejections.add(
+            1,
+            &[
+                KeyValue::new("method", method),
+                KeyValue::new("reason", reason),
+            ],
+        );
     }
 
     fn rpc_finished(&self, rpc: Rpc, code: tonic::Code, elapsed: Duration) {
@@ -707,6 +727,33 @@ pub enum Rpc {
 }
 
 impl Rpc {
+    /// Every RPC.
+    pub const ALL: [Rpc; 17] = [
+        Rpc::MatchVideo,
+        Rpc::MatchImage,
+        Rpc::CreateBank,
+        Rpc::ListBanks,
+        Rpc::AddReference,
+        Rpc::WithdrawReference,
+        Rpc::GetReference,
+        Rpc::Stats,
+        Rpc::UpdateBank,
+        Rpc::CreateOrganisation,
+        Rpc::ListOrganisations,
+        Rpc::CreateApiKey,
+        Rpc::RevokeApiKey,
+        Rpc::ListApiKeys,
+        Rpc::Audit,
+        Rpc::Changes,
+        Rpc::ExportBank,
+    ];
+
+    /// The RPC an HTTP/2 request path (`/framematch.v1.Matcher/MatchImage`) names.
+    pub fn from_path(path: &str) -> Option<Rpc> {
+        let name = path.strip_prefix('/')?;
+        Rpc::ALL.into_iter().find(|rpc| rpc.full_name() == name)
+    }
+
     /// The method name, as in the proto.
     pub fn method(self) -> &'static str {
         match self {

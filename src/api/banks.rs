@@ -467,6 +467,26 @@ impl Banks for BanksService {
         call.run(async {
             self.state.ensure_ready()?;
             let stats = self.state.store.stats().await.map_err(Error::from)?;
+            if !caller.is_admin() {
+                // Only the banks this caller may see are counted; the server-wide figures
+                // (index, streams) would reveal how much other organisations hold and do.
+                let counts = self.state.store.bank_counts().await.map_err(Error::from)?;
+                let engine = self.state.index.read().pdq().engine_name();
+                let catalog = self.state.catalog.read();
+                let visible = |id| catalog.bank(id).is_some_and(|bank| caller.can_see(bank));
+                let mut response = pb::StatsResponse {
+                    banks: catalog.banks().filter(|bank| caller.can_see(bank)).count() as u64,
+                    index_engine: engine.to_string(),
+                    last_change_seq: stats.last_seq.0,
+                    ..pb::StatsResponse::default()
+                };
+                for (_, bank) in counts.iter().filter(|(id, _)| visible(*id)) {
+                    response.active_references += bank.active_references;
+                    response.withdrawn_references += bank.withdrawn_references;
+                    response.stored_frames += bank.frames;
+                }
+                return Ok(Response::new(response));
+            }
             let (indexed, tombstones, engine, memory) = {
                 let index = self.state.index.read();
                 (

@@ -13,11 +13,13 @@
 
 pub mod admin;
 pub mod banks;
+pub mod budget;
 pub mod config;
 pub mod convert;
 pub mod embedding;
 pub mod exchange;
 pub mod matcher;
+pub mod rejections;
 pub mod status;
 
 use std::collections::{HashMap, HashSet};
@@ -186,6 +188,8 @@ pub struct AppState {
     /// that no model of the server serves.
     pub space_defaults: convert::SpaceDefaults,
     workers: Arc<Semaphore>,
+    /// The memory decodes in flight may hold together (`--decode-memory`).
+    pub decode_budget: budget::DecodeBudget,
     /// Whether a frame that arrives already hashed is searched right on the async worker rather
     /// than on the blocking pool: with `mih` a search takes about 0.1 ms at 1M frames, less than
     /// the two thread hand-offs of the pool; the scan and hnsw take milliseconds and stay off the
@@ -236,6 +240,7 @@ impl AppState {
                 index: vector_params,
             },
             workers: Arc::new(Semaphore::new(config.hash_workers.max(1))),
+            decode_budget: budget::DecodeBudget::new(config.limits.decode_memory),
             stream_pipeline: config.hash_workers.max(1) * 2,
             inline_search: config.engine == crate::index::EngineKind::Mih,
             queued: Arc::new(AtomicUsize::new(0)),
@@ -460,9 +465,12 @@ impl AppState {
 
     /// Runs `job` on the blocking pool, at most one job per hashing worker at a time, refusing
     /// new work when too many jobs already wait (RESOURCE_EXHAUSTED rather than unbounded
-    /// memory).
+    /// memory). The job first reserves `cost` (bytes, width, height: see [`budget::cost_of`]) of
+    /// the decode budget, then a worker; both stay with the job until it ends, even when the
+    /// request is gone before.
     async fn run_blocking<T: Send + 'static>(
         &self,
+        cost: (u64, u32, u32),
         job: impl FnOnce() -> T + Send + 'static,
     ) -> Result<T, Error> {
         let limit = self.limits.max_queued_hashes;
@@ -474,14 +482,18 @@ impl AppState {
                 limit,
             });
         }
-        let _worker = self
-            .workers
-            .acquire()
+        let (bytes, width, height) = cost;
+        let memory = self.decode_budget.reserve(bytes, width, height).await?;
+        let worker = Arc::clone(&self.workers)
+            .acquire_owned()
             .await
             .map_err(|_| Error::ShuttingDown)?;
-        tokio::task::spawn_blocking(job)
-            .await
-            .map_err(|e| Error::Worker(e.to_string()))
+        tokio::task::spawn_blocking(move || {
+            let _held = (memory, worker);
+            job()
+        })
+        .await
+        .map_err(|e| Error::Worker(e.to_string()))
     }
 
     /// Turns a frame into its PDQ signals, hashing it on the pool when it carries pixels: the whole
@@ -510,9 +522,10 @@ impl AppState {
             .map(|(query, _)| query);
         }
         let limits = self.limits.decode_limits();
+        let cost = budget::cost_of(&input.content, &limits, !models.is_empty())?;
         let metrics = self.metrics.clone();
         let (query, hashed) = self
-            .run_blocking(move || {
+            .run_blocking(cost, move || {
                 let embed = Embed {
                     models: &models,
                     min_quality: 0,
@@ -562,6 +575,7 @@ impl AppState {
         let params = Arc::clone(params);
         let filter = Arc::clone(filter);
         let limits = self.limits.decode_limits();
+        let cost = budget::cost_of(&input.content, &limits, !models.is_empty())?;
         let min_quality = params.min_quality;
         let metrics = self.metrics.clone();
         let windows = Arc::clone(&self.embed_windows);
@@ -591,7 +605,7 @@ impl AppState {
         let (query, hashed, hits, searched) = if precomputed && self.inline_search {
             job()?
         } else {
-            self.run_blocking(job).await??
+            self.run_blocking(cost, job).await??
         };
         if let Some((input, elapsed)) = hashed {
             self.metrics.hashed(input, elapsed);

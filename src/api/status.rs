@@ -47,6 +47,20 @@ pub enum Error {
         /// Its capacity.
         limit: usize,
     },
+    /// A picture whose decode needs more memory than the server's whole decode budget.
+    #[error(
+        "image is {width}x{height} pixels; decoding and hashing it needs {needed} bytes, more than the server's whole decode budget of {budget} bytes (--decode-memory); send a smaller picture"
+    )]
+    DecodeBudget {
+        /// Width from the header.
+        width: u32,
+        /// Height from the header.
+        height: u32,
+        /// Its working set.
+        needed: u64,
+        /// The budget.
+        budget: u64,
+    },
     /// Messages out of the protocol's order.
     #[error("{0}")]
     Protocol(&'static str),
@@ -130,7 +144,9 @@ pub fn code_of(error: &Error) -> Code {
         Error::MissingField { .. } | Error::InvalidField { .. } | Error::Protocol(_) => {
             Code::InvalidArgument
         }
-        Error::OverLimit { .. } | Error::Busy { .. } => Code::ResourceExhausted,
+        Error::OverLimit { .. } | Error::Busy { .. } | Error::DecodeBudget { .. } => {
+            Code::ResourceExhausted
+        }
         Error::UnknownBank { .. } | Error::UnknownReference { .. } | Error::UnknownOrg { .. } => {
             Code::NotFound
         }
@@ -144,9 +160,9 @@ pub fn code_of(error: &Error) -> Code {
 
 fn pdq_code(error: &pdq::Error) -> Code {
     match error {
-        pdq::Error::TooManyBytes { .. } | pdq::Error::TooManyPixels { .. } => {
-            Code::ResourceExhausted
-        }
+        pdq::Error::TooManyBytes { .. }
+        | pdq::Error::TooManyPixels { .. }
+        | pdq::Error::TooManyDecodedBytes { .. } => Code::ResourceExhausted,
         pdq::Error::Empty
         | pdq::Error::UnknownFormat
         | pdq::Error::Decode { .. }
@@ -230,6 +246,25 @@ mod tests {
                 Code::ResourceExhausted,
             ),
             (Error::Protocol("x"), Code::InvalidArgument),
+            (
+                Error::DecodeBudget {
+                    width: 1,
+                    height: 1,
+                    needed: 2,
+                    budget: 1,
+                },
+                Code::ResourceExhausted,
+            ),
+            (
+                Error::Hash(pdq::Error::TooManyDecodedBytes {
+                    width: 7071,
+                    height: 7071,
+                    color: "16-bit RGBA",
+                    bytes: 399_992_328,
+                    limit: 268_435_456,
+                }),
+                Code::ResourceExhausted,
+            ),
             (Error::UnknownBank { name: "b".into() }, Code::NotFound),
             (Error::Hash(pdq::Error::Empty), Code::InvalidArgument),
             (

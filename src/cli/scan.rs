@@ -22,6 +22,10 @@ pub struct BenchArgs {
     /// synthetic frames.
     #[arg(long = "image", value_name = "FILE")]
     pub images: Vec<PathBuf>,
+    /// Send the `--image` files' bytes as they are (any size and format the server reads: decode
+    /// bombs, 1080p JPEGs), instead of 720p JPEGs made from them.
+    #[arg(long, requires = "images")]
+    pub send_as_is: bool,
     /// Hashes to send, as raw 32-byte records (e.g. bench/data/queries.u8); default: seeded random
     /// hashes, which match nothing.
     #[arg(long, value_name = "FILE")]
@@ -363,7 +367,19 @@ pub(super) async fn collect_verdicts(
 /// [`Error::Loadgen`] for bad settings or unreadable inputs, [`Error::Usage`] for a bad duration.
 pub async fn bench(args: BenchArgs, server: &ClientOptions) -> Result<(), Error> {
     use crate::loadgen::{self, LoadConfig, Payload};
-    let payload = if args.jpeg_720p {
+    let payload = if args.send_as_is {
+        let frames = args
+            .images
+            .iter()
+            .map(|path| {
+                std::fs::read(path).map_err(|source| Error::Read {
+                    path: path.clone(),
+                    source,
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Payload::Jpeg(frames)
+    } else if args.jpeg_720p {
         let images = args.images.clone();
         let frames = tokio::task::spawn_blocking(move || loadgen::jpeg_720p_frames(&images))
             .await

@@ -73,6 +73,13 @@ pub struct ServeArgs {
     /// Largest picture accepted, in pixels.
     #[arg(long, env = "FRAMEMATCH_MAX_PIXELS", default_value_t = Limits::default().max_pixels)]
     pub max_pixels: u64,
+    /// Largest decoded picture accepted, in bytes (width x height x bytes per pixel of the decoded
+    /// form, 16-bit and alpha included), checked from the header before decoding.
+    #[arg(long, env = "FRAMEMATCH_MAX_DECODE_BYTES", default_value_t = Limits::default().max_decode_bytes)]
+    pub max_decode_bytes: u64,
+    /// Memory all decodes in flight may hold together, in bytes; pictures wait for room.
+    #[arg(long, env = "FRAMEMATCH_DECODE_MEMORY", default_value_t = Limits::default().decode_memory)]
+    pub decode_memory: u64,
     /// Most frames in one stream.
     #[arg(long, env = "FRAMEMATCH_MAX_FRAMES_PER_STREAM", default_value_t = Limits::default().max_frames_per_stream)]
     pub max_frames_per_stream: u32,
@@ -292,6 +299,7 @@ impl TryFrom<&ServeArgs> for ServeConfig {
         for (flag, value) in [
             ("max-image-bytes", args.max_image_bytes as u64),
             ("max-pixels", args.max_pixels),
+            ("max-decode-bytes", args.max_decode_bytes),
             (
                 "max-frames-per-stream",
                 u64::from(args.max_frames_per_stream),
@@ -310,6 +318,7 @@ impl TryFrom<&ServeArgs> for ServeConfig {
         if args.max_image_bytes > 1 << 30 {
             return Err(invalid("max-image-bytes", "at most 1 GiB"));
         }
+        decode_memory_fits(args)?;
         let log_format = match args.log_format.as_str() {
             "text" => LogFormat::Text,
             "json" => LogFormat::Json,
@@ -390,6 +399,8 @@ impl TryFrom<&ServeArgs> for ServeConfig {
                 max_frames_per_stream: args.max_frames_per_stream,
                 max_concurrent_streams: args.max_concurrent_streams,
                 max_queued_hashes: args.max_queued_hashes,
+                max_decode_bytes: args.max_decode_bytes,
+                decode_memory: args.decode_memory,
             },
             hash_workers,
             shutdown_grace: Duration::from_millis(args.shutdown_grace_ms),
@@ -430,6 +441,27 @@ fn embedding_model(args: &ServeArgs, sessions: usize) -> Result<Option<ModelConf
         ));
     }
     args.embedding.model_config(threshold, sessions)
+}
+
+/// `--decode-memory` holds at least one picture at `--max-pixels` and `--max-decode-bytes`, so
+/// every picture those limits accept can be decoded.
+fn decode_memory_fits(args: &ServeArgs) -> Result<(), Error> {
+    let limits = Limits {
+        max_pixels: args.max_pixels,
+        max_decode_bytes: args.max_decode_bytes,
+        ..Limits::default()
+    };
+    let worst = api::budget::worst_decode_cost(&limits, args.embedding.model.is_some());
+    if args.decode_memory < worst {
+        return Err(invalid(
+            "decode-memory",
+            format!(
+                "{} bytes is less than one picture at --max-pixels {} and --max-decode-bytes {} needs ({worst} bytes); raise it or lower those",
+                args.decode_memory, args.max_pixels, args.max_decode_bytes
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// `--tls-*`: both halves of the identity or neither, client CAs only over TLS, and every file

@@ -52,6 +52,8 @@ const LUMA_B: f32 = 0.114_f64 as f32;
 const MAX_DECODED_BYTES_PER_PIXEL: u64 = 8;
 /// Room for decoders' own working buffers on top of the output image.
 const DECODER_SCRATCH_BYTES: u64 = 64 * 1024 * 1024;
+/// Default [`DecodeLimits::max_decoded_bytes`] (and the server's `--max-decode-bytes`): 256 MiB.
+pub const DEFAULT_MAX_DECODED_BYTES: u64 = 256 * 1024 * 1024;
 
 // === impl Dihedral ===
 
@@ -207,6 +209,9 @@ pub struct DecodeLimits {
     pub max_bytes: usize,
     /// Largest accepted width × height.
     pub max_pixels: u64,
+    /// Largest accepted decoded size in bytes: width × height × bytes per pixel of the form the
+    /// decoder produces (16-bit samples and alpha included), from the header.
+    pub max_decoded_bytes: u64,
 }
 
 /// The decoder's side of the server's request limits.
@@ -216,22 +221,26 @@ impl crate::config::Limits {
         DecodeLimits {
             max_bytes: self.max_image_bytes,
             max_pixels: self.max_pixels,
+            max_decoded_bytes: self.max_decode_bytes,
         }
     }
 }
 
 impl Default for DecodeLimits {
-    /// 32 MiB and 50,000,000 pixels.
+    /// 32 MiB, 50,000,000 pixels and 256 MiB decoded.
     ///
     /// 50 megapixels admits 48 MP phone-camera photos and 8K UHD frames (33 MP) while bounding
     /// memory: hashing holds the decoded image (3–4 bytes a pixel for 8-bit pictures) plus one f32
     /// plane (4 bytes a pixel), about 8 bytes a pixel or 400 MB at the limit, per picture in
-    /// flight; callers bound how many are in flight. 32 MiB holds a high-quality JPEG of that size
-    /// or a large PNG screenshot; anything bigger is refused before it is parsed.
+    /// flight; callers bound how many are in flight. 256 MiB decoded admits 50 MP of 8-bit RGB
+    /// (150 MB) and 8K UHD in 16-bit RGB (199 MB), and refuses a 16-bit RGBA picture over 33.5 MP
+    /// (7071x7071 of it decodes to 400 MB from a 389 KB PNG). 32 MiB holds a high-quality JPEG of
+    /// that size or a large PNG screenshot; anything bigger is refused before it is parsed.
     fn default() -> Self {
         Self {
             max_bytes: 32 * 1024 * 1024,
             max_pixels: 50_000_000,
+            max_decoded_bytes: DEFAULT_MAX_DECODED_BYTES,
         }
     }
 }
@@ -260,6 +269,23 @@ pub enum Error {
         /// Declared height.
         height: u32,
         /// The limit width × height exceeds.
+        limit: u64,
+    },
+    /// The picture's header declares a decoded form larger than
+    /// [`DecodeLimits::max_decoded_bytes`].
+    #[error(
+        "image is {width}x{height} pixels of {color}, {bytes} bytes decoded, limit is {limit} bytes decoded"
+    )]
+    TooManyDecodedBytes {
+        /// Declared width.
+        width: u32,
+        /// Declared height.
+        height: u32,
+        /// The decoded form, e.g. `16-bit RGBA` (see [`Probe::color`]).
+        color: &'static str,
+        /// width × height × bytes per pixel of that form.
+        bytes: u64,
+        /// The limit it exceeds.
         limit: u64,
     },
     /// The bytes are not a JPEG, PNG, WebP, GIF or BMP picture.
@@ -332,7 +358,8 @@ impl From<ImageError> for Error {
 ///
 /// # Errors
 /// [`Error::Empty`], [`Error::TooManyBytes`], [`Error::UnknownFormat`], then from the header,
-/// before any pixel is decoded, [`Error::TooManyPixels`] or [`Error::ZeroSize`]; and
+/// before any pixel is decoded, [`Error::ZeroSize`], [`Error::TooManyPixels`] or
+/// [`Error::TooManyDecodedBytes`]; and
 /// [`Error::Truncated`] for a JPEG cut before its end-of-image marker, and [`Error::Decode`] for
 /// anything the decoder rejects (the other decoders fail on truncation themselves). Sides of 1 to 4 give the all-zero hash with
 /// quality 0.
@@ -347,6 +374,48 @@ pub fn hash_image_bytes(bytes: &[u8], limits: &DecodeLimits) -> Result<PdqOutput
 /// # Errors
 /// As [`hash_image_bytes`].
 pub fn decode_image(bytes: &[u8], limits: &DecodeLimits) -> Result<DynamicImage, Error> {
+    let (mut decoder, mut decoder_limits, _) = open(bytes, limits)?;
+    // As `ImageReader::decode` does: the output buffer counts against the allocation limit.
+    decoder_limits.reserve(decoder.total_bytes())?;
+    decoder.set_limits(decoder_limits)?;
+    Ok(DynamicImage::from_decoder(decoder)?)
+}
+
+/// What a picture's header says, read without decoding a pixel: what [`decode_image`] would
+/// allocate, so that a caller can budget memory before decoding (the server's decode budget).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Probe {
+    /// Width in pixels.
+    pub width: u32,
+    /// Height in pixels.
+    pub height: u32,
+    /// Size of the decoded form, width × height × bytes per pixel (16-bit and alpha included).
+    pub decoded_bytes: u64,
+    /// The decoded form, e.g. `8-bit RGB` or `16-bit RGBA`.
+    pub color: &'static str,
+}
+
+impl Probe {
+    /// width × height.
+    pub fn pixels(&self) -> u64 {
+        u64::from(self.width) * u64::from(self.height)
+    }
+}
+
+/// Reads a picture's header and checks it against `limits`, decoding no pixel.
+///
+/// # Errors
+/// As [`decode_image`], except for errors in the pixel data ([`Error::Decode`] past the header).
+pub fn probe_image(bytes: &[u8], limits: &DecodeLimits) -> Result<Probe, Error> {
+    open(bytes, limits).map(|(_, _, probe)| probe)
+}
+
+/// A decoder past the picture's header, its allocation limits, and the header's figures, once
+/// every limit of `limits` has been checked.
+fn open<'a>(
+    bytes: &'a [u8],
+    limits: &DecodeLimits,
+) -> Result<(Box<dyn ImageDecoder + 'a>, Limits, Probe), Error> {
     if bytes.is_empty() {
         return Err(Error::Empty);
     }
@@ -373,17 +442,18 @@ pub fn decode_image(bytes: &[u8], limits: &DecodeLimits) -> Result<DynamicImage,
         Some(ImageFormat::Png | ImageFormat::WebP | ImageFormat::Gif | ImageFormat::Bmp) => {}
         _ => return Err(Error::UnknownFormat),
     }
-    // Second guard, after our own pixel check below: the decoders' allocation limit.
+    // Second guard, after our own checks below: the decoders' allocation limit.
     let mut decoder_limits = Limits::default();
     decoder_limits.max_alloc = Some(
         limits
             .max_pixels
             .saturating_mul(MAX_DECODED_BYTES_PER_PIXEL)
+            .min(limits.max_decoded_bytes)
             .saturating_add(DECODER_SCRATCH_BYTES),
     );
     reader.limits(decoder_limits.clone());
     // Building the decoder reads only the header.
-    let mut decoder = reader.into_decoder()?;
+    let decoder = reader.into_decoder()?;
     let (width, height) = decoder.dimensions();
     if width == 0 || height == 0 {
         return Err(Error::ZeroSize { width, height });
@@ -395,10 +465,40 @@ pub fn decode_image(bytes: &[u8], limits: &DecodeLimits) -> Result<DynamicImage,
             limit: limits.max_pixels,
         });
     }
-    // As `ImageReader::decode` does: the output buffer counts against the allocation limit.
-    decoder_limits.reserve(decoder.total_bytes())?;
-    decoder.set_limits(decoder_limits)?;
-    Ok(DynamicImage::from_decoder(decoder)?)
+    let probe = Probe {
+        width,
+        height,
+        decoded_bytes: decoder.total_bytes(),
+        color: color_name(decoder.color_type()),
+    };
+    if probe.decoded_bytes > limits.max_decoded_bytes {
+        return Err(Error::TooManyDecodedBytes {
+            width,
+            height,
+            color: probe.color,
+            bytes: probe.decoded_bytes,
+            limit: limits.max_decoded_bytes,
+        });
+    }
+    Ok((Box::new(decoder), decoder_limits, probe))
+}
+
+/// How an error message names a decoded form.
+fn color_name(color: image::ColorType) -> &'static str {
+    use image::ColorType;
+    match color {
+        ColorType::L8 => "8-bit grey",
+        ColorType::La8 => "8-bit grey with alpha",
+        ColorType::Rgb8 => "8-bit RGB",
+        ColorType::Rgba8 => "8-bit RGBA",
+        ColorType::L16 => "16-bit grey",
+        ColorType::La16 => "16-bit grey with alpha",
+        ColorType::Rgb16 => "16-bit RGB",
+        ColorType::Rgba16 => "16-bit RGBA",
+        ColorType::Rgb32F => "32-bit float RGB",
+        ColorType::Rgba32F => "32-bit float RGBA",
+        _ => "an unnamed colour type",
+    }
 }
 
 /// Whether a JPEG's marker structure runs from its start-of-image marker to its end-of-image

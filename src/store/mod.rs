@@ -241,6 +241,17 @@ pub struct ActiveSignals {
     pub seq: ChangeSeq,
 }
 
+/// One bank's reference counts ([`Store::bank_counts`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct BankCounts {
+    /// References that match.
+    pub active_references: u64,
+    /// References withdrawn.
+    pub withdrawn_references: u64,
+    /// Frame signals stored for its references, active and withdrawn.
+    pub frames: u64,
+}
+
 /// Counts for logs and metrics.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct StoreStats {
@@ -831,6 +842,18 @@ impl Store {
         match self {
             Store::Embedded(store) => store.stats().await,
             Store::Postgres(store) => store.stats().await,
+        }
+    }
+
+    /// Reference counts per bank that has references, so that `Stats` can count only the banks
+    /// a caller may see.
+    ///
+    /// # Errors
+    /// [`Error::Corrupt`] for a negative count; backend errors.
+    pub async fn bank_counts(&self) -> Result<Vec<(BankId, BankCounts)>, Error> {
+        match self {
+            Store::Embedded(store) => store.bank_counts().await,
+            Store::Postgres(store) => store.bank_counts().await,
         }
     }
 }

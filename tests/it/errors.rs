@@ -8,7 +8,7 @@ use tonic::Code;
 use crate::support::{self, TestServer};
 
 /// CRC-32 (IEEE) of `bytes`, to build PNG chunks whose headers lie about their size.
-fn crc32(bytes: &[u8]) -> u32 {
+pub(crate) fn crc32(bytes: &[u8]) -> u32 {
     let mut crc = 0xffff_ffffu32;
     for &byte in bytes {
         crc ^= u32::from(byte);

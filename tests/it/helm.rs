@@ -295,6 +295,55 @@ fn default_values_render_a_single_replica_statefulset_with_a_pvc() {
     );
 }
 
+/// Issue #13 item 1: the decode limits reach the container, and the default decode budget plus
+/// the 512 MiB the rest of the server needs under load (bench/memory/run.sh) fits the chart's
+/// memory limit.
+#[test]
+fn decode_limits_reach_the_container_and_fit_the_memory_limit() {
+    let Some(helm) = helm() else { return };
+    let r = Rendered::of(&helm, EMBEDDED);
+    let c = r.container();
+    let number = |name: &str| -> u64 {
+        env_value(c, name)
+            .unwrap_or_else(|| panic!("{name} is set"))
+            .parse()
+            .expect("a number")
+    };
+    assert_eq!(number("FRAMEMATCH_MAX_DECODE_BYTES"), 256 << 20);
+    let budget = number("FRAMEMATCH_DECODE_MEMORY");
+    assert_eq!(budget, 1 << 30);
+    let limit = str_at(&c["resources"]["limits"], "memory");
+    let limit_bytes: u64 = match limit.strip_suffix("Gi") {
+        Some(gi) => gi.parse::<u64>().expect("Gi") << 30,
+        None => {
+            limit
+                .strip_suffix("Mi")
+                .expect("Mi or Gi")
+                .parse::<u64>()
+                .expect("Mi")
+                << 20
+        }
+    };
+    assert!(
+        budget + (512 << 20) <= limit_bytes,
+        "decodeMemory {budget} + 512 MiB must fit the memory limit {limit}"
+    );
+    let mut sets = EMBEDDED.to_vec();
+    sets.extend([
+        "server.decodeMemory=536870912",
+        "server.maxDecodeBytes=1000",
+    ]);
+    let set = Rendered::of(&helm, &sets);
+    assert_eq!(
+        env_value(set.container(), "FRAMEMATCH_DECODE_MEMORY").as_deref(),
+        Some("536870912")
+    );
+    assert_eq!(
+        env_value(set.container(), "FRAMEMATCH_MAX_DECODE_BYTES").as_deref(),
+        Some("1000")
+    );
+}
+
 #[test]
 fn embedded_mode_can_use_an_existing_claim_or_a_storage_class() {
     let Some(helm) = helm() else { return };

@@ -643,6 +643,79 @@ async fn matching_searches_only_visible_banks() {
     assert!(partner_view.is_empty(), "{partner_view:?}");
 }
 
+/// Issue #13 item 4: `Stats` counts only the banks the caller may see. alpha sees its own bank
+/// and beta's shared one, beta its two banks, gamma only beta's shared one; admins see all
+/// three, and only admins get the server-wide index and stream figures.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stats_count_only_what_the_caller_may_see() {
+    let world = world().await;
+    let server = &world.server;
+    // One withdrawn reference in beta's private bank: not alpha's to count either.
+    let withdrawn = world.fresh_reference("beta-private", 77).await;
+    server
+        .banks_as(&world.beta_contributor)
+        .await
+        .withdraw_reference(pb::WithdrawReferenceRequest {
+            reference_id: withdrawn,
+            reason: "test".into(),
+        })
+        .await
+        .expect("withdraw");
+    let gamma = create_key(server, "gamma", pb::Role::Matcher).await;
+    let stats = |key: String| async move {
+        server
+            .banks_as(&key)
+            .await
+            .stats(pb::StatsRequest {})
+            .await
+            .expect("stats")
+            .into_inner()
+    };
+    // (key, banks, active, withdrawn)
+    let cases = [
+        ("alpha matcher", world.keys["matcher"].clone(), 2, 2, 0),
+        ("beta contributor", world.beta_contributor.clone(), 2, 2, 1),
+        ("gamma matcher", gamma, 1, 1, 0),
+    ];
+    for (who, key, banks, active, withdrawn) in cases {
+        let seen = stats(key).await;
+        assert_eq!(
+            (
+                seen.banks,
+                seen.active_references,
+                seen.withdrawn_references
+            ),
+            (banks, active, withdrawn),
+            "{who}: {seen:?}"
+        );
+        assert_eq!(
+            seen.stored_frames,
+            active + withdrawn,
+            "{who}: one frame each"
+        );
+        assert_eq!(
+            (
+                seen.indexed_frames,
+                seen.index_memory_bytes,
+                seen.open_streams
+            ),
+            (0, 0, 0),
+            "{who}: server-wide figures are for admins"
+        );
+    }
+    for key in [ADMIN_KEY.to_string(), world.keys["admin"].clone()] {
+        let all = stats(key).await;
+        assert_eq!(
+            (all.banks, all.active_references, all.withdrawn_references),
+            (3, 3, 1)
+        );
+        assert!(
+            all.indexed_frames > 0,
+            "admins get the index figures: {all:?}"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keys_are_required_checked_and_revocable() {
     let server = TestServer::start().await;

@@ -161,6 +161,10 @@ Called from every workload template.
       value: {{ int64 .Values.server.maxImageBytes | quote }}
     - name: FRAMEMATCH_MAX_PIXELS
       value: {{ int64 .Values.server.maxPixels | quote }}
+    - name: FRAMEMATCH_MAX_DECODE_BYTES
+      value: {{ int64 .Values.server.maxDecodeBytes | quote }}
+    - name: FRAMEMATCH_DECODE_MEMORY
+      value: {{ int64 .Values.server.decodeMemory | quote }}
     - name: FRAMEMATCH_MAX_FRAMES_PER_STREAM
       value: {{ int64 .Values.server.maxFramesPerStream | quote }}
     - name: FRAMEMATCH_MAX_CONCURRENT_STREAMS

@@ -198,6 +198,44 @@ impl EmbeddedStore {
         .map_err(Error::TaskFailed)?
     }
 
+    /// See [`super::Store::bank_counts`].
+    pub(super) async fn bank_counts(&self) -> Result<Vec<(BankId, super::BankCounts)>, Error> {
+        self.read(|tx| {
+            let mut stmt = tx.prepare(
+                "SELECT bank_id,
+                        SUM(CASE WHEN withdrawn_ms IS NULL THEN 1 ELSE 0 END),
+                        SUM(CASE WHEN withdrawn_ms IS NULL THEN 0 ELSE 1 END),
+                        COALESCE(SUM(frame_count), 0)
+                 FROM refs GROUP BY bank_id",
+            )?;
+            let rows = stmt.query_map([], |row| {
+                Ok((
+                    row.get::<_, i64>(0)?,
+                    [row.get::<_, i64>(1)?, row.get(2)?, row.get(3)?],
+                ))
+            })?;
+            let count = |value: i64| {
+                u64::try_from(value).map_err(|_| Error::Corrupt {
+                    detail: format!("negative count {value}"),
+                })
+            };
+            let mut out = Vec::new();
+            for row in rows {
+                let (bank, [active, withdrawn, frames]) = row?;
+                out.push((
+                    BankId(bank),
+                    super::BankCounts {
+                        active_references: count(active)?,
+                        withdrawn_references: count(withdrawn)?,
+                        frames: count(frames)?,
+                    },
+                ));
+            }
+            Ok(out)
+        })
+        .await
+    }
+
     /// See [`super::Store::stats`].
     pub(super) async fn stats(&self) -> Result<StoreStats, Error> {
         self.read(|tx| {

@@ -215,6 +215,41 @@ impl PostgresStore {
         self.inner.pool.get().await.map_err(pool_error)
     }
 
+    /// See [`super::Store::bank_counts`].
+    pub(super) async fn bank_counts(&self) -> Result<Vec<(BankId, super::BankCounts)>, Error> {
+        bounded("bank_counts", async {
+            let client = self.client().await?;
+            let stmt = client
+                .prepare_cached(
+                    "SELECT bank_id,
+                            COUNT(*) FILTER (WHERE withdrawn_ms IS NULL),
+                            COUNT(*) FILTER (WHERE withdrawn_ms IS NOT NULL),
+                            COALESCE(SUM(frame_count), 0)::bigint
+                     FROM refs GROUP BY bank_id",
+                )
+                .await?;
+            let mut out = Vec::new();
+            for row in client.query(&stmt, &[]).await? {
+                let count = |index: usize| -> Result<u64, Error> {
+                    let value: i64 = row.try_get(index)?;
+                    u64::try_from(value).map_err(|_| Error::Corrupt {
+                        detail: format!("negative count {value}"),
+                    })
+                };
+                out.push((
+                    BankId(row.try_get(0)?),
+                    super::BankCounts {
+                        active_references: count(1)?,
+                        withdrawn_references: count(2)?,
+                        frames: count(3)?,
+                    },
+                ));
+            }
+            Ok(out)
+        })
+        .await
+    }
+
     /// See [`super::Store::stats`]. One statement, one snapshot.
     pub(super) async fn stats(&self) -> Result<StoreStats, Error> {
         bounded("stats", async {
