@@ -19,7 +19,7 @@ use std::str::FromStr;
 use std::sync::OnceLock;
 
 pub use onnx::{OnnxModel, resize};
-pub use windows::{Grid, MAX_WINDOWS, Windows};
+pub use windows::{MAX_WINDOWS, Windows};
 
 use crate::model::Metric;
 

@@ -27,13 +27,13 @@ const MIN_WINDOW_SIDE: u32 = super::InputSize::MIN_SIDE;
 /// One grid: `columns` x `rows` windows, each `share` of the picture's width and height, spread
 /// evenly from edge to edge.
 #[derive(Clone, Copy, Debug, PartialEq)]
-pub struct Grid {
+struct Grid {
     /// Windows across.
-    pub columns: u32,
+    columns: u32,
     /// Windows down.
-    pub rows: u32,
+    rows: u32,
     /// Each window's width and height as a share of the picture's, above 0 and below 1.
-    pub share: f32,
+    share: f32,
 }
 
 impl Grid {
@@ -97,11 +97,6 @@ impl Windows {
             .iter()
             .map(|g| (g.columns * g.rows) as usize)
             .sum()
-    }
-
-    /// The grids.
-    pub fn grids(&self) -> &[Grid] {
-        &self.grids
     }
 
     /// The windows over a `width` x `height` picture, grid by grid, row by row.

@@ -198,8 +198,12 @@ async fn acked_reference_survives_kill() {
     assert!(status.success(), "SIGTERM gives a clean exit: {status:?}");
 }
 
-fn run(args: &[&str]) -> (i32, String, String) {
+/// Runs the binary with `args` and the test keys (and no server-side embedding settings from the
+/// caller's environment); returns its exit code, stdout and stderr.
+pub(crate) fn run(args: &[&str]) -> (i32, String, String) {
     let output = Command::new(BIN)
+        .env_remove("FRAMEMATCH_EMBEDDING_MODEL")
+        .env_remove("FRAMEMATCH_EMBEDDING_WINDOWS")
         .env("FRAMEMATCH_BOOTSTRAP_ADMIN_KEY", support::ADMIN_KEY)
         .env("FRAMEMATCH_API_KEY", support::ADMIN_KEY)
         .args(args)

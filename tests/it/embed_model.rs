@@ -924,27 +924,9 @@ async fn a_picture_in_picture_is_caught_by_a_window_and_missed_without_one() {
 
 #[test]
 fn serve_refuses_windows_without_a_model_and_bad_window_grids() {
-    let dir = tempfile::tempdir().expect("dir");
     let serve = |extra: &[&str]| {
-        let output = Command::new(BIN)
-            .env_remove("FRAMEMATCH_EMBEDDING_MODEL")
-            .env_remove("FRAMEMATCH_EMBEDDING_WINDOWS")
-            .args([
-                "serve",
-                "--listen",
-                "127.0.0.1:0",
-                "--metrics-listen",
-                "127.0.0.1:0",
-            ])
-            .arg("--data-dir")
-            .arg(dir.path())
-            .args(extra)
-            .output()
-            .expect("runs");
-        (
-            output.status.code(),
-            String::from_utf8_lossy(&output.stderr).trim().to_string(),
-        )
+        let (code, _, stderr) = binary::run(&[&["serve"], extra].concat());
+        (Some(code), stderr.trim().to_string())
     };
     let (code, stderr) = serve(&["--embedding-windows", "2x2@0.6"]);
     assert_eq!(code, Some(64), "{stderr}");
